@@ -1,0 +1,82 @@
+"""dm-era change tracking: messages to the era target and era_invalidate.
+
+Facts (checked in the test VM, docs/kernel-notes.md): the current era
+advances on every suspend/resume, on the "checkpoint" message and on
+"take_metadata_snap"; `era_invalidate --written-since E` lists the era blocks
+written in era E or later, as XML ranges [begin, end) and single blocks.
+Kernel reference: Documentation/admin-guide/device-mapper/era.rst.
+"""
+
+from __future__ import annotations
+
+import errno
+import shutil
+import subprocess
+import xml.etree.ElementTree as ET
+
+from dmrepl.kernel.dm import Control
+from dmrepl.kernel.errors import KernelError
+from dmrepl.kernel.tables import EraStatus
+
+ERA_INVALIDATE = "era_invalidate"
+
+
+class EraToolError(KernelError):
+    """era_invalidate (thin-provisioning-tools) failed or is missing."""
+
+
+def status(ctl: Control, name: str) -> EraStatus:
+    (spec,) = ctl.status(name)
+    return EraStatus.parse(spec.text)
+
+
+def checkpoint(ctl: Control, name: str) -> int:
+    """Send "checkpoint": start a new era; returns the era now current."""
+    ctl.message(name, "checkpoint")
+    return status(ctl, name).current_era
+
+
+def parse_blocks(xml_text: str) -> list[tuple[int, int]]:
+    """era_invalidate's XML as sorted, merged [begin, end) block ranges."""
+    try:
+        root = ET.fromstring(xml_text)
+    except ET.ParseError as e:
+        raise ValueError(f"era_invalidate output is not XML: {e}") from None
+    ranges = []
+    for el in root:
+        if el.tag == "block":
+            b = int(el.attrib["block"])
+            ranges.append((b, b + 1))
+        elif el.tag == "range":
+            ranges.append((int(el.attrib["begin"]), int(el.attrib["end"])))
+        else:
+            raise ValueError(f"era_invalidate output: unexpected element <{el.tag}>")
+    ranges.sort()
+    merged: list[tuple[int, int]] = []
+    for b, e in ranges:
+        if merged and b <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], e))
+        else:
+            merged.append((b, e))
+    return merged
+
+
+def written_since(ctl: Control, name: str, metadata_dev: str, era: int) -> list[tuple[int, int]]:
+    """Era blocks written in `era` or later on the live era device `name`.
+
+    Reads a metadata snapshot (take_metadata_snap / drop_metadata_snap) so that
+    the device keeps running; the snapshot is dropped whatever happens.
+    """
+    tool = shutil.which(ERA_INVALIDATE)
+    if tool is None:
+        raise EraToolError(errno.ENOENT, ERA_INVALIDATE, None,
+                           "install thin-provisioning-tools")
+    ctl.message(name, "take_metadata_snap")
+    try:
+        proc = subprocess.run([tool, "--written-since", str(era), "--metadata-snapshot", metadata_dev],
+                              capture_output=True, text=True)
+    finally:
+        ctl.message(name, "drop_metadata_snap")
+    if proc.returncode != 0:
+        raise EraToolError(errno.EIO, ERA_INVALIDATE, metadata_dev, proc.stderr.strip())
+    return parse_blocks(proc.stdout)

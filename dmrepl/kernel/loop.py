@@ -1,0 +1,173 @@
+"""Loop devices through /dev/loop-control and LOOP_CONFIGURE, without losetup.
+
+Kernel reference: include/uapi/linux/loop.h, drivers/block/loop.c.
+"""
+
+from __future__ import annotations
+
+import errno
+import glob
+import os
+import time
+from dataclasses import dataclass
+
+from dmrepl import _kernel
+from dmrepl.kernel.errors import LoopError
+
+LOOP_CONTROL = "/dev/loop-control"
+_LO = _kernel.LO_FLAGS
+
+
+@dataclass(frozen=True)
+class LoopInfo:
+    """LOOP_GET_STATUS64 of a bound loop device (offsets and limits in bytes)."""
+
+    path: str
+    number: int
+    backing_file: str
+    offset_bytes: int
+    sizelimit_bytes: int
+    read_only: bool
+    autoclear: bool
+    direct_io: bool
+
+
+def attach(file: str, *, read_only: bool = False, direct_io: bool = False,
+           autoclear: bool = False, retries: int = 20) -> str:
+    """Bind `file` to a free loop device; returns its path (/dev/loopN).
+
+    LOOP_CTL_GET_FREE only names a device that was free when asked: another
+    process may bind it before our LOOP_CONFIGURE, which then fails with EBUSY.
+    That race is retried with a new free device.
+    """
+    flags = 0
+    if read_only:
+        flags |= _LO["READ_ONLY"]
+    if direct_io:
+        flags |= _LO["DIRECT_IO"]
+    if autoclear:
+        flags |= _LO["AUTOCLEAR"]
+    try:
+        file_fd = os.open(file, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
+    except OSError as e:
+        raise LoopError(e.errno, "open", file) from None
+    try:
+        try:
+            ctl_fd = os.open(LOOP_CONTROL, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as e:
+            raise LoopError(e.errno, "open", LOOP_CONTROL, "load the loop module (modprobe loop)") from None
+        try:
+            for attempt in range(retries + 1):
+                try:
+                    number = _kernel.loop_ctl_get_free(ctl_fd)
+                except OSError as e:
+                    raise LoopError(e.errno, "LOOP_CTL_GET_FREE", LOOP_CONTROL) from None
+                path = f"/dev/loop{number}"
+                try:
+                    loop_fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+                except OSError as e:
+                    raise LoopError(e.errno, "open", path) from None
+                try:
+                    _kernel.loop_configure(loop_fd, file_fd, flags, 0, 0, 0, os.path.abspath(file))
+                    return path
+                except OSError as e:
+                    if e.errno == errno.EBUSY and attempt < retries:
+                        continue
+                    raise LoopError(e.errno, "LOOP_CONFIGURE", path, f"backing file {file}") from None
+                finally:
+                    os.close(loop_fd)
+        finally:
+            os.close(ctl_fd)
+    finally:
+        os.close(file_fd)
+    raise AssertionError("unreachable")
+
+
+def detach(path: str, *, wait: float = 5.0) -> bool:
+    """LOOP_CLR_FD, then wait up to `wait` seconds for the detach to finish.
+
+    The kernel defers the detach until the last opener closes the device
+    (drivers/block/loop.c: loop_clr_fd sets Lo_rundown); udev's probes hold
+    a fresh device open briefly.  Returns True once the device is unbound.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise LoopError(e.errno, "open", path) from None
+    try:
+        _kernel.loop_clr_fd(fd)
+    except OSError as e:
+        raise LoopError(e.errno, "LOOP_CLR_FD", path) from None
+    finally:
+        os.close(fd)
+    deadline = time.monotonic() + wait
+    while backing_file(path) is not None:
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def info(path: str) -> LoopInfo:
+    """LOOP_GET_STATUS64; ENXIO when nothing is bound."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise LoopError(e.errno, "open", path) from None
+    try:
+        st = _kernel.loop_get_status64(fd)
+    except OSError as e:
+        raise LoopError(e.errno, "LOOP_GET_STATUS64", path) from None
+    finally:
+        os.close(fd)
+    # lo_file_name is cut at 63 bytes: sysfs holds the full path.
+    backing = backing_file(path) or st["file_name"]
+    return LoopInfo(path=path, number=st["number"], backing_file=backing,
+                    offset_bytes=st["offset"], sizelimit_bytes=st["sizelimit"],
+                    read_only=bool(st["flags"] & _LO["READ_ONLY"]),
+                    autoclear=bool(st["flags"] & _LO["AUTOCLEAR"]),
+                    direct_io=bool(st["flags"] & _LO["DIRECT_IO"]))
+
+
+def backing_file(path: str) -> str | None:
+    """The full backing file path from sysfs, or None when the device is unbound."""
+    name = os.path.basename(path)
+    try:
+        with open(f"/sys/block/{name}/loop/backing_file") as f:
+            return f.read().rstrip("\n")
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def set_capacity(path: str) -> None:
+    """LOOP_SET_CAPACITY: pick up a backing file that grew."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise LoopError(e.errno, "open", path) from None
+    try:
+        _kernel.loop_set_capacity(fd)
+    except OSError as e:
+        raise LoopError(e.errno, "LOOP_SET_CAPACITY", path) from None
+    finally:
+        os.close(fd)
+
+
+def list_attached() -> dict[str, str]:
+    """Bound loop devices: {"/dev/loopN": backing file}."""
+    out = {}
+    for d in sorted(glob.glob("/sys/block/loop*/loop/backing_file")):
+        name = d.split("/")[3]
+        try:
+            with open(d) as f:
+                out[f"/dev/{name}"] = f.read().rstrip("\n")
+        except OSError:
+            continue
+    return out
+
+
+def find(file: str) -> list[str]:
+    """Loop devices bound to `file` (compared by absolute path)."""
+    target = os.path.abspath(file)
+    return [dev for dev, backing in list_attached().items()
+            if backing.removesuffix(" (deleted)") == target]

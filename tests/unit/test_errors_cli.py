@@ -1,0 +1,71 @@
+"""Error text, CLI behaviour on a host without device-mapper, the VM runner (unit tier)."""
+
+import errno
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from dmrepl import cli, testvm
+from dmrepl.kernel import dm
+from dmrepl.kernel.errors import DMError, LoopError
+
+NO_DM = not os.path.exists(dm.CONTROL_PATH)
+
+
+def test_error_text_names_call_object_and_errno():
+    e = DMError(errno.EBUSY, "DM_TABLE_LOAD", "dmrepl-vm1-hidden")
+    assert str(e) == "DM_TABLE_LOAD dmrepl-vm1-hidden: Device or resource busy (EBUSY)"
+    assert e.errno == errno.EBUSY and e.call == "DM_TABLE_LOAD" and e.obj == "dmrepl-vm1-hidden"
+    e = LoopError(errno.ENOENT, "open", "/x.img", "backing file")
+    assert str(e) == "open /x.img: No such file or directory (ENOENT): backing file"
+    assert isinstance(e, OSError)
+
+
+def test_name_validation():
+    for bad in ("", "a/b", ".", "..", "x" * 128, "tab\tname"):
+        with pytest.raises(ValueError):
+            dm.validate_name(bad)
+    dm.validate_name("dmrepl-vm1-origin")
+
+
+@pytest.mark.skipif(not NO_DM, reason="this host has device-mapper; the check is for hosts without it")
+def test_doctor_says_device_mapper_is_missing_and_points_to_the_vm(capsys):
+    rc = cli.main(["doctor", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 1 and out["ok"] is False
+    dmcheck = next(c for c in out["checks"] if c["name"] == "device-mapper")
+    assert dmcheck["verdict"] == "fail"
+    assert "device-mapper is missing" in dmcheck["detail"] and "test VM" in dmcheck["detail"]
+    rc = cli.main(["doctor"])
+    text = capsys.readouterr().out
+    assert rc == 1 and "FAIL  device-mapper" in text and "cannot run dmrepl" in text
+
+
+@pytest.mark.skipif(not NO_DM, reason="this host has device-mapper")
+def test_ls_without_device_mapper_is_a_clear_error(capsys):
+    assert cli.main(["ls"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("dmrepl: device-mapper is not available") and "hint:" in err
+    assert "Traceback" not in err
+
+
+def test_console_script_usage_error():
+    proc = subprocess.run([sys.executable, "-m", "dmrepl.cli", "frobnicate"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "invalid choice" in proc.stderr
+
+
+def test_vm_guest_script_loads_modules_and_marks_start():
+    script = testvm.guest_script(["python", "-m", "pytest", "-m", "kernel"], "/p/.vm/run-x/started", "/p")
+    lines = script.splitlines()
+    assert lines[1] == "echo started > /p/.vm/run-x/started"
+    assert "dm-snapshot" in script and "dm-era" in script and "loop" in script
+    assert lines[-1] == "python -m pytest -m kernel"
+
+
+def test_vm_runner_refuses_without_a_command(capsys):
+    with pytest.raises(SystemExit) as e:
+        testvm.main([])
+    assert e.value.code == 2
