@@ -107,6 +107,14 @@ def format_table(targets: Iterable[TargetLine]) -> str:
     return "\n".join(f"{t.start} {t.length} {t.target_type} {t.params()}" for t in targets)
 
 
+def _node_matches(path: str, info: "DeviceInfo") -> bool:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    return stat.S_ISBLK(st.st_mode) and st.st_rdev == os.makedev(info.major, info.minor)
+
+
 def _udev_running() -> bool:
     # systemd-udevd creates its control socket here while it runs.
     return os.path.exists("/run/udev/control")
@@ -201,7 +209,11 @@ class Control:
     # -- device calls -------------------------------------------------------
 
     def create(self, name: str, uuid: str) -> DeviceInfo:
-        """DM_DEV_CREATE: a device without a table; /dev/mapper/NAME exists afterwards."""
+        """DM_DEV_CREATE: a device without a table.
+
+        /dev/mapper/NAME exists afterwards when no udev runs; with udev it
+        appears at the first resume (udev names only devices with a table).
+        """
         validate_name(name)
         info = self._info(self._do_ioctl("DM_DEV_CREATE", name, uuid=uuid))
         self._ensure_node(info)
@@ -323,22 +335,30 @@ class Control:
     # -- device nodes -------------------------------------------------------
 
     @staticmethod
-    def _ensure_node(info: DeviceInfo) -> None:
-        """Make /dev/mapper/NAME exist.
+    def _ensure_node(info: DeviceInfo, *, wait: float = 10.0) -> None:
+        """Make /dev/mapper/NAME exist, as libdevmapper does.
 
-        With systemd-udevd running, 10-dm.rules makes it a symlink once the
-        device has a live table; before that, and on hosts without udev, we
-        create the block node ourselves (udev later replaces it atomically).
+        Without udev we create the block node ourselves.  With systemd-udevd
+        running, 10-dm.rules makes /dev/mapper/NAME a symlink once the device
+        has a live table, and udev deletes names it did not create when it
+        re-evaluates its links (docs/kernel-notes.md): so we leave the name to
+        udev and wait for it after a resume, creating the node only if udev
+        did not within `wait` seconds.
         """
         path = info.path
+        if _node_matches(path, info):
+            return
+        if _udev_running():
+            if not info.live_table:
+                return  # udev names the device at its first resume
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline:
+                time.sleep(0.005)
+                if _node_matches(path, info):
+                    return
         try:
-            st = os.stat(path)
-            if stat.S_ISBLK(st.st_mode) and st.st_rdev == os.makedev(info.major, info.minor):
-                return
-            os.unlink(path)  # stale node of an earlier device with this name
-        except FileNotFoundError:
-            pass
-        try:
+            if os.path.lexists(path):
+                os.unlink(path)  # stale node of an earlier device with this name
             os.mknod(path, 0o600 | stat.S_IFBLK, os.makedev(info.major, info.minor))
         except FileExistsError:
             pass  # udev won the race
@@ -346,6 +366,8 @@ class Control:
     @staticmethod
     def _drop_node(name: str) -> None:
         path = os.path.join(MAPPER_DIR, name)
+        if _udev_running() and os.path.islink(path):
+            return  # udev's own symlink: udev removes it on the remove event
         try:
             os.unlink(path)
         except FileNotFoundError:
