@@ -254,11 +254,16 @@ class Control:
         self._ensure_node(info)
         return info
 
-    def remove(self, name: str, *, retries: int = 25, delay: float = 0.1) -> None:
-        """DM_DEV_REMOVE, retried on EBUSY (udev's blkid may hold a fresh device briefly)."""
+    def remove(self, name: str, *, retries: int = 25, delay: float = 0.1, deferred: bool = False) -> None:
+        """DM_DEV_REMOVE, retried on EBUSY (udev's blkid may hold a fresh device briefly).
+
+        deferred=True sets DM_DEFERRED_REMOVE: an open device is removed when
+        its last opener closes it instead of failing with EBUSY.
+        """
+        flags = _F["DEFERRED_REMOVE"] if deferred else 0
         for attempt in range(retries + 1):
             try:
-                self._do_ioctl("DM_DEV_REMOVE", name)
+                self._do_ioctl("DM_DEV_REMOVE", name, flags=flags)
                 break
             except DMError as e:
                 if e.errno != errno.EBUSY or attempt == retries:

@@ -1,0 +1,89 @@
+"""Persistent resource state, written atomically (temp file, fsync, rename, fsync dir, 0600).
+
+The kernel is the source of truth for what is running; this file holds what
+the kernel forgets across a power loss: the role, the checkpoint number, which
+hidden store is current, whether a merge is in progress.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, replace
+
+STATE_FILE = "state.json"
+FORMAT = 1
+
+# Roles of a resource on this host.
+SECONDARY = "secondary"   # standby: hidden store keeps the last checkpoint
+MERGING = "merging"       # failed over: the hidden store is merging into the disk
+PRIMARY = "primary"       # took over: the disk is the data, no hidden store
+ROLES = (SECONDARY, MERGING, PRIMARY)
+
+
+class StateError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class ResourceState:
+    name: str
+    resource_id: str
+    role: str = SECONDARY
+    checkpoint: int = 0
+    current_store: int = 0          # index into hidden_stores
+    checkpoint_lost: bool = False   # the kernel invalidated the hidden store
+    early_checkpoint_requested: bool = False
+    format: int = FORMAT
+    history: list = field(default_factory=list)  # last checkpoints/failovers, newest last
+
+    def evolve(self, **changes) -> "ResourceState":
+        return replace(self, **changes)
+
+
+class StateStore:
+    def __init__(self, directory: str):
+        self.directory = directory
+        self.path = os.path.join(directory, STATE_FILE)
+
+    def exists(self) -> bool:
+        return os.path.exists(self.path)
+
+    def load(self) -> ResourceState | None:
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                raw = json.load(f)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            raise StateError(f"{self.path}: unreadable state ({e}); move it away to start afresh") from None
+        if raw.get("format") != FORMAT:
+            raise StateError(f"{self.path}: state format {raw.get('format')!r}, this dmrepl reads {FORMAT}")
+        if raw.get("role") not in ROLES:
+            raise StateError(f"{self.path}: unknown role {raw.get('role')!r}")
+        known = set(ResourceState.__dataclass_fields__)
+        return ResourceState(**{k: v for k, v in raw.items() if k in known})
+
+    def save(self, state: ResourceState) -> None:
+        os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        tmp = f"{self.path}.tmp.{os.getpid()}"
+        data = dict(asdict(state))
+        data["history"] = data["history"][-20:]
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, (json.dumps(data, indent=1, sort_keys=True) + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, self.path)
+        dfd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def remove(self) -> None:
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
