@@ -30,7 +30,7 @@ from typing import Callable
 
 from dmrepl.config import SecondaryConfig
 from dmrepl.errors import DmreplError
-from dmrepl.kernel import blockdev, dm, loop, procfs
+from dmrepl.kernel import blockdev, dm, loop, procfs, udev
 from dmrepl.kernel.errors import BlockDeviceError, DMError, KernelError
 from dmrepl.kernel.tables import Linear, Snapshot, SnapshotMerge, SnapshotOrigin, SnapshotStatus
 from dmrepl.state import MERGING, PRIMARY, SECONDARY, ResourceState, StateStore
@@ -127,6 +127,11 @@ class Secondary:
     @property
     def active_path(self) -> str:
         return f"/dev/mapper/{self.names['active']}"
+
+    @property
+    def link_path(self) -> str:
+        """The stable name udev gives the active device (udev/11-dmrepl.rules)."""
+        return f"/dev/dmrepl/{self.cfg.name}/active"
 
     @property
     def origin_path(self) -> str:
@@ -279,7 +284,12 @@ class Secondary:
                 lower = self.origin_path
             create("active")
             self.ctl.load(n["active"], [Linear(0, sectors, lower, 0)])
-            self.ctl.resume(n["active"])
+            info = self.ctl.resume(n["active"])
+            if udev.running() and udev.rules_installed():
+                # Consumers open the stable name: it must exist when `up` returns.
+                if not udev.wait_for_link(self.link_path, info.major, info.minor):
+                    raise DmreplError(f"udev did not create {self.link_path} within 10 s",
+                                      f"check that {udev.RULES_NAME} is installed and udevd runs")
         except BaseException:
             self._teardown(created, attached)
             raise
@@ -523,6 +533,8 @@ class Secondary:
             info = self.ctl.info(name)
             out["devices"][part] = {"name": name, "path": f"/dev/mapper/{name}", "dev": f"{info.major}:{info.minor}",
                                     "open_count": info.open_count, "suspended": info.suspended}
+        if present["active"] and os.path.exists(self.link_path):
+            out["devices"]["active"]["link"] = self.link_path
         if st is None:
             out["role"] = None
             return out

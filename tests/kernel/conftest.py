@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import time
 
 import pytest
@@ -26,9 +27,35 @@ def _require_kernel():
         pytest.fail("the kernel tier needs root", pytrace=False)
 
 
+def _our_processes() -> list[tuple[int, str]]:
+    out = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    continue
+        except (OSError, IndexError):
+            continue
+        if "nbdkit" in cmd or "dmrepl.daemon" in cmd:
+            out.append((int(pid), cmd.strip()))
+    return out
+
+
 def _sweep() -> list[str]:
-    """Remove every dm device and detach every loop device; return what was found."""
+    """Kill dmrepl's processes, remove every dm device, detach every loop device; return what was found."""
     left = []
+    for pid, cmd in _our_processes():
+        left.append(f"process:{pid}:{cmd[:60]}")
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if left:
+        time.sleep(0.2)
     with dm.Control() as ctl:
         names = [d.name for d in ctl.list_devices()]
         left += [f"dm:{n}" for n in names]

@@ -1,0 +1,190 @@
+"""The secondary's supervisor: keeps the NBD export running and watches the hidden store.
+
+    python -m dmrepl.daemon secondary --config PATH
+
+Started detached by `dmrepl secondary up`, stopped (SIGTERM) by `down` and by
+`failover` (the fence).  It restarts nbdkit if it dies while replication runs,
+records in the state file when the store's fill level asks for an early
+checkpoint, and says loudly when the kernel invalidated the store.  It logs to
+STATE_DIR/NAME/daemon.log; its pid is in STATE_DIR/NAME/daemon.pid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+
+from dmrepl.config import SecondaryConfig, load_secondary
+from dmrepl.export import Export, ExportError
+from dmrepl.kernel import dm
+from dmrepl.secondary import Secondary
+
+PID_FILE = "daemon.pid"
+EXPORT_PID_FILE = "export.pid"
+LOG_FILE = "daemon.log"
+WATCH_INTERVAL = 1.0
+MAX_RESTARTS_PER_MINUTE = 10
+
+
+def pid_path(cfg: SecondaryConfig) -> str:
+    return os.path.join(cfg.resource_state_dir, PID_FILE)
+
+
+def log_path(cfg: SecondaryConfig) -> str:
+    return os.path.join(cfg.resource_state_dir, LOG_FILE)
+
+
+def _pid_from(path: str, marker: bytes) -> int | None:
+    """The pid in `path` if that process runs and its cmdline contains `marker`."""
+    try:
+        with open(path) as f:
+            pid = int(f.read().strip())
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                return None  # exited, not yet reaped
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid if marker in cmdline else None
+
+
+def running_pid(cfg: SecondaryConfig) -> int | None:
+    """The daemon's pid if it runs (checked against /proc/PID/cmdline), else None."""
+    return _pid_from(pid_path(cfg), b"dmrepl.daemon")
+
+
+def export_pid(cfg: SecondaryConfig) -> int | None:
+    return _pid_from(os.path.join(cfg.resource_state_dir, EXPORT_PID_FILE), b"nbdkit")
+
+
+def _wait_gone(pid_of, pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while pid_of() == pid:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def stop(cfg: SecondaryConfig, timeout: float = 10.0) -> bool:
+    """SIGTERM the daemon and wait until it is gone (it stops nbdkit first). True if one ran."""
+    pid = running_pid(cfg)
+    if pid is None:
+        return fence(cfg)
+    os.kill(pid, signal.SIGTERM)
+    if not _wait_gone(lambda: running_pid(cfg), pid, timeout):
+        os.kill(pid, signal.SIGKILL)
+        _wait_gone(lambda: running_pid(cfg), pid, 2)
+    fence(cfg)
+    return True
+
+
+def fence(cfg: SecondaryConfig) -> bool:
+    """Cut the primary off now: SIGKILL the daemon (so it restarts nothing), then nbdkit.
+
+    nbdkit answers SIGTERM by waiting for its clients to disconnect, and a
+    primary stays connected: a fence cannot wait for it.  Writes nbdkit had
+    acknowledged are on the origin; the failover's suspend flushes them.
+    """
+    killed = False
+    pid = running_pid(cfg)
+    if pid is not None:
+        os.kill(pid, signal.SIGKILL)
+        _wait_gone(lambda: running_pid(cfg), pid, 5)
+        killed = True
+    epid = export_pid(cfg)
+    if epid is not None:
+        os.kill(epid, signal.SIGKILL)
+        _wait_gone(lambda: export_pid(cfg), epid, 5)
+        killed = True
+    for path in (pid_path(cfg), os.path.join(cfg.resource_state_dir, EXPORT_PID_FILE)):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+    return killed
+
+
+def _log(msg: str) -> None:
+    print(time.strftime("%Y-%m-%d %H:%M:%S ") + msg, file=sys.stderr, flush=True)
+
+
+def run_secondary(cfg: SecondaryConfig) -> int:
+    stopping = False
+
+    def on_term(signum, frame):
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    with open(pid_path(cfg) + ".tmp", "w") as f:
+        f.write(f"{os.getpid()}\n")
+    os.replace(pid_path(cfg) + ".tmp", pid_path(cfg))
+    device = f"/dev/mapper/dmrepl-{cfg.name}-origin"
+    export = Export(device, cfg.listen_host, cfg.listen_port, cfg.resource_id, log_path=None)
+    restarts: list[float] = []
+    warned: set[str] = set()
+    def started() -> None:
+        export.start()
+        with open(os.path.join(cfg.resource_state_dir, EXPORT_PID_FILE), "w") as f:
+            f.write(f"{export.proc.pid}\n")
+
+    try:
+        started()
+        _log(f"export of {device} listening on {cfg.listen_host}:{cfg.listen_port} (nbdkit pid {export.proc.pid})")
+        with dm.Control() as ctl:
+            sec = Secondary(cfg, ctl)
+            while not stopping:
+                if not export.alive():
+                    _log(f"nbdkit exited with status {export.proc.returncode}: restarting it")
+                    now = time.monotonic()
+                    restarts = [t for t in restarts if now - t < 60] + [now]
+                    if len(restarts) > MAX_RESTARTS_PER_MINUTE:
+                        _log("nbdkit keeps dying: giving up (the primary will see the secondary as lost)")
+                        return 1
+                    try:
+                        started()
+                        _log(f"nbdkit restarted (pid {export.proc.pid})")
+                    except ExportError as e:
+                        _log(f"restart failed: {e}")
+                state, health = sec.watch_store()
+                if health is not None:
+                    if health.lost and "lost" not in warned:
+                        _log("CHECKPOINT LOST: the kernel invalidated the hidden store "
+                             f"({health.state}); a resync is needed")
+                        warned.add("lost")
+                    elif health.over_threshold and "fill" not in warned:
+                        _log(f"hidden store {health.fill:.0%} full: early checkpoint requested")
+                        warned.add("fill")
+                    elif not health.over_threshold and not health.lost:
+                        warned.clear()
+                deadline = time.monotonic() + WATCH_INTERVAL
+                while not stopping and time.monotonic() < deadline and export.alive():
+                    time.sleep(0.05)
+        return 0
+    finally:
+        export.stop(timeout=2.0)
+        for path in (pid_path(cfg), os.path.join(cfg.resource_state_dir, EXPORT_PID_FILE)):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        _log("stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m dmrepl.daemon")
+    p.add_argument("role", choices=["secondary"])
+    p.add_argument("--config", required=True)
+    args = p.parse_args(argv)
+    cfg = load_secondary(path=args.config)
+    return run_secondary(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
