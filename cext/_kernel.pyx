@@ -28,6 +28,13 @@ cdef extern from "<stdlib.h>" nogil:
     int posix_memalign(void **memptr, size_t alignment, size_t size)
 
 
+cdef inline int _ioctl(int fd, unsigned long request, void *arg) noexcept nogil:
+    """ioctl(2) that returns 0 or the errno, so callers can run it without the GIL."""
+    if ioctl(fd, request, arg) < 0:
+        return errno
+    return 0
+
+
 cdef inline _raise_errno(int err, path=None):
     if path is None:
         raise OSError(err, os.strerror(err))
@@ -322,7 +329,6 @@ def loop_configure(int loop_fd, int file_fd, uint32_t flags=0, uint64_t offset=0
                    uint64_t sizelimit=0, uint32_t block_size=0, file_name=None):
     """LOOP_CONFIGURE: bind file_fd to the loop device in one call (Linux >= 5.8)."""
     cdef lp.loop_config cfg
-    cdef int rc
     cdef int err = 0
     memset(&cfg, 0, sizeof(cfg))
     cfg.fd = file_fd
@@ -334,36 +340,28 @@ def loop_configure(int loop_fd, int file_fd, uint32_t flags=0, uint64_t offset=0
         bname = os.fsencode(file_name)[:lp.LO_NAME_SIZE - 1]
         memcpy(cfg.info.lo_file_name, <char *>bname, len(bname))
     with nogil:
-        rc = ioctl(loop_fd, lp.LOOP_CONFIGURE, &cfg)
-        if rc < 0:
-            err = errno
-    if rc < 0:
+        err = _ioctl(loop_fd, lp.LOOP_CONFIGURE, <void *>&cfg)
+    if err:
         _raise_errno(err)
 
 
 def loop_clr_fd(int loop_fd):
     """LOOP_CLR_FD: unbind the backing file (deferred to last close if still open)."""
-    cdef int rc
     cdef int err = 0
     with nogil:
-        rc = ioctl(loop_fd, lp.LOOP_CLR_FD, 0)
-        if rc < 0:
-            err = errno
-    if rc < 0:
+        err = _ioctl(loop_fd, lp.LOOP_CLR_FD, NULL)
+    if err:
         _raise_errno(err)
 
 
 def loop_get_status64(int loop_fd):
     """LOOP_GET_STATUS64 as a dict; ENXIO means the device is not bound."""
     cdef lp.loop_info64 info
-    cdef int rc
     cdef int err = 0
     memset(&info, 0, sizeof(info))
     with nogil:
-        rc = ioctl(loop_fd, lp.LOOP_GET_STATUS64, &info)
-        if rc < 0:
-            err = errno
-    if rc < 0:
+        err = _ioctl(loop_fd, lp.LOOP_GET_STATUS64, <void *>&info)
+    if err:
         _raise_errno(err)
     fname = bytes(info.lo_file_name[:lp.LO_NAME_SIZE]).split(b"\0", 1)[0]
     return {
@@ -379,13 +377,10 @@ def loop_get_status64(int loop_fd):
 
 def loop_set_capacity(int loop_fd):
     """LOOP_SET_CAPACITY: re-read the size of the backing file."""
-    cdef int rc
     cdef int err = 0
     with nogil:
-        rc = ioctl(loop_fd, lp.LOOP_SET_CAPACITY, 0)
-        if rc < 0:
-            err = errno
-    if rc < 0:
+        err = _ioctl(loop_fd, lp.LOOP_SET_CAPACITY, NULL)
+    if err:
         _raise_errno(err)
 
 
@@ -396,13 +391,10 @@ def loop_set_capacity(int loop_fd):
 def blk_size_bytes(int fd):
     """BLKGETSIZE64: device size in bytes."""
     cdef uint64_t size = 0
-    cdef int rc
     cdef int err = 0
     with nogil:
-        rc = ioctl(fd, bd.BLKGETSIZE64, &size)
-        if rc < 0:
-            err = errno
-    if rc < 0:
+        err = _ioctl(fd, bd.BLKGETSIZE64, <void *>&size)
+    if err:
         _raise_errno(err)
     return size
 
@@ -410,13 +402,10 @@ def blk_size_bytes(int fd):
 def blk_logical_block_size(int fd):
     """BLKSSZGET: logical block size in bytes."""
     cdef int ssz = 0
-    cdef int rc
     cdef int err = 0
     with nogil:
-        rc = ioctl(fd, bd.BLKSSZGET, &ssz)
-        if rc < 0:
-            err = errno
-    if rc < 0:
+        err = _ioctl(fd, bd.BLKSSZGET, <void *>&ssz)
+    if err:
         _raise_errno(err)
     return ssz
 
@@ -424,15 +413,12 @@ def blk_logical_block_size(int fd):
 def blk_discard(int fd, uint64_t offset_bytes, uint64_t length_bytes):
     """BLKDISCARD over [offset, offset + length) in bytes."""
     cdef uint64_t rng[2]
-    cdef int rc
     cdef int err = 0
     rng[0] = offset_bytes
     rng[1] = length_bytes
     with nogil:
-        rc = ioctl(fd, bd.BLKDISCARD, rng)
-        if rc < 0:
-            err = errno
-    if rc < 0:
+        err = _ioctl(fd, bd.BLKDISCARD, <void *>rng)
+    if err:
         _raise_errno(err)
 
 

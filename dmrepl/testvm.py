@@ -93,7 +93,7 @@ def guest_script(command: list[str], marker: str, project_dir: str) -> str:
     ])
 
 
-def run(command: list[str], *, memory: str = "2G", cpus: int = 2, timeout: float = 3600,
+def run(command: list[str], *, memory: str = "4G", cpus: int = 2, timeout: float = 3600,
         project_dir: str = PROJECT_DIR, verbose: bool = False) -> int:
     """Boot the VM, run `command` in it, return its exit status (VM_FAILED if it never ran)."""
     check_host()
@@ -132,7 +132,7 @@ def run(command: list[str], *, memory: str = "2G", cpus: int = 2, timeout: float
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m dmrepl.testvm",
                                 description="Run a command inside the dmrepl test VM (virtme-ng, QEMU TCG).")
-    p.add_argument("--memory", default="2G")
+    p.add_argument("--memory", default="4G", help="guest memory; /tmp in the guest is a tmpfs of half of it")
     p.add_argument("--cpus", type=int, default=2)
     p.add_argument("--timeout", type=float, default=3600, help="seconds before the VM is killed")
     p.add_argument("-v", "--verbose", action="store_true")

@@ -83,6 +83,20 @@ def attach(file: str, *, read_only: bool = False, direct_io: bool = False,
     raise AssertionError("unreachable")
 
 
+def _on_device(path: str, call: str, fn, flags: int = os.O_RDONLY):
+    """Open the loop device, run fn(fd) as `call`, close it; errors name call and device."""
+    try:
+        fd = os.open(path, flags | os.O_CLOEXEC)
+    except OSError as e:
+        raise LoopError(e.errno, "open", path) from None
+    try:
+        return fn(fd)
+    except OSError as e:
+        raise LoopError(e.errno, call, path) from None
+    finally:
+        os.close(fd)
+
+
 def detach(path: str, *, wait: float = 5.0) -> bool:
     """LOOP_CLR_FD, then wait up to `wait` seconds for the detach to finish.
 
@@ -90,16 +104,7 @@ def detach(path: str, *, wait: float = 5.0) -> bool:
     (drivers/block/loop.c: loop_clr_fd sets Lo_rundown); udev's probes hold
     a fresh device open briefly.  Returns True once the device is unbound.
     """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as e:
-        raise LoopError(e.errno, "open", path) from None
-    try:
-        _kernel.loop_clr_fd(fd)
-    except OSError as e:
-        raise LoopError(e.errno, "LOOP_CLR_FD", path) from None
-    finally:
-        os.close(fd)
+    _on_device(path, "LOOP_CLR_FD", _kernel.loop_clr_fd)
     deadline = time.monotonic() + wait
     while backing_file(path) is not None:
         if time.monotonic() >= deadline:
@@ -110,16 +115,7 @@ def detach(path: str, *, wait: float = 5.0) -> bool:
 
 def info(path: str) -> LoopInfo:
     """LOOP_GET_STATUS64; ENXIO when nothing is bound."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as e:
-        raise LoopError(e.errno, "open", path) from None
-    try:
-        st = _kernel.loop_get_status64(fd)
-    except OSError as e:
-        raise LoopError(e.errno, "LOOP_GET_STATUS64", path) from None
-    finally:
-        os.close(fd)
+    st = _on_device(path, "LOOP_GET_STATUS64", _kernel.loop_get_status64)
     # lo_file_name is cut at 63 bytes: sysfs holds the full path.
     backing = backing_file(path) or st["file_name"]
     return LoopInfo(path=path, number=st["number"], backing_file=backing,
@@ -141,16 +137,7 @@ def backing_file(path: str) -> str | None:
 
 def set_capacity(path: str) -> None:
     """LOOP_SET_CAPACITY: pick up a backing file that grew."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as e:
-        raise LoopError(e.errno, "open", path) from None
-    try:
-        _kernel.loop_set_capacity(fd)
-    except OSError as e:
-        raise LoopError(e.errno, "LOOP_SET_CAPACITY", path) from None
-    finally:
-        os.close(fd)
+    _on_device(path, "LOOP_SET_CAPACITY", _kernel.loop_set_capacity)
 
 
 def list_attached() -> dict[str, str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import signal
 import time
 
@@ -89,6 +90,14 @@ def clean_kernel():
     yield
     left = _sweep()
     assert not left, f"this test left devices behind (swept now): {left}"
+
+
+@pytest.fixture
+def tmp_path(tmp_path):
+    """pytest's tmp_path, removed after every test: the guest's /tmp is a tmpfs of
+    half the VM's memory, and these tests write real data (whole disks)."""
+    yield tmp_path
+    shutil.rmtree(tmp_path, ignore_errors=True)
 
 
 @pytest.fixture
