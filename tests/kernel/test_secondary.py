@@ -198,6 +198,61 @@ def test_power_loss_during_merge_resumes_it(sec, ctl):
     assert_bytes(disk_of(sec), expect)
 
 
+def test_power_loss_in_the_middle_of_a_slow_merge_resumes_it(tmp_path, ctl, loops):
+    """S sits on dm-delay (writes held 10 ms) and the store holds 512 separate
+    chunks, merged one run at a time: the power loss surely cuts the merge short."""
+    import mmap
+
+    from dmrepl.kernel.tables import Delay
+
+    base = loops.make("s", DISK, fill=b"\x11")
+    h0, h1 = loops.make("h0", 80 * MiB), loops.make("h1", 80 * MiB)
+    sectors = DISK // 512
+
+    def slow_disk():
+        ctl.create("dmrepl-test-slow", dm.UUID_PREFIX + "test-slow")
+        ctl.load("dmrepl-test-slow", [Delay(0, sectors, base, 0, 0, (base, 0, 10))])
+        ctl.resume("dmrepl-test-slow")
+        return "/dev/mapper/dmrepl-test-slow"
+
+    cfg = make_cfg(tmp_path)
+    cfg = cfg.__class__(**{**cfg.__dict__, "disk": slow_disk(), "hidden_stores": (h0, h1)})
+    s = Secondary(cfg, ctl)
+    # Consumer data in every other 4 KiB chunk of [0, 4M): 512 chunks that do not touch.
+    pattern = (b"\x33" * 4096 + b"\x11" * 4096) * 512
+    expect = pattern + b"\x11" * (DISK - len(pattern))
+    try:
+        s.up()
+        fd = os.open(s.active_path, os.O_WRONLY | os.O_DIRECT)
+        buf = mmap.mmap(-1, 4096)
+        buf.write(b"\x33" * 4096)
+        try:
+            for i in range(512):
+                os.pwritev(fd, [buf], i * 8192)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            buf.close()
+        s.failover()
+        first = s.merge_progress()
+        assert first.remaining_bytes > 0 and not first.done
+        # Power loss: every dm device goes; the loop devices (the disks) stay.
+        dm.remove_tree(ctl, [d.name for d in ctl.list_devices()])
+        slow_disk()
+        state = s.up()
+        assert state.role == "merging"
+        resumed = s.merge_progress()
+        assert 0 < resumed.remaining_bytes and not resumed.done
+        assert read(s.active_path, 0, DISK) == expect
+        assert s.wait_merge().role == "primary"
+        assert read(s.active_path, 0, DISK) == expect
+        assert read(base, 0, DISK) == expect
+    finally:
+        s.down(force=True)
+        if ctl.exists("dmrepl-test-slow"):
+            ctl.remove("dmrepl-test-slow")
+
+
 def test_store_overflow_is_reported_as_checkpoint_lost(tmp_path, ctl):
     s = Secondary(make_cfg(tmp_path, store_bytes=2 * MiB), ctl)
     try:
