@@ -22,6 +22,7 @@ belong to the daemon layer and reach it through the `fence` callback.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import stat
 import time
@@ -40,6 +41,15 @@ SECTOR = 512
 MIN_DISK_BYTES = 1 * MiB
 MIN_STORE_BYTES = 1 * MiB
 HEADER_BYTES = 4096  # a persistent store's header lives in its first chunk (dm-snap-persistent.c)
+
+
+def _locked(method):
+    """Run a state-changing operation under the resource's state lock."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self.states.locked():
+            return method(self, *args, **kwargs)
+    return wrapper
 
 
 def device_names(name: str) -> dict[str, str]:
@@ -228,6 +238,7 @@ class Secondary:
 
     # -- up / down ------------------------------------------------------------
 
+    @_locked
     def up(self) -> ResourceState:
         """Build the stack from disk, for the role the state file records."""
         if self.is_up():
@@ -351,6 +362,7 @@ class Secondary:
 
     # -- checkpoint -----------------------------------------------------------
 
+    @_locked
     def checkpoint(self) -> tuple[ResourceState, float]:
         """Switch the hidden snapshot to the other, empty store; returns (state, pause seconds)."""
         st = self._require_up()
@@ -390,6 +402,7 @@ class Secondary:
 
     # -- failover and merge -----------------------------------------------------
 
+    @_locked
     def failover(self, fence: Callable[[], None] | None = None) -> ResourceState:
         """Take over: fence the primary, merge the hidden store into S under the active device."""
         st = self._require_up()
@@ -453,6 +466,7 @@ class Secondary:
         return MergeProgress(remaining_bytes=status.data_sectors * SECTOR, total_bytes=total,
                              done=status.merge_done)
 
+    @_locked
     def finish_merge(self) -> ResourceState:
         """Once the merge is complete: origin becomes linear over S, the store is discarded."""
         st = self._require_up()
@@ -508,6 +522,7 @@ class Secondary:
                            total_bytes=status.total_sectors * SECTOR, fill=status.fill_fraction,
                            over_threshold=status.valid and status.fill_fraction >= self.cfg.store_fill_warn)
 
+    @_locked
     def watch_store(self) -> tuple[ResourceState, StoreHealth | None]:
         """Record in the state what the store's fill level asks for; returns both."""
         st = self._require_state()

@@ -7,11 +7,14 @@ hidden store is current, whether a merge is in progress.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 
 STATE_FILE = "state.json"
+LOCK_FILE = "lock"
 FORMAT = 1
 
 # Roles of a resource on this host.
@@ -45,6 +48,22 @@ class StateStore:
     def __init__(self, directory: str):
         self.directory = directory
         self.path = os.path.join(directory, STATE_FILE)
+
+    @contextmanager
+    def locked(self):
+        """Hold an exclusive flock for a read-modify-write of the state.
+
+        The daemon (store watch) and the CLI (checkpoint, failover) both update
+        the state; without the lock the daemon could write back a checkpoint
+        number and store index that a checkpoint had just replaced.
+        """
+        os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        fd = os.open(os.path.join(self.directory, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
     def exists(self) -> bool:
         return os.path.exists(self.path)

@@ -152,3 +152,17 @@ def test_message_to_target_without_handler_is_einval(ctl, loops, devices):
         ctl.message(name, "hello")
     assert e.value.errno == errno.EINVAL
     assert e.value.call == "DM_TARGET_MSG"
+
+
+def test_large_table_grows_the_ioctl_buffer(ctl, loops, devices):
+    """1000 targets: the table reply (~60 KiB) exceeds the first 16 KiB buffer (DM_BUFFER_FULL)."""
+    disk = loops.make("d", 8 * MiB)
+    targets = [Linear(i * 16, 16, disk, (999 - i) * 16) for i in range(1000)]
+    name = devices.create("big", targets)
+    table = ctl.table(name)
+    assert len(table) == 1000
+    assert (table[0].start, table[0].length, table[0].text.split()[1]) == (0, 16, str(999 * 16))
+    assert (table[-1].start, table[-1].text.split()[1]) == (999 * 16, "0")
+    assert len(ctl.status(name)) == 1000
+    blockdev.write_at(disk, 0, b"\x7e" * 8192)  # the disk's first 16 sectors are the device's last
+    assert blockdev.read_at(f"/dev/mapper/{name}", 999 * 16 * 512, 8192) == b"\x7e" * 8192
