@@ -57,7 +57,7 @@ class Stack:
         ctl.load(self.hidden, [Snapshot(0, self.sectors, self.disk, self.stores[0], "P", CHUNK_SECTORS)])
         ctl.resume(self.hidden)
         ctl.resume(self.origin)
-        ctl.load(self.active, [Linear(0, self.sectors, f"/dev/mapper/{self.hidden}", 0)])
+        ctl.load(self.active, [Linear(0, self.sectors, ctl.info(self.hidden).devno, 0)])
         ctl.resume(self.active)
 
     def dirty(self):

@@ -125,7 +125,9 @@ def run_secondary(cfg: SecondaryConfig) -> int:
     with open(pid_path(cfg) + ".tmp", "w") as f:
         f.write(f"{os.getpid()}\n")
     os.replace(pid_path(cfg) + ".tmp", pid_path(cfg))
-    device = f"/dev/mapper/dmrepl-{cfg.name}-origin"
+    # /dev/dm-N is made by the kernel (devtmpfs); /dev/mapper/NAME is udev's and may lag.
+    with dm.Control() as ctl:
+        device = ctl.info(f"dmrepl-{cfg.name}-origin").dm_path
     export = Export(device, cfg.listen_host, cfg.listen_port, cfg.resource_id, log_path=None)
     restarts: list[float] = []
     warned: set[str] = set()

@@ -280,19 +280,21 @@ class Secondary:
                 # (dm-snap.c: __origin_write skips snapshots not yet resumed).
                 self.ctl.resume(n["hidden"])
                 self.ctl.resume(n["origin"])
-                lower = f"/dev/mapper/{n['hidden']}"
+                # Stacked devices are named by number: a /dev/mapper name is udev's
+                # to create and may lag behind (docs/kernel-notes.md).
+                lower = self.ctl.info(n["hidden"]).devno
             elif st.role == MERGING:
                 # A merge interrupted by a crash resumes from the persistent store.
                 create("origin")
                 self.ctl.load(n["origin"], [SnapshotMerge(0, sectors, disk, stores[k], "P",
                                                           self.cfg.chunk_sectors)])
                 self.ctl.resume(n["origin"])
-                lower = self.origin_path
+                lower = self.ctl.info(n["origin"]).devno
             else:
                 create("origin")
                 self.ctl.load(n["origin"], [Linear(0, sectors, disk, 0)])
                 self.ctl.resume(n["origin"])
-                lower = self.origin_path
+                lower = self.ctl.info(n["origin"]).devno
             create("active")
             self.ctl.load(n["active"], [Linear(0, sectors, lower, 0)])
             info = self.ctl.resume(n["active"])
@@ -435,7 +437,7 @@ class Secondary:
             # takes over its exceptions at resume (dm-snap.c: snapshot handover).
             self.ctl.load(n["origin"], [SnapshotMerge(0, sectors, disk, stores[k], "P", self.cfg.chunk_sectors)])
             loaded.append(n["origin"])
-            self.ctl.load(n["active"], [Linear(0, sectors, self.origin_path, 0)])
+            self.ctl.load(n["active"], [Linear(0, sectors, self.ctl.info(n["origin"]).devno, 0)])
             loaded.append(n["active"])
             self.states.save(new_state)
         except BaseException:

@@ -80,6 +80,11 @@ class DeviceInfo:
     def dm_path(self) -> str:
         return f"/dev/dm-{self.minor}"
 
+    @property
+    def devno(self) -> str:
+        """"MAJOR:MINOR", how a table names a device without depending on a /dev node."""
+        return f"{self.major}:{self.minor}"
+
 
 @dataclass(frozen=True)
 class DeviceEntry:
