@@ -125,6 +125,26 @@ def _udev_running() -> bool:
     return os.path.exists("/run/udev/control")
 
 
+def udev_settle(timeout: float = 10.0) -> bool:
+    """Wait until udevd's event queue is empty (it keeps /run/udev/queue while not).
+
+    Used before creating a device: the remove event of an earlier device of
+    the same name, processed late, deletes the /dev/mapper name that udev has
+    just given the new one (docs/kernel-notes.md).  Returns False on timeout.
+    """
+    deadline = time.monotonic() + timeout
+    quiet = 0
+    while quiet < 2:
+        if os.path.exists("/run/udev/queue"):
+            quiet = 0
+            if time.monotonic() > deadline:
+                return False
+        else:
+            quiet += 1
+        time.sleep(0.01)
+    return True
+
+
 class Control:
     """An open /dev/mapper/control.  Use as a context manager, or call close()."""
 
@@ -220,6 +240,8 @@ class Control:
         appears at the first resume (udev names only devices with a table).
         """
         validate_name(name)
+        if _udev_running():
+            udev_settle()
         info = self._info(self._do_ioctl("DM_DEV_CREATE", name, uuid=uuid))
         self._ensure_node(info)
         return info
