@@ -101,9 +101,6 @@ class Stack:
         return dt
 
     def teardown(self):
-        for name in self.names:
-            if self.ctl.exists(name) and self.ctl.info(name).suspended:
-                self.ctl.resume(name)
         dm.remove_tree(self.ctl, reversed(self.names))
         for dev in self.loops:
             loop.detach(dev)

@@ -271,7 +271,7 @@ def bench_throughput(ctl: dm.Control, seq_mib: int, rand_writes: int, seed: int)
         seq_raw = write_sequential(dev, 0, seq_bytes)
         rand_raw = write_random(dev, offsets)
 
-    print(f"3. primary writes right after a checkpoint (O_DIRECT|O_DSYNC, qd1), origin vs plain loop device")
+    print("3. primary writes right after a checkpoint (O_DIRECT|O_DSYNC, qd1), origin vs plain loop device")
     mbps_origin, mbps_raw = seq_bytes / seq_origin / 1e6, seq_bytes / seq_raw / 1e6
     print(f"   1 MiB sequential, {seq_mib} MiB: origin {mbps_origin:8.1f} MB/s   raw {mbps_raw:8.1f} MB/s   "
           f"origin/raw {mbps_origin / mbps_raw:.2f}x   (store took {copied / MiB:.1f} MiB of copies)")

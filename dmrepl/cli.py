@@ -89,7 +89,7 @@ def _require_root(what: str) -> None:
 
 
 def _secondary(args):
-    """(Secondary, config path) for NAME / --config; the caller closes ctl via the context."""
+    """(config, config path) for NAME / --config."""
     from dmrepl.config import default_path, load_secondary
 
     cfg = load_secondary(args.name, args.config)

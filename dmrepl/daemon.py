@@ -33,6 +33,18 @@ def pid_path(cfg: SecondaryConfig) -> str:
     return os.path.join(cfg.resource_state_dir, PID_FILE)
 
 
+def export_pid_path(cfg: SecondaryConfig) -> str:
+    return os.path.join(cfg.resource_state_dir, EXPORT_PID_FILE)
+
+
+def _remove_pid_files(cfg: SecondaryConfig) -> None:
+    for path in (pid_path(cfg), export_pid_path(cfg)):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
 def log_path(cfg: SecondaryConfig) -> str:
     return os.path.join(cfg.resource_state_dir, LOG_FILE)
 
@@ -58,7 +70,7 @@ def running_pid(cfg: SecondaryConfig) -> int | None:
 
 
 def export_pid(cfg: SecondaryConfig) -> int | None:
-    return _pid_from(os.path.join(cfg.resource_state_dir, EXPORT_PID_FILE), b"nbdkit")
+    return _pid_from(export_pid_path(cfg), b"nbdkit")
 
 
 def _wait_gone(pid_of, pid: int, timeout: float) -> bool:
@@ -101,11 +113,7 @@ def fence(cfg: SecondaryConfig) -> bool:
         os.kill(epid, signal.SIGKILL)
         _wait_gone(lambda: export_pid(cfg), epid, 5)
         killed = True
-    for path in (pid_path(cfg), os.path.join(cfg.resource_state_dir, EXPORT_PID_FILE)):
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
+    _remove_pid_files(cfg)
     return killed
 
 
@@ -133,7 +141,7 @@ def run_secondary(cfg: SecondaryConfig) -> int:
     warned: set[str] = set()
     def started() -> None:
         export.start()
-        with open(os.path.join(cfg.resource_state_dir, EXPORT_PID_FILE), "w") as f:
+        with open(export_pid_path(cfg), "w") as f:
             f.write(f"{export.proc.pid}\n")
 
     try:
@@ -171,11 +179,7 @@ def run_secondary(cfg: SecondaryConfig) -> int:
         return 0
     finally:
         export.stop(timeout=2.0)
-        for path in (pid_path(cfg), os.path.join(cfg.resource_state_dir, EXPORT_PID_FILE)):
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+        _remove_pid_files(cfg)
         _log("stopped")
 
 

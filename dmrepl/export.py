@@ -9,7 +9,6 @@ during the handshake -- before any byte of data moves.
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import socket

@@ -32,8 +32,8 @@ from typing import Callable
 from dmrepl.config import SecondaryConfig
 from dmrepl.errors import DmreplError
 from dmrepl.kernel import blockdev, dm, loop, procfs, udev
-from dmrepl.kernel.errors import BlockDeviceError, DMError, KernelError
-from dmrepl.kernel.tables import Linear, Snapshot, SnapshotMerge, SnapshotOrigin, SnapshotStatus
+from dmrepl.kernel.errors import BlockDeviceError, KernelError
+from dmrepl.kernel.tables import Error, Linear, Snapshot, SnapshotMerge, SnapshotOrigin, SnapshotStatus
 from dmrepl.state import MERGING, PRIMARY, SECONDARY, ResourceState, StateStore
 
 MiB = 1 << 20
@@ -140,7 +140,7 @@ class Secondary:
 
     @property
     def link_path(self) -> str:
-        """The stable name udev gives the active device (udev/11-dmrepl.rules)."""
+        """The stable name udev gives the active device (udev/56-dmrepl.rules)."""
         return f"/dev/dmrepl/{self.cfg.name}/active"
 
     @property
@@ -231,7 +231,7 @@ class Secondary:
                 raise
 
     def _devs(self) -> tuple[str, tuple[str, str]]:
-        """Block devices of disk and stores for a stack that is up (from the live tables)."""
+        """Block devices of disk and stores for a stack that is up (a file's is its loop device)."""
         disk = self.cfg.disk if not os.path.isfile(self.cfg.disk) else loop.find(self.cfg.disk)[0]
         stores = tuple(s if not os.path.isfile(s) else loop.find(s)[0] for s in self.cfg.hidden_stores)
         return disk, stores  # type: ignore[return-value]
@@ -241,8 +241,8 @@ class Secondary:
     @_locked
     def up(self) -> ResourceState:
         """Build the stack from disk, for the role the state file records."""
-        if self.is_up():
-            present = [n for part, n in self.names.items() if self.present()[part]]
+        present = [self.names[part] for part, there in self.present().items() if there]
+        if present:
             raise DmreplError(f"resource {self.cfg.name} is already up ({', '.join(present)} exist)",
                               f"`dmrepl secondary status {self.cfg.name}`; `down` first to rebuild it")
         self._check_inputs()
@@ -313,12 +313,6 @@ class Secondary:
         return st
 
     def _teardown(self, names: list[str], loops: list[str]) -> None:
-        for name in names:
-            try:
-                if self.ctl.exists(name) and self.ctl.info(name).suspended:
-                    self.ctl.resume(name)
-            except DMError:
-                pass
         try:
             dm.remove_tree(self.ctl, reversed(names))
         finally:
@@ -347,15 +341,11 @@ class Secondary:
             info = self.ctl.info(n["active"])
             sectors = sum(s.length for s in self.ctl.table(n["active"])) if info.live_table else 1
             self.ctl.suspend(n["active"], flush=False)
-            from dmrepl.kernel.tables import Error
             self.ctl.load(n["active"], [Error(0, sectors)])
             self.ctl.resume(n["active"])
             self.ctl.remove(n["active"], deferred=True)
             removed.append(n["active"] + " (deferred)")
         names = [n["active"], n["hidden"], n["origin"]]
-        for name in names:
-            if self.ctl.exists(name) and self.ctl.info(name).suspended:
-                self.ctl.resume(name)
         removed += dm.remove_tree(self.ctl, [x for x in names if not (openers and x == n["active"])])
         for dev in self._loops_of_ours():
             loop.detach(dev)

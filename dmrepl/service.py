@@ -29,8 +29,9 @@ def _log_tail(path: str, lines: int = 8) -> str:
 
 def start_daemon(cfg: SecondaryConfig, config_path: str, timeout: float = 20.0) -> int:
     """Start the supervisor detached; return its pid once the export accepts connections."""
-    if daemon.running_pid(cfg) is not None:
-        return daemon.running_pid(cfg)
+    pid = daemon.running_pid(cfg)
+    if pid is not None:
+        return pid
     if port_accepts(cfg.listen_host, cfg.listen_port):
         raise DmreplError(f"listen address {cfg.listen_host}:{cfg.listen_port} is already in use",
                           "stop what listens there, or change 'listen' in the config")

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Iterable, Protocol
 
 from dmrepl import _kernel
+from dmrepl.kernel import udev
 from dmrepl.kernel.errors import DMError
 
 CONTROL_PATH = "/dev/mapper/control"
@@ -110,39 +111,6 @@ def validate_name(name: str) -> None:
 
 def format_table(targets: Iterable[TargetLine]) -> str:
     return "\n".join(f"{t.start} {t.length} {t.target_type} {t.params()}" for t in targets)
-
-
-def _node_matches(path: str, info: "DeviceInfo") -> bool:
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return False
-    return stat.S_ISBLK(st.st_mode) and st.st_rdev == os.makedev(info.major, info.minor)
-
-
-def _udev_running() -> bool:
-    # systemd-udevd creates its control socket here while it runs.
-    return os.path.exists("/run/udev/control")
-
-
-def udev_settle(timeout: float = 10.0) -> bool:
-    """Wait until udevd's event queue is empty (it keeps /run/udev/queue while not).
-
-    Used before creating a device: the remove event of an earlier device of
-    the same name, processed late, deletes the /dev/mapper name that udev has
-    just given the new one (docs/kernel-notes.md).  Returns False on timeout.
-    """
-    deadline = time.monotonic() + timeout
-    quiet = 0
-    while quiet < 2:
-        if os.path.exists("/run/udev/queue"):
-            quiet = 0
-            if time.monotonic() > deadline:
-                return False
-        else:
-            quiet += 1
-        time.sleep(0.01)
-    return True
 
 
 class Control:
@@ -240,8 +208,8 @@ class Control:
         appears at the first resume (udev names only devices with a table).
         """
         validate_name(name)
-        if _udev_running():
-            udev_settle()
+        if udev.running():
+            udev.settle()
         info = self._info(self._do_ioctl("DM_DEV_CREATE", name, uuid=uuid))
         self._ensure_node(info)
         return info
@@ -371,22 +339,22 @@ class Control:
         """Make /dev/mapper/NAME exist, as libdevmapper does.
 
         Without udev we create the block node ourselves.  With systemd-udevd
-        running, 10-dm.rules makes /dev/mapper/NAME a symlink once the device
+        running, Debian's 55-dm.rules makes /dev/mapper/NAME a symlink once the device
         has a live table, and udev deletes names it did not create when it
         re-evaluates its links (docs/kernel-notes.md): so we leave the name to
         udev and wait for it after a resume, creating the node only if udev
         did not within `wait` seconds.
         """
         path = info.path
-        if _node_matches(path, info):
+        if udev.points_to(path, info.major, info.minor):
             return
-        if _udev_running():
+        if udev.running():
             if not info.live_table:
                 return  # udev names the device at its first resume
             deadline = time.monotonic() + wait
             while time.monotonic() < deadline:
                 time.sleep(0.005)
-                if _node_matches(path, info):
+                if udev.points_to(path, info.major, info.minor):
                     return
         try:
             if os.path.lexists(path):
@@ -398,7 +366,7 @@ class Control:
     @staticmethod
     def _drop_node(name: str) -> None:
         path = os.path.join(MAPPER_DIR, name)
-        if _udev_running() and os.path.islink(path):
+        if udev.running() and os.path.islink(path):
             return  # udev's own symlink: udev removes it on the remove event
         try:
             os.unlink(path)
@@ -409,10 +377,17 @@ class Control:
 def remove_tree(ctl: Control, names: Iterable[str]) -> list[str]:
     """Remove devices in an order that respects their stacking; returns the names removed.
 
+    Suspended devices are resumed first, so that no I/O stays queued on them.
     Devices that other devices still use fail with EBUSY; they are retried after
     their users went away.  Used by teardown paths that must clean up whatever failed.
     """
     pending = [n for n in names if ctl.exists(n)]
+    for name in pending:
+        try:
+            if ctl.info(name).suspended:
+                ctl.resume(name)
+        except DMError:
+            pass  # removal is still attempted
     removed = []
     while pending:
         progress = False

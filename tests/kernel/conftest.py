@@ -60,13 +60,6 @@ def _sweep() -> list[str]:
     with dm.Control() as ctl:
         names = [d.name for d in ctl.list_devices()]
         left += [f"dm:{n}" for n in names]
-        for n in names:
-            try:
-                info = ctl.info(n)
-                if info.suspended:
-                    ctl.resume(n)
-            except dm.DMError:
-                pass
         dm.remove_tree(ctl, names)
     for dev in loop.list_attached():
         left.append(f"loop:{dev}")
@@ -160,12 +153,6 @@ class Devices:
         return full
 
     def cleanup(self):
-        for n in self.names:
-            try:
-                if self.ctl.exists(n) and self.ctl.info(n).suspended:
-                    self.ctl.resume(n)
-            except dm.DMError:
-                pass
         dm.remove_tree(self.ctl, reversed(self.names))
 
 

@@ -153,11 +153,7 @@ def test_failover_without_consumer_writes_and_checkpoint_refused_after(sec):
 
 def _power_loss(ctl):
     """Tear down every dm and loop device without any dmrepl cleanup."""
-    names = [d.name for d in ctl.list_devices()]
-    for n in names:
-        if ctl.info(n).suspended:
-            ctl.resume(n)
-    dm.remove_tree(ctl, names)
+    dm.remove_tree(ctl, [d.name for d in ctl.list_devices()])
     for dev in loop.list_attached():
         loop.detach(dev)
 
