@@ -2,7 +2,7 @@
 
 Run inside the test VM (the host kernel has no device-mapper):
 
-    .venv/bin/python -m dmrepl.testvm -- python bench/secondary.py [--cycles N] [--only NAME] ...
+    scripts/vm -- python bench/secondary.py [--cycles N] [--only NAME] ...
 
 Every stack is a real dmrepl.secondary.Secondary over loop devices on sparse
 files in a temp dir (the guest's /tmp, a ~1 GB tmpfs: data written counts, so
@@ -300,7 +300,7 @@ def main() -> int:
 
     if not os.path.exists(dm.CONTROL_PATH):
         print("bench: /dev/mapper/control is missing (no device-mapper on this kernel): run it through "
-              "the test VM: .venv/bin/python -m dmrepl.testvm -- python bench/secondary.py", file=sys.stderr)
+              "the test VM: scripts/vm -- python bench/secondary.py", file=sys.stderr)
         return 2
     missing = [t for t in TOOLS if not shutil.which(t)]
     if missing:

@@ -65,18 +65,21 @@ def cmd_ls(args) -> int:
             types = [s.target_type for s in ctl.table(entry.name)] if info.live_table else []
             rows.append({"name": entry.name, "uuid": entry.uuid, "dev": f"{info.major}:{info.minor}",
                          "open_count": info.open_count, "suspended": info.suspended,
-                         "targets": types})
+                         "deferred_remove": info.deferred_remove, "targets": types})
     if args.json:
         _print_json(rows)
     elif not rows:
         print("no dmrepl devices")
     else:
         width = max(len(r["name"]) for r in rows)
-        print(f"{'NAME':<{width}}  {'DEV':>7}  OPEN  STATE      TARGETS")
+        print(f"{'NAME':<{width}}  {'DEV':>7}  OPEN  {'STATE':<15}  TARGETS")
         for r in rows:
-            state = "suspended" if r["suspended"] else "active"
-            print(f"{r['name']:<{width}}  {r['dev']:>7}  {r['open_count']:>4}  {state:<9}  "
+            state = ("removal-deferred" if r["deferred_remove"] else
+                     "suspended" if r["suspended"] else "active")
+            print(f"{r['name']:<{width}}  {r['dev']:>7}  {r['open_count']:>4}  {state:<15}  "
                   f"{','.join(r['targets']) or '-'}")
+        if any(r["deferred_remove"] for r in rows):
+            print("removal-deferred: the kernel removes the device when its last opener closes it")
     return 0
 
 
@@ -190,9 +193,14 @@ def cmd_secondary(args) -> int:
             return 0
         print(f"resource {cfg.name} (id {cfg.resource_id}): {'up' if out['up'] else 'down'}, "
               f"role {out['role'] or 'never started'}")
+        for d in out["deferred_removal"]:
+            who = ", ".join(f"{h['command']}[{h['pid']}]" for h in d["holders"]) or "a process"
+            print(f"  {d['name']}: removal deferred until {who} closes it (it fails all I/O meanwhile)")
         if out.get("role"):
             print(f"  checkpoint {out['checkpoint']}, current store {out['current_store']} ({out['store_path']})")
         for part, d in out["devices"].items():
+            if d["deferred_remove"]:
+                continue
             extra = f" -> {d['link']}" if d.get("link") else ""
             print(f"  {part:<7} {d['path']} ({d['dev']}) open {d['open_count']}"
                   f"{' SUSPENDED' if d['suspended'] else ''}{extra}")

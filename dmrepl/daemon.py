@@ -17,7 +17,9 @@ import signal
 import sys
 import time
 
+from dmrepl import poll
 from dmrepl.config import SecondaryConfig, load_secondary
+from dmrepl.errors import DmreplError
 from dmrepl.export import Export, ExportError
 from dmrepl.kernel import dm
 from dmrepl.secondary import Secondary
@@ -74,12 +76,7 @@ def export_pid(cfg: SecondaryConfig) -> int | None:
 
 
 def _wait_gone(pid_of, pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while pid_of() == pid:
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
+    return poll.until(lambda: pid_of() != pid, timeout=timeout)
 
 
 def stop(cfg: SecondaryConfig, timeout: float = 10.0) -> bool:
@@ -90,28 +87,32 @@ def stop(cfg: SecondaryConfig, timeout: float = 10.0) -> bool:
     os.kill(pid, signal.SIGTERM)
     if not _wait_gone(lambda: running_pid(cfg), pid, timeout):
         os.kill(pid, signal.SIGKILL)
-        _wait_gone(lambda: running_pid(cfg), pid, 2)
     fence(cfg)
     return True
 
 
-def fence(cfg: SecondaryConfig) -> bool:
+def fence(cfg: SecondaryConfig, timeout: float = poll.DEFAULT_TIMEOUT) -> bool:
     """Cut the primary off now: SIGKILL the daemon (so it restarts nothing), then nbdkit.
 
     nbdkit answers SIGTERM by waiting for its clients to disconnect, and a
     primary stays connected: a fence cannot wait for it.  Writes nbdkit had
     acknowledged are on the origin; the failover's suspend flushes them.
+    Returns once both are gone (a SIGKILLed process exits asynchronously);
+    raises DmreplError if one outlives `timeout`: a fence that cannot be
+    confirmed must not let a failover go on.
     """
     killed = False
-    pid = running_pid(cfg)
-    if pid is not None:
-        os.kill(pid, signal.SIGKILL)
-        _wait_gone(lambda: running_pid(cfg), pid, 5)
-        killed = True
-    epid = export_pid(cfg)
-    if epid is not None:
-        os.kill(epid, signal.SIGKILL)
-        _wait_gone(lambda: export_pid(cfg), epid, 5)
+    for what, pid_of in (("daemon", lambda: running_pid(cfg)), ("nbdkit", lambda: export_pid(cfg))):
+        pid = pid_of()
+        if pid is None:
+            continue
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            continue
+        if not _wait_gone(pid_of, pid, timeout):
+            raise DmreplError(f"the {what} (pid {pid}) did not exit within {timeout:.0f} s of SIGKILL",
+                              "it is stuck in the kernel (D state?): check `cat /proc/%d/stack`" % pid)
         killed = True
     _remove_pid_files(cfg)
     return killed

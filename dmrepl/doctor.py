@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import os
 import platform
-import shutil
 from dataclasses import asdict, dataclass
 
+from dmrepl import tools
 from dmrepl.kernel import dm, modules
 from dmrepl.kernel.errors import DMError
 
 VM_HINT = "this kernel cannot run dmrepl; on a development machine use the test VM: scripts/demo, " \
-          "or python -m dmrepl.testvm -- dmrepl doctor"
+          "or scripts/vm -- dmrepl doctor"
 
 # target -> the module that provides it
 TARGETS = {
@@ -89,9 +89,8 @@ def run_checks() -> list[Check]:
     else:
         checks.append(Check("nbd", "fail", f"kernel NBD client unavailable: {reason}"))
 
-    for tool, package, what in (("era_invalidate", "thin-provisioning-tools", "era change lists"),
-                                ("nbdkit", "nbdkit", "the NBD server of the secondary")):
-        path = shutil.which(tool)
-        checks.append(Check(tool, "ok" if path else "fail",
-                            path if path else f"missing ({what}): apt-get install {package}"))
+    for tool in tools.ALL:
+        path = tool.path()
+        checks.append(Check(tool.command, "ok" if path else "fail",
+                            path if path else f"missing ({tool.purpose}): apt-get install {tool.package}"))
     return checks

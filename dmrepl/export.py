@@ -9,23 +9,21 @@ during the handshake -- before any byte of data moves.
 
 from __future__ import annotations
 
-import shutil
 import signal
 import socket
 import subprocess
 import time
 
-NBDKIT = "nbdkit"
-
+from dmrepl import tools
 
 class ExportError(RuntimeError):
     pass
 
 
 def nbdkit_argv(device: str, host: str, port: int, export_name: str) -> list[str]:
-    tool = shutil.which(NBDKIT)
+    tool = tools.NBDKIT.path()
     if tool is None:
-        raise ExportError("nbdkit is not installed (apt-get install nbdkit)")
+        raise ExportError(f"nbdkit is not installed (apt-get install {tools.NBDKIT.package})")
     return [tool, "--foreground", "--exit-with-parent", "--ipaddr", host, "--port", str(port),
             "--filter=exportname", "file", f"file={device}",
             f"default-export={export_name}", f"exportname={export_name}", "exportname-strict=true"]

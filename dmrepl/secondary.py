@@ -88,6 +88,18 @@ class MergeProgress:
         return max(0.0, 1.0 - self.remaining_bytes / self.total_bytes)
 
 
+def _openers(path: str) -> list[tuple[int, str]]:
+    try:
+        return procfs.openers(path, include_self=True)
+    except FileNotFoundError:
+        return []
+
+
+def describe_deferred(name: str, holders: list[tuple[int, str]]) -> str:
+    who = ", ".join(f"{comm}[{pid}]" for pid, comm in holders) or "a process"
+    return f"{name}: removal deferred until {who} closes it"
+
+
 def _kind(path: str, what: str) -> str:
     try:
         st = os.stat(path)
@@ -115,8 +127,20 @@ class Secondary:
     def present(self) -> dict[str, bool]:
         return {part: self.ctl.exists(n) for part, n in self.names.items()}
 
+    def deferred(self) -> dict[str, list[tuple[int, str]]]:
+        """Devices whose removal the kernel defers until their last opener closes them,
+        with the processes holding them: {dm name: [(pid, command), ...]}."""
+        out = {}
+        for name in self.names.values():
+            if self.ctl.exists(name):
+                info = self.ctl.info(name)
+                if info.deferred_remove:
+                    out[name] = _openers(info.dm_path)
+        return out
+
     def is_up(self) -> bool:
-        return any(self.present().values())
+        pending = self.deferred()
+        return any(there and self.names[part] not in pending for part, there in self.present().items())
 
     def state(self) -> ResourceState | None:
         return self.states.load()
@@ -130,7 +154,7 @@ class Secondary:
 
     def _require_up(self) -> ResourceState:
         st = self._require_state()
-        if not self.present()["active"]:
+        if not self.is_up():
             raise DmreplError(f"resource {self.cfg.name} is not up", f"run `dmrepl secondary up {self.cfg.name}`")
         return st
 
@@ -241,6 +265,11 @@ class Secondary:
     @_locked
     def up(self) -> ResourceState:
         """Build the stack from disk, for the role the state file records."""
+        pending = self.deferred()
+        if pending:
+            raise DmreplError("the last stack of resource " + self.cfg.name + " is not gone yet: "
+                              + "; ".join(describe_deferred(n, h) for n, h in pending.items()),
+                              "stop the consumer that still holds it, then run `up` again")
         present = [self.names[part] for part, there in self.present().items() if there]
         if present:
             raise DmreplError(f"resource {self.cfg.name} is already up ({', '.join(present)} exist)",
@@ -323,18 +352,23 @@ class Secondary:
                     pass
 
     def active_openers(self) -> int:
-        if not self.ctl.exists(self.names["active"]):
+        name = self.names["active"]
+        if not self.ctl.exists(name):
             return 0
-        return self.ctl.info(self.names["active"]).open_count
+        info = self.ctl.info(name)
+        return 0 if info.deferred_remove else info.open_count
 
     def down(self, *, force: bool = False) -> list[str]:
-        """Remove the stack and detach its loop devices; the state stays for the next `up`."""
+        """Remove the stack and detach its loop devices; the state stays for the next `up`.
+
+        Returns what was done, one line per device; a device whose removal the
+        kernel defers (forced while open) is reported as such, with its holders.
+        """
         n = self.names
         openers = self.active_openers()
         if openers and not force:
             raise DmreplError(f"{self.active_path} is open ({openers} opener(s))",
                               "stop the consumer first, or use --force (it then gets I/O errors)")
-        removed = []
         if openers:
             # Forced: the consumer keeps an fd on a device that now fails all I/O,
             # and the kernel removes it when that fd is closed.
@@ -344,12 +378,15 @@ class Secondary:
             self.ctl.load(n["active"], [Error(0, sectors)])
             self.ctl.resume(n["active"])
             self.ctl.remove(n["active"], deferred=True)
-            removed.append(n["active"] + " (deferred)")
+        pending = self.deferred()
+        removed = [describe_deferred(name, holders) for name, holders in pending.items()]
         names = [n["active"], n["hidden"], n["origin"]]
-        removed += dm.remove_tree(self.ctl, [x for x in names if not (openers and x == n["active"])])
+        removed += dm.remove_tree(self.ctl, [x for x in names if x not in pending])
         for dev in self._loops_of_ours():
-            loop.detach(dev)
-            removed.append(dev)
+            if loop.detach(dev):
+                removed.append(dev)
+            else:
+                removed.append(f"{dev}: detach pending until its last opener closes it")
         return removed
 
     # -- checkpoint -----------------------------------------------------------
@@ -532,14 +569,18 @@ class Secondary:
     def status(self) -> dict:
         st = self.states.load()
         present = self.present()
-        out: dict = {"name": self.cfg.name, "resource_id": self.cfg.resource_id, "up": any(present.values()),
-                     "devices": {}, "warnings": []}
+        pending = self.deferred()
+        out: dict = {"name": self.cfg.name, "resource_id": self.cfg.resource_id, "up": self.is_up(),
+                     "devices": {}, "warnings": [], "deferred_removal": [
+                         {"name": n, "holders": [{"pid": pid, "command": comm} for pid, comm in h]}
+                         for n, h in pending.items()]}
         for part, name in self.names.items():
             if not present[part]:
                 continue
             info = self.ctl.info(name)
             out["devices"][part] = {"name": name, "path": f"/dev/mapper/{name}", "dev": f"{info.major}:{info.minor}",
-                                    "open_count": info.open_count, "suspended": info.suspended}
+                                    "open_count": info.open_count, "suspended": info.suspended,
+                                    "deferred_remove": info.deferred_remove}
         if present["active"] and os.path.exists(self.link_path):
             out["devices"]["active"]["link"] = self.link_path
         if st is None:

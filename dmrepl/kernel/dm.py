@@ -72,6 +72,9 @@ class DeviceInfo:
     read_only: bool
     live_table: bool
     inactive_table: bool
+    # DM_DEFERRED_REMOVE in a status reply: removal is queued until the last
+    # opener closes the device (dm-ioctl.c: __dev_status).
+    deferred_remove: bool = False
 
     @property
     def path(self) -> str:
@@ -171,6 +174,7 @@ class Control:
             suspended=bool(flags & _F["SUSPEND"]), read_only=bool(flags & _F["READONLY"]),
             live_table=bool(flags & _F["ACTIVE_PRESENT"]),
             inactive_table=bool(flags & _F["INACTIVE_PRESENT"]),
+            deferred_remove=bool(flags & _F["DEFERRED_REMOVE"]),
         )
 
     # -- global calls -------------------------------------------------------
@@ -249,19 +253,23 @@ class Control:
         self._ensure_node(info)
         return info
 
-    def remove(self, name: str, *, retries: int = 25, delay: float = 0.1, deferred: bool = False) -> None:
-        """DM_DEV_REMOVE, retried on EBUSY (udev's blkid may hold a fresh device briefly).
+    def remove(self, name: str, *, busy_timeout: float = 10.0, delay: float = 0.05,
+               deferred: bool = False) -> None:
+        """DM_DEV_REMOVE, retried on EBUSY for up to `busy_timeout` seconds.
 
+        udev's blkid probe holds a fresh device open briefly; on a loaded host
+        "briefly" stretches, so the bound is time, not a number of attempts.
         deferred=True sets DM_DEFERRED_REMOVE: an open device is removed when
         its last opener closes it instead of failing with EBUSY.
         """
         flags = _F["DEFERRED_REMOVE"] if deferred else 0
-        for attempt in range(retries + 1):
+        deadline = time.monotonic() + busy_timeout
+        while True:
             try:
                 self._do_ioctl("DM_DEV_REMOVE", name, flags=flags)
                 break
             except DMError as e:
-                if e.errno != errno.EBUSY or attempt == retries:
+                if e.errno != errno.EBUSY or time.monotonic() >= deadline:
                     raise
                 time.sleep(delay)
         self._drop_node(name)
@@ -393,7 +401,7 @@ def remove_tree(ctl: Control, names: Iterable[str]) -> list[str]:
         progress = False
         for name in list(pending):
             try:
-                ctl.remove(name, retries=0)
+                ctl.remove(name, busy_timeout=0)
             except DMError as e:
                 if e.errno == errno.ENXIO:
                     pending.remove(name)

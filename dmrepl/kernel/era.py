@@ -10,15 +10,14 @@ Kernel reference: Documentation/admin-guide/device-mapper/era.rst.
 from __future__ import annotations
 
 import errno
-import shutil
 import subprocess
 import xml.etree.ElementTree as ET
 
+from dmrepl import tools
 from dmrepl.kernel.dm import Control
 from dmrepl.kernel.errors import KernelError
 from dmrepl.kernel.tables import EraStatus
 
-ERA_INVALIDATE = "era_invalidate"
 
 
 class EraToolError(KernelError):
@@ -67,10 +66,10 @@ def written_since(ctl: Control, name: str, metadata_dev: str, era: int) -> list[
     Reads a metadata snapshot (take_metadata_snap / drop_metadata_snap) so that
     the device keeps running; the snapshot is dropped whatever happens.
     """
-    tool = shutil.which(ERA_INVALIDATE)
+    tool = tools.ERA_INVALIDATE.path()
     if tool is None:
-        raise EraToolError(errno.ENOENT, ERA_INVALIDATE, None,
-                           "install thin-provisioning-tools")
+        raise EraToolError(errno.ENOENT, tools.ERA_INVALIDATE.command, None,
+                           f"apt-get install {tools.ERA_INVALIDATE.package}")
     ctl.message(name, "take_metadata_snap")
     try:
         proc = subprocess.run([tool, "--written-since", str(era), "--metadata-snapshot", metadata_dev],
@@ -78,5 +77,5 @@ def written_since(ctl: Control, name: str, metadata_dev: str, era: int) -> list[
     finally:
         ctl.message(name, "drop_metadata_snap")
     if proc.returncode != 0:
-        raise EraToolError(errno.EIO, ERA_INVALIDATE, metadata_dev, proc.stderr.strip())
+        raise EraToolError(errno.EIO, tools.ERA_INVALIDATE.command, metadata_dev, proc.stderr.strip())
     return parse_blocks(proc.stdout)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
+
+from dmrepl import tools
 
 
 def loaded(module: str) -> bool:
@@ -16,9 +17,9 @@ def load(module: str) -> str | None:
     """modprobe the module; returns None on success, else the reason it failed."""
     if loaded(module):
         return None
-    tool = shutil.which("modprobe") or "/sbin/modprobe"
-    if not os.path.exists(tool):
-        return "modprobe not found (install kmod)"
+    tool = tools.MODPROBE.path()
+    if tool is None:
+        return f"modprobe not found (apt-get install {tools.MODPROBE.package})"
     proc = subprocess.run([tool, module], capture_output=True, text=True)
     if proc.returncode != 0:
         return proc.stderr.strip() or f"modprobe {module} exited {proc.returncode}"

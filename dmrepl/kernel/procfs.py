@@ -12,10 +12,11 @@ def _identity(st: os.stat_result) -> tuple:
     return ("ino", st.st_dev, st.st_ino)
 
 
-def openers(path: str, *, exclude_pids: tuple[int, ...] = ()) -> list[tuple[int, str]]:
-    """(pid, command) of the processes with `path` open, other than ours and `exclude_pids`."""
+def openers(path: str, *, exclude_pids: tuple[int, ...] = (), include_self: bool = False) -> list[tuple[int, str]]:
+    """(pid, command) of the processes with `path` open, other than `exclude_pids` and (unless
+    include_self) this process."""
     want = _identity(os.stat(path))
-    skip = {os.getpid(), *exclude_pids}
+    skip = {*exclude_pids} if include_self else {os.getpid(), *exclude_pids}
     found = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit() or int(pid) in skip:

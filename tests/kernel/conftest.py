@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from dmrepl import poll
 from dmrepl.kernel import dm, loop
 
 MiB = 1 << 20
@@ -22,7 +23,7 @@ MiB = 1 << 20
 def _require_kernel():
     if not os.path.exists(dm.CONTROL_PATH):
         pytest.fail("device-mapper is missing on this host: the kernel tier runs inside the test VM "
-                    "(scripts/test, or python -m dmrepl.testvm -- python -m pytest -m kernel)",
+                    "(scripts/test, or scripts/vm -- python -m pytest -m kernel)",
                     pytrace=False)
     if os.geteuid() != 0:
         pytest.fail("the kernel tier needs root", pytrace=False)
@@ -56,7 +57,7 @@ def _sweep() -> list[str]:
         except ProcessLookupError:
             pass
     if left:
-        time.sleep(0.2)
+        poll.wait_for(_our_processes, "killed dmrepl processes to exit", ok=lambda v: v == [])
     with dm.Control() as ctl:
         names = [d.name for d in ctl.list_devices()]
         left += [f"dm:{n}" for n in names]
@@ -69,9 +70,7 @@ def _sweep() -> list[str]:
             if e.errno != errno.ENXIO:
                 raise
     # LOOP_CLR_FD completes asynchronously once the last opener is gone.
-    deadline = time.monotonic() + 5
-    while loop.list_attached() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    poll.wait_for(loop.list_attached, "loop devices to detach", ok=lambda v: v == {})
     return left
 
 

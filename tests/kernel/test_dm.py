@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from dmrepl.kernel import blockdev, dm
-from dmrepl.kernel.errors import DMError
+from dmrepl.kernel.errors import BlockDeviceError, DMError
 from dmrepl.kernel.tables import Error, Linear, Snapshot, SnapshotOrigin, SnapshotStatus
 
 MiB = 1 << 20
@@ -52,7 +52,7 @@ def test_create_node_load_resume_remove(ctl, loops):
         assert ctl.suspend(name).suspended
         ctl.load(name, [Error(0, 8 * SECTORS_PER_MiB)])
         ctl.resume(name)
-        with pytest.raises(Exception) as e:
+        with pytest.raises(BlockDeviceError) as e:
             blockdev.read_at(f"/dev/mapper/{name}", 0, 4096)
         assert e.value.errno == errno.EIO
         assert ctl.suspend(name, flush=False).suspended
@@ -93,7 +93,7 @@ def test_remove_busy_device_is_ebusy(ctl, loops, devices):
     fd = os.open(f"/dev/mapper/{name}", os.O_RDONLY)
     try:
         with pytest.raises(DMError) as e:
-            ctl.remove(name, retries=2, delay=0.01)
+            ctl.remove(name, busy_timeout=0.05, delay=0.01)
         assert e.value.errno == errno.EBUSY
         assert str(e.value).startswith(f"DM_DEV_REMOVE {name}: Device or resource busy (EBUSY)")
         assert ctl.info(name).open_count == 1

@@ -1,12 +1,13 @@
 """Loop devices through LOOP_CONFIGURE (kernel tier)."""
 
+import errno
 import os
-import time
 
 import pytest
 
+from dmrepl import poll
 from dmrepl.kernel import blockdev, loop
-from dmrepl.kernel.errors import LoopError
+from dmrepl.kernel.errors import BlockDeviceError, LoopError
 
 MiB = 1 << 20
 
@@ -41,18 +42,15 @@ def test_read_only_and_direct_io_flags(tmp_path):
     dev = loop.attach(str(path), read_only=True)
     try:
         assert loop.info(dev).read_only
-        with pytest.raises(Exception) as e:
+        with pytest.raises(BlockDeviceError) as e:
             blockdev.write_at(dev, 0, b"x" * 512)
-        assert e.value.errno in (1, 13, 30)  # EPERM/EACCES/EROFS
+        assert e.value.errno in (errno.EPERM, errno.EACCES, errno.EROFS)
     finally:
         loop.detach(dev)
     # autoclear: the kernel detaches the device when its last opener closes
     # it; attach() itself closes it, so nobody holds it and it goes away.
     dev = loop.attach(str(path), autoclear=True)
-    deadline = time.monotonic() + 5
-    while loop.backing_file(dev) is not None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert loop.backing_file(dev) is None
+    poll.wait_for(lambda: loop.backing_file(dev), f"autoclear to unbind {dev}", ok=lambda v: v is None)
 
 
 def test_set_capacity_after_file_grows(tmp_path):
@@ -87,7 +85,7 @@ def test_many_attaches_get_distinct_devices(tmp_path):
 def test_missing_file_is_a_typed_error(tmp_path):
     with pytest.raises(LoopError) as e:
         loop.attach(str(tmp_path / "nope.img"))
-    assert e.value.errno == 2
+    assert e.value.errno == errno.ENOENT
     assert "nope.img" in str(e.value)
 
 
@@ -99,7 +97,7 @@ def test_info_of_unbound_device_is_enxio(tmp_path):
     loop.detach(dev)
     with pytest.raises(LoopError) as e:
         loop.info(dev)
-    assert e.value.errno == 6  # ENXIO
+    assert e.value.errno == errno.ENXIO
 
 
 def test_copy_extents_and_discard(loops):

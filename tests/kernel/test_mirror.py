@@ -1,7 +1,6 @@
 """dm-mirror over two loop devices (kernel tier)."""
 
-import time
-
+from dmrepl import poll
 from dmrepl.kernel import blockdev
 from dmrepl.kernel.tables import Mirror, MirrorStatus
 
@@ -20,7 +19,5 @@ def test_write_lands_on_both_legs(ctl, loops, devices):
     blockdev.write_at(f"/dev/mapper/{name}", 3 * MiB, pattern)
     assert blockdev.read_at(a, 3 * MiB, MiB) == pattern
     assert blockdev.read_at(b, 3 * MiB, MiB) == pattern
-    deadline = time.monotonic() + 10
-    while not MirrorStatus.parse(ctl.status(name)[0].text).in_sync and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert MirrorStatus.parse(ctl.status(name)[0].text).in_sync
+    poll.wait_for(lambda: MirrorStatus.parse(ctl.status(name)[0].text), "the nosync mirror to report in sync",
+                  ok=lambda st: st.in_sync)

@@ -11,6 +11,7 @@ import os
 
 import pytest
 
+from dmrepl import poll
 from dmrepl import state as st_mod
 from dmrepl.config import SecondaryConfig
 from dmrepl.errors import DmreplError
@@ -377,13 +378,24 @@ def test_down_refuses_while_active_is_open_unless_forced(sec, ctl):
             sec.down()
         assert "open" in str(e.value) and "--force" in e.value.hint
         assert sec.is_up()
-        sec.down(force=True)
+        done = sec.down(force=True)
+        assert done[0].startswith("dmrepl-vm1-active: removal deferred until python")
         with pytest.raises(OSError) as e:
             os.pread(fd, 4096, 0)
         assert e.value.errno == errno.EIO
+        # Until the holder closes it, the resource says so instead of looking up.
+        assert ctl.info("dmrepl-vm1-active").deferred_remove
+        assert not sec.is_up()
+        assert [d["name"] for d in sec.status()["deferred_removal"]] == ["dmrepl-vm1-active"]
+        with pytest.raises(DmreplError) as e:
+            sec.up()
+        assert "removal deferred" in str(e.value)
+        assert sec.down()[0].startswith("dmrepl-vm1-active: removal deferred")
     finally:
         os.close(fd)
-    assert ctl.list_devices() == [] and loop.list_attached() == {}
+    # The kernel removes the device from a workqueue after the last close (dm.c: dm_blk_close).
+    poll.wait_for(ctl.list_devices, "the deferred removal of dmrepl-vm1-active", ok=lambda v: v == [])
+    assert loop.list_attached() == {}
 
 
 def test_resource_id_mismatch_with_state(tmp_path, ctl):

@@ -6,11 +6,10 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 
 import pytest
 
-from dmrepl import cli, daemon
+from dmrepl import cli, daemon, poll
 from dmrepl.config import load_secondary
 from dmrepl.kernel import blockdev, dm, loop
 from dmrepl.nbd.client import NBDClient, NBDOptionError
@@ -136,21 +135,19 @@ def test_daemon_restarts_a_dead_export(resource, capsys):
     up(capsys, path)
     first = daemon.export_pid(cfg)
     os.kill(first, signal.SIGKILL)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        pid = daemon.export_pid(cfg)
-        if pid not in (None, first):
-            break
-        time.sleep(0.1)
-    assert daemon.export_pid(cfg) not in (None, first)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
+    poll.wait_for(lambda: daemon.export_pid(cfg), "the daemon to start a new nbdkit",
+                  ok=lambda pid: pid not in (None, first))
+
+    def write_through_export():
         try:
             with NBDClient.connect(cfg.listen_host, cfg.listen_port, "r1-id", timeout=2) as c:
                 c.write(MiB, b"\x22" * 4096, fua=True)
-            break
-        except OSError:
-            time.sleep(0.2)
+            return "written"
+        except OSError as e:
+            return e
+
+    poll.wait_for(write_through_export, "a write through the restarted export", ok=lambda v: v == "written",
+                  interval=0.2)
     assert blockdev.read_at(loop.find(cfg.disk)[0], MiB, 4096) == b"\x22" * 4096
     with open(daemon.log_path(cfg)) as f:
         assert "restarting it" in f.read()

@@ -8,7 +8,9 @@ import sys
 
 import pytest
 
-from dmrepl import cli, testvm
+import testvm
+
+from dmrepl import cli
 from dmrepl.kernel import dm
 from dmrepl.kernel.errors import DMError, LoopError
 

@@ -5,7 +5,7 @@ every kernel test, the demo and the benchmarks run in a VM that boots
 /boot/vmlinuz-* (Debian's linux-image-amd64) and shares the host's root file
 system read-only, with the project directory writable (DESIGN.md section 4).
 
-    python -m dmrepl.testvm [--memory 2G] [--cpus 2] [--timeout S] -- CMD [ARG...]
+    python tests/testvm.py [--memory 2G] [--cpus 2] [--timeout S] -- CMD [ARG...]
 
 The guest loads the kernel modules dmrepl needs, then runs CMD in the project
 directory.  The exit status is CMD's.  If the VM does not boot or the guest
@@ -130,7 +130,7 @@ def run(command: list[str], *, memory: str = "4G", cpus: int = 2, timeout: float
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m dmrepl.testvm",
+    p = argparse.ArgumentParser(prog="tests/testvm.py",
                                 description="Run a command inside the dmrepl test VM (virtme-ng, QEMU TCG).")
     p.add_argument("--memory", default="4G", help="guest memory; /tmp in the guest is a tmpfs of half of it")
     p.add_argument("--cpus", type=int, default=2)
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
-        p.error("no command given: python -m dmrepl.testvm -- CMD [ARG...]")
+        p.error("no command given: scripts/vm -- CMD [ARG...]")
     try:
         return run(command, memory=args.memory, cpus=args.cpus, timeout=args.timeout, verbose=args.verbose)
     except VMError as e:
