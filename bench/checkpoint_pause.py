@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dmrepl.kernel import blockdev, dm, loop  # noqa: E402
 from dmrepl.kernel.tables import Linear, Snapshot, SnapshotOrigin  # noqa: E402
+from dmrepl.names import UUID_PREFIX  # noqa: E402
 
 MiB = 1 << 20
 DISK_BYTES = 256 * MiB
@@ -51,7 +52,7 @@ class Stack:
         self.sectors = DISK_BYTES // 512
         self.origin, self.hidden, self.active = (f"{prefix}origin", f"{prefix}hidden", f"{prefix}active")
         for name in (self.origin, self.hidden, self.active):
-            ctl.create(name, f"{dm.UUID_PREFIX}bench-{name}")
+            ctl.create(name, f"{UUID_PREFIX}bench-{name}")
             self.names.append(name)
         ctl.load(self.origin, [SnapshotOrigin(0, self.sectors, self.disk)])
         ctl.load(self.hidden, [Snapshot(0, self.sectors, self.disk, self.stores[0], "P", CHUNK_SECTORS)])

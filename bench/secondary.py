@@ -45,7 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dmrepl.config import SecondaryConfig  # noqa: E402
 from dmrepl.kernel import blockdev, dm, loop  # noqa: E402
-from dmrepl.secondary import Secondary  # noqa: E402
+from dmrepl.roles.secondary import Secondary  # noqa: E402
 
 MiB = 1 << 20
 KiB = 1 << 10
@@ -157,7 +157,7 @@ class DmsetupCheckpoint:
     """The checkpoint as an admin's script runs it on a Secondary's stack: one process per step."""
 
     def __init__(self, sec: Secondary):
-        self.active, self.hidden, self.origin = (sec.names[p] for p in ("active", "hidden", "origin"))
+        self.active, self.hidden, self.origin = (sec.stack.dm(p) for p in ("active", "hidden", "origin"))
         self.disk = loop.find(sec.cfg.disk)[0]
         self.stores = [loop.find(s)[0] for s in sec.cfg.hidden_stores]
         self.current = sec.state().current_store

@@ -8,7 +8,7 @@ made on which device, retries and policy live in the Python modules above
 (dmrepl/kernel/*.py), which add that context to the errors they re-raise.
 """
 
-from libc.errno cimport errno, EINTR
+from libc.errno cimport errno, EINTR, EIO
 from libc.stdint cimport uint32_t, uint64_t, int32_t
 from libc.stdlib cimport calloc, free
 from libc.string cimport memcpy, strncpy, strlen, memset
@@ -474,7 +474,9 @@ def copy_extents(int src_fd, int dst_fd, extents, size_t io_bytes=1 << 20,
                 if stage == 1:
                     raise OSError(err, "read at byte %d: %s" % (off, os.strerror(err)))
                 if stage == 2:
-                    raise OSError(0, "read at byte %d: unexpected end of source" % off)
+                    # pread returned 0: the source ends inside an extent.  EIO, not
+                    # errno 0, so that callers branching on errno see a failure.
+                    raise OSError(EIO, "read at byte %d: the source ends before the extent does" % off)
                 if stage == 3:
                     raise OSError(err, "write at byte %d: %s" % (off + dst_shift, os.strerror(err)))
                 off += want

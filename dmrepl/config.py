@@ -97,7 +97,12 @@ def parse_secondary(text: str, *, source: str, default_name: str | None = None) 
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{source}: not valid TOML: {e}") from None
-    top_keys = {"name", "resource_id", "state_dir", "secondary", "primary"}
+    top_keys = {"name", "resource_id", "state_dir", "secondary"}
+    if "primary" in doc:
+        # Accepted once the primary role exists; until then a [primary] section
+        # would be a configuration that silently does nothing.
+        raise ConfigError(f"{source}: section [primary]: this dmrepl has only the secondary's half; "
+                          "remove the section (the primary role is not implemented yet)")
     for key in doc:
         if key not in top_keys:
             raise ConfigError(f"{source}: unknown key '{key}' (known: {', '.join(sorted(top_keys))})")

@@ -14,12 +14,14 @@ import sys
 import tempfile
 import time
 
-from dmrepl import daemon, service
+from dmrepl import inventory
 from dmrepl.config import SecondaryConfig
+from dmrepl.daemon import service
+from dmrepl.daemon import supervisor as daemon
 from dmrepl.errors import DmreplError
-from dmrepl.kernel import blockdev, dm, loop
+from dmrepl.kernel import blockdev, loop
 from dmrepl.nbd.client import NBDClient
-from dmrepl.secondary import Secondary
+from dmrepl.roles.secondary import Secondary
 
 MiB = 1 << 20
 DISK = 64 * MiB
@@ -64,8 +66,12 @@ def _nbd_write(client: NBDClient, off: int, length: int, value: int) -> float:
     return length / dt / 1e6
 
 
+def _targets(sec: Secondary, part: str) -> str:
+    return ",".join(next(d.targets for d in sec.status().devices if d.part == part))
+
+
 def run(keep: bool = False) -> int:
-    if not os.path.exists(dm.CONTROL_PATH):
+    if not inventory.available():
         raise DmreplError("device-mapper is not available on this host",
                           "run the demo through the test VM: scripts/demo")
     work = tempfile.mkdtemp(prefix="dmrepl-demo-")
@@ -80,8 +86,8 @@ def run(keep: bool = False) -> int:
                 f'[secondary]\ndisk = "{cfg.disk}"\nhidden_stores = ["{cfg.hidden_stores[0]}", '
                 f'"{cfg.hidden_stores[1]}"]\nlisten = "127.0.0.1:{cfg.listen_port}"\n')
     t_start = time.perf_counter()
-    ctl = dm.Control()
-    sec = Secondary(cfg, ctl)
+    opened = Secondary.open(cfg)
+    sec = opened.__enter__()
     try:
         _step(1, f"secondary disk S: {DISK // MiB} MiB of 0x11; two hidden stores of {STORE // MiB} MiB ({work})")
         with open(cfg.disk, "wb") as f:
@@ -150,13 +156,13 @@ def run(keep: bool = False) -> int:
         t0 = time.perf_counter()
         st = sec.wait_merge()
         print(f"     merge done in {time.perf_counter() - t0:.2f} s; role {st.role}; origin is "
-              f"{ctl.table(sec.names['origin'])[0].target_type} over S")
+              f"{_targets(sec, 'origin')} over S")
         _check(S, view, "S after the merge: primary's post-checkpoint writes rolled back")
         _check(sec.active_path, view, "active after the merge")
 
         _step(9, f"dmrepl secondary down {name}")
         removed = service.down(sec)
-        left = [d.name for d in ctl.list_devices() if d.name.startswith(f"dmrepl-{name}-")]
+        left = [d.name for d in sec.status().devices]
         if left or loop.find(cfg.disk) or daemon.running_pid(cfg):
             raise DemoFailure(f"left behind: {left} {loop.find(cfg.disk)} {daemon.running_pid(cfg)}")
         print(f"     removed {len(removed)} devices; no dm device, loop device or process left")
@@ -171,6 +177,6 @@ def run(keep: bool = False) -> int:
             if sec.is_up() or loop.find(cfg.disk):
                 sec.down(force=True)
         finally:
-            ctl.close()
+            opened.__exit__(None, None, None)
             if not keep:
                 shutil.rmtree(work, ignore_errors=True)

@@ -13,15 +13,12 @@ import os
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 
+from dmrepl.roles.transitions import Role
+
 STATE_FILE = "state.json"
 LOCK_FILE = "lock"
 FORMAT = 1
 
-# Roles of a resource on this host.
-SECONDARY = "secondary"   # standby: hidden store keeps the last checkpoint
-MERGING = "merging"       # failed over: the hidden store is merging into the disk
-PRIMARY = "primary"       # took over: the disk is the data, no hidden store
-ROLES = (SECONDARY, MERGING, PRIMARY)
 
 
 class StateError(RuntimeError):
@@ -32,7 +29,7 @@ class StateError(RuntimeError):
 class ResourceState:
     name: str
     resource_id: str
-    role: str = SECONDARY
+    role: str = Role.SECONDARY.value   # dmrepl.roles.transitions.Role
     checkpoint: int = 0
     current_store: int = 0          # index into hidden_stores
     checkpoint_lost: bool = False   # the kernel invalidated the hidden store
@@ -78,7 +75,7 @@ class StateStore:
             raise StateError(f"{self.path}: unreadable state ({e}); move it away to start afresh") from None
         if raw.get("format") != FORMAT:
             raise StateError(f"{self.path}: state format {raw.get('format')!r}, this dmrepl reads {FORMAT}")
-        if raw.get("role") not in ROLES:
+        if raw.get("role") not in {r.value for r in Role}:
             raise StateError(f"{self.path}: unknown role {raw.get('role')!r}")
         known = set(ResourceState.__dataclass_fields__)
         return ResourceState(**{k: v for k, v in raw.items() if k in known})

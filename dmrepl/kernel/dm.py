@@ -13,20 +13,16 @@ from __future__ import annotations
 import errno
 import os
 import select
-import stat
 import time
 from dataclasses import dataclass
 from typing import Iterable, Protocol
 
 from dmrepl import _kernel
-from dmrepl.kernel import udev
+from dmrepl.kernel import nodes, udev
 from dmrepl.kernel.errors import DMError
 
 CONTROL_PATH = "/dev/mapper/control"
-MAPPER_DIR = "/dev/mapper"
-# Every device dmrepl creates carries this uuid prefix, so that it can be
-# found, listed and cleaned up (`dmrepl ls`, the test sweep).
-UUID_PREFIX = "DMREPL-"
+MAPPER_DIR = nodes.MAPPER_DIR
 
 _F = _kernel.DM_FLAGS
 _REQ = _kernel.DM_REQUESTS
@@ -215,7 +211,7 @@ class Control:
         if udev.running():
             udev.settle()
         info = self._info(self._do_ioctl("DM_DEV_CREATE", name, uuid=uuid))
-        self._ensure_node(info)
+        nodes.ensure(info)
         return info
 
     def load(self, name: str, targets: Iterable[TargetLine]) -> DeviceInfo:
@@ -250,7 +246,7 @@ class Control:
     def resume(self, name: str) -> DeviceInfo:
         """DM_DEV_SUSPEND without DM_SUSPEND_FLAG: swap in a loaded table, restart I/O."""
         info = self._info(self._do_ioctl("DM_DEV_SUSPEND", name))
-        self._ensure_node(info)
+        nodes.ensure(info)
         return info
 
     def remove(self, name: str, *, busy_timeout: float = 10.0, delay: float = 0.05,
@@ -272,7 +268,7 @@ class Control:
                 if e.errno != errno.EBUSY or time.monotonic() >= deadline:
                     raise
                 time.sleep(delay)
-        self._drop_node(name)
+        nodes.drop(name)
 
     def info(self, name: str) -> DeviceInfo:
         """DM_DEV_STATUS."""
@@ -339,47 +335,6 @@ class Control:
             if left <= 0:
                 return None
             poller.poll(left * 1000)
-
-    # -- device nodes -------------------------------------------------------
-
-    @staticmethod
-    def _ensure_node(info: DeviceInfo, *, wait: float = 10.0) -> None:
-        """Make /dev/mapper/NAME exist, as libdevmapper does.
-
-        Without udev we create the block node ourselves.  With systemd-udevd
-        running, Debian's 55-dm.rules makes /dev/mapper/NAME a symlink once the device
-        has a live table, and udev deletes names it did not create when it
-        re-evaluates its links (docs/kernel-notes.md): so we leave the name to
-        udev and wait for it after a resume, creating the node only if udev
-        did not within `wait` seconds.
-        """
-        path = info.path
-        if udev.points_to(path, info.major, info.minor):
-            return
-        if udev.running():
-            if not info.live_table:
-                return  # udev names the device at its first resume
-            deadline = time.monotonic() + wait
-            while time.monotonic() < deadline:
-                time.sleep(0.005)
-                if udev.points_to(path, info.major, info.minor):
-                    return
-        try:
-            if os.path.lexists(path):
-                os.unlink(path)  # stale node of an earlier device with this name
-            os.mknod(path, 0o600 | stat.S_IFBLK, os.makedev(info.major, info.minor))
-        except FileExistsError:
-            pass  # udev won the race
-
-    @staticmethod
-    def _drop_node(name: str) -> None:
-        path = os.path.join(MAPPER_DIR, name)
-        if udev.running() and os.path.islink(path):
-            return  # udev's own symlink: udev removes it on the remove event
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
 
 
 def remove_tree(ctl: Control, names: Iterable[str]) -> list[str]:

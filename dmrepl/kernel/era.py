@@ -16,8 +16,7 @@ import xml.etree.ElementTree as ET
 from dmrepl import tools
 from dmrepl.kernel.dm import Control
 from dmrepl.kernel.errors import KernelError
-from dmrepl.kernel.tables import EraStatus
-
+from dmrepl.kernel.status import EraStatus
 
 
 class EraToolError(KernelError):

@@ -158,3 +158,15 @@ def find(file: str) -> list[str]:
     target = os.path.abspath(file)
     return [dev for dev, backing in list_attached().items()
             if backing.removesuffix(" (deleted)") == target]
+
+
+def by_devno(major: int, minor: int) -> str | None:
+    """/dev/loopN for a bound loop device's MAJOR:MINOR, or None if it is not one."""
+    for dev in list_attached():
+        try:
+            rdev = os.stat(dev).st_rdev
+        except OSError:
+            continue
+        if (os.major(rdev), os.minor(rdev)) == (major, minor):
+            return dev
+    return None

@@ -1,21 +1,21 @@
 """Fixtures of the kernel tier: real loop and dm devices inside the test VM.
 
-Every test gets a clean kernel: after it, any dm device or loop device still
-present is removed and the test is reported as having leaked it.
+Every test gets a clean kernel: after it, any dm device of dmrepl's, loop device
+over the run's files or process the run started that is still there is removed
+(tests/sweep.py, which touches nothing else and refuses to run outside the test
+VM) and the test is reported as having leaked it.
 """
 
 from __future__ import annotations
 
-import errno
 import os
 import shutil
-import signal
-import time
 
 import pytest
+import sweep
 
-from dmrepl import poll
 from dmrepl.kernel import dm, loop
+from dmrepl.names import UUID_PREFIX
 
 MiB = 1 << 20
 
@@ -29,58 +29,19 @@ def _require_kernel():
         pytest.fail("the kernel tier needs root", pytrace=False)
 
 
-def _our_processes() -> list[tuple[int, str]]:
-    out = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                    continue
-        except (OSError, IndexError):
-            continue
-        if "nbdkit" in cmd or "dmrepl.daemon" in cmd:
-            out.append((int(pid), cmd.strip()))
-    return out
-
-
-def _sweep() -> list[str]:
-    """Kill dmrepl's processes, remove every dm device, detach every loop device; return what was found."""
-    left = []
-    for pid, cmd in _our_processes():
-        left.append(f"process:{pid}:{cmd[:60]}")
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    if left:
-        poll.wait_for(_our_processes, "killed dmrepl processes to exit", ok=lambda v: v == [])
-    with dm.Control() as ctl:
-        names = [d.name for d in ctl.list_devices()]
-        left += [f"dm:{n}" for n in names]
-        dm.remove_tree(ctl, names)
-    for dev in loop.list_attached():
-        left.append(f"loop:{dev}")
-        try:
-            loop.detach(dev)
-        except loop.LoopError as e:
-            if e.errno != errno.ENXIO:
-                raise
-    # LOOP_CLR_FD completes asynchronously once the last opener is gone.
-    poll.wait_for(loop.list_attached, "loop devices to detach", ok=lambda v: v == {})
-    return left
+@pytest.fixture(scope="session")
+def run_dir(tmp_path_factory) -> str:
+    """The test run's own directory: every file a test attaches as a loop device lies under it."""
+    return str(tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture(autouse=True)
-def clean_kernel():
+def clean_kernel(run_dir):
     _require_kernel()
-    before = _sweep()
+    before = sweep.sweep(run_dir)
     assert not before, f"an earlier test left devices behind: {before}"
     yield
-    left = _sweep()
+    left = sweep.sweep(run_dir)
     assert not left, f"this test left devices behind (swept now): {left}"
 
 
@@ -144,7 +105,7 @@ class Devices:
 
     def create(self, name: str, targets) -> str:
         full = f"{self.prefix}{name}"
-        self.ctl.create(full, f"{dm.UUID_PREFIX}test-{full}")
+        self.ctl.create(full, f"{UUID_PREFIX}test-{full}")
         self.names.append(full)
         if targets is not None:
             self.ctl.load(full, targets)

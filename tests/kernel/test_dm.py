@@ -7,9 +7,11 @@ import threading
 
 import pytest
 
-from dmrepl.kernel import blockdev, dm
+from dmrepl.kernel import blockdev
 from dmrepl.kernel.errors import BlockDeviceError, DMError
-from dmrepl.kernel.tables import Error, Linear, Snapshot, SnapshotOrigin, SnapshotStatus
+from dmrepl.kernel.status import SnapshotStatus
+from dmrepl.kernel.tables import Error, Linear, Snapshot, SnapshotOrigin
+from dmrepl.names import UUID_PREFIX
 
 MiB = 1 << 20
 SECTORS_PER_MiB = MiB // 512
@@ -25,7 +27,7 @@ def test_version_and_targets(ctl):
 def test_create_node_load_resume_remove(ctl, loops):
     disk = loops.make("d", 8 * MiB)
     name = "dmrepl-test-lin"
-    info = ctl.create(name, dm.UUID_PREFIX + "test-lin")
+    info = ctl.create(name, UUID_PREFIX + "test-lin")
     try:
         assert not info.live_table
         # Two targets: the device is the second half of the disk, then the first.
@@ -47,7 +49,7 @@ def test_create_node_load_resume_remove(ctl, loops):
             (0, 4 * SECTORS_PER_MiB, "linear", f"{os.major(dev)}:{os.minor(dev)} {4 * SECTORS_PER_MiB}"),
             (4 * SECTORS_PER_MiB, 4 * SECTORS_PER_MiB, "linear", f"{os.major(dev)}:{os.minor(dev)} 0")]
         assert ctl.deps(name) == [(os.major(dev), os.minor(dev))]
-        assert [(d.name, d.uuid) for d in ctl.list_devices()] == [(name, dm.UUID_PREFIX + "test-lin")]
+        assert [(d.name, d.uuid) for d in ctl.list_devices()] == [(name, UUID_PREFIX + "test-lin")]
         # suspend / reload / resume swaps the table; flush and noflush both work.
         assert ctl.suspend(name).suspended
         ctl.load(name, [Error(0, 8 * SECTORS_PER_MiB)])
@@ -79,7 +81,7 @@ def test_bad_table_is_einval_with_table_in_message(ctl, loops, devices):
 def test_duplicate_name_and_missing_device(ctl, devices):
     name = devices.create("dup", None)
     with pytest.raises(DMError) as e:
-        ctl.create(name, dm.UUID_PREFIX + "other")
+        ctl.create(name, UUID_PREFIX + "other")
     assert e.value.errno == errno.EBUSY
     with pytest.raises(DMError) as e:
         ctl.info("dmrepl-test-does-not-exist")
@@ -104,7 +106,7 @@ def test_remove_busy_device_is_ebusy(ctl, loops, devices):
 def test_invalid_name_rejected_before_the_kernel(ctl):
     for bad in ("a/b", "", "x" * 200):
         with pytest.raises(ValueError):
-            ctl.create(bad, dm.UUID_PREFIX + "bad")
+            ctl.create(bad, UUID_PREFIX + "bad")
     assert ctl.list_devices() == []
 
 

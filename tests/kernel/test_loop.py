@@ -117,3 +117,12 @@ def test_copy_extents_and_discard(loops):
     assert blockdev.read_at(dst, 8 * MiB, MiB) == bytes(MiB)
     assert blockdev.read_at(dst, 9 * MiB, MiB) == b"\x5a" * MiB
     os.sync()
+
+
+def test_copy_past_the_end_of_the_source_keeps_an_errno(loops):
+    src = loops.make("small", 2 * MiB)
+    dst = loops.make("big", 4 * MiB)
+    with pytest.raises(BlockDeviceError) as e:
+        blockdev.copy_extents(src, dst, [(0, 4 * MiB)])
+    assert e.value.errno == errno.EIO and e.value.call == "copy"
+    assert f"read at byte {2 * MiB}: the source ends before the extent does" in str(e.value)

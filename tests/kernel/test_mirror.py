@@ -2,7 +2,8 @@
 
 from dmrepl import poll
 from dmrepl.kernel import blockdev
-from dmrepl.kernel.tables import Mirror, MirrorStatus
+from dmrepl.kernel.status import MirrorStatus
+from dmrepl.kernel.tables import Mirror
 
 MiB = 1 << 20
 SECTORS_PER_MiB = MiB // 512

@@ -10,13 +10,16 @@ import errno
 import os
 
 import pytest
+import sweep
 
-from dmrepl import poll
+from dmrepl import cli, poll
 from dmrepl import state as st_mod
+from dmrepl.cli.secondary import warnings
 from dmrepl.config import SecondaryConfig
 from dmrepl.errors import DmreplError
 from dmrepl.kernel import blockdev, dm, loop
-from dmrepl.secondary import Secondary
+from dmrepl.names import UUID_PREFIX
+from dmrepl.roles.secondary import Secondary
 
 MiB = 1 << 20
 DISK = 64 * MiB
@@ -91,7 +94,7 @@ def test_checkpoint_scenarios_exact_bytes(sec):
     assert_bytes(S, [(0, 32 * MiB, b"\x11"), (32 * MiB, 32 * MiB, b"\x22")])
     # Checkpoint: active equals S exactly; the consumer's writes are dropped.
     state, pause = sec.checkpoint()
-    assert state.checkpoint == 1 and state.current_store == 1 and pause > 0
+    assert state.checkpoint == 1 and state.current_store == 1 and 0 < pause < 5
     assert_bytes(sec.active_path, [(0, 32 * MiB, b"\x11"), (32 * MiB, 32 * MiB, b"\x22")])
     assert sec.store_health().allocated_bytes < MiB  # the new store starts empty
     # After the checkpoint, the first primary write to a chunk is copied again.
@@ -152,14 +155,7 @@ def test_failover_without_consumer_writes_and_checkpoint_refused_after(sec):
         sec.checkpoint()
 
 
-def _power_loss(ctl):
-    """Tear down every dm and loop device without any dmrepl cleanup."""
-    dm.remove_tree(ctl, [d.name for d in ctl.list_devices()])
-    for dev in loop.list_attached():
-        loop.detach(dev)
-
-
-def test_power_loss_then_up_restores_checkpoint_plus_consumer_writes(sec, ctl):
+def test_power_loss_then_up_restores_checkpoint_plus_consumer_writes(sec, ctl, run_dir):
     sec.up()
     blockdev.write_at(sec.origin_path, 0, b"\x22" * (8 * MiB))
     sec.checkpoint()
@@ -167,7 +163,7 @@ def test_power_loss_then_up_restores_checkpoint_plus_consumer_writes(sec, ctl):
     blockdev.write_at(sec.active_path, 4 * MiB, b"\x33" * (8 * MiB))     # consumer
     view = [(0, 4 * MiB, b"\x22"), (4 * MiB, 8 * MiB, b"\x33"), (12 * MiB, 52 * MiB, b"\x11")]
     assert_bytes(sec.active_path, view)
-    _power_loss(ctl)
+    sweep.power_loss(ctl, "vm1", run_dir)
     assert not sec.is_up()
     state = sec.up()
     assert state.checkpoint == 1 and state.current_store == 1
@@ -178,26 +174,11 @@ def test_power_loss_then_up_restores_checkpoint_plus_consumer_writes(sec, ctl):
                                    (32 * MiB, 16 * MiB, b"\x66"), (48 * MiB, 16 * MiB, b"\x11")])
 
 
-def test_power_loss_during_merge_resumes_it(sec, ctl):
-    sec.up()
-    blockdev.write_at(sec.origin_path, 0, b"\x22" * (40 * MiB))
-    blockdev.write_at(sec.active_path, 40 * MiB, b"\x33" * (4 * MiB))
-    sec.failover()
-    _power_loss(ctl)  # at once: the merge of 44 MiB is cut short
-    state = sec.up()
-    assert state.role == "merging"
-    progress = sec.merge_progress()
-    assert progress is not None
-    final = sec.wait_merge()
-    assert final.role == "primary"
-    expect = [(0, 40 * MiB, b"\x11"), (40 * MiB, 4 * MiB, b"\x33"), (44 * MiB, 20 * MiB, b"\x11")]
-    assert_bytes(sec.active_path, expect)
-    assert_bytes(disk_of(sec), expect)
-
-
 def test_power_loss_in_the_middle_of_a_slow_merge_resumes_it(tmp_path, ctl, loops):
-    """S sits on dm-delay (writes held 10 ms) and the store holds 512 separate
-    chunks, merged one run at a time: the power loss surely cuts the merge short."""
+    """S sits on dm-delay (writes held 10 ms) and the store holds 1024 separate
+    chunks, merged one run at a time: the power loss surely cuts the merge short,
+    and the test checks that it did.  The merge must roll back the primary's
+    post-checkpoint writes and keep the consumer's, across the power loss."""
     import mmap
 
     from dmrepl.kernel.tables import Delay
@@ -207,7 +188,7 @@ def test_power_loss_in_the_middle_of_a_slow_merge_resumes_it(tmp_path, ctl, loop
     sectors = DISK // 512
 
     def slow_disk():
-        ctl.create("dmrepl-test-slow", dm.UUID_PREFIX + "test-slow")
+        ctl.create("dmrepl-test-slow", UUID_PREFIX + "test-slow")
         ctl.load("dmrepl-test-slow", [Delay(0, sectors, base, 0, 0, (base, 0, 10))])
         ctl.resume("dmrepl-test-slow")
         return "/dev/mapper/dmrepl-test-slow"
@@ -215,31 +196,37 @@ def test_power_loss_in_the_middle_of_a_slow_merge_resumes_it(tmp_path, ctl, loop
     cfg = make_cfg(tmp_path)
     cfg = cfg.__class__(**{**cfg.__dict__, "disk": slow_disk(), "hidden_stores": (h0, h1)})
     s = Secondary(cfg, ctl)
-    # Consumer data in every other 4 KiB chunk of [0, 4M): 512 chunks that do not touch.
-    pattern = (b"\x33" * 4096 + b"\x11" * 4096) * 512
-    expect = pattern + b"\x11" * (DISK - len(pattern))
-    try:
-        s.up()
-        fd = os.open(s.active_path, os.O_WRONLY | os.O_DIRECT)
+    # In [0, 8M), chunk by chunk: the consumer writes 0x33 to even 4 KiB chunks,
+    # the primary 0x22 to odd ones.  No two touch; after the merge the odd ones
+    # are back at the checkpoint (0x11).
+    expect = (b"\x33" * 4096 + b"\x11" * 4096) * 1024 + b"\x11" * (DISK - 8 * MiB)
+
+    def write_every_other(path, first, value):
+        fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
         buf = mmap.mmap(-1, 4096)
-        buf.write(b"\x33" * 4096)
+        buf.write(value * 4096)
         try:
-            for i in range(512):
-                os.pwritev(fd, [buf], i * 8192)
+            for i in range(first, 2048, 2):
+                os.pwritev(fd, [buf], i * 4096)
             os.fsync(fd)
         finally:
             os.close(fd)
             buf.close()
+
+    try:
+        s.up()
+        write_every_other(s.active_path, 0, b"\x33")
+        write_every_other(s.origin_path, 1, b"\x22")
         s.failover()
         first = s.merge_progress()
         assert first.remaining_bytes > 0 and not first.done
-        # Power loss: every dm device goes; the loop devices (the disks) stay.
-        dm.remove_tree(ctl, [d.name for d in ctl.list_devices()])
+        # Power loss: every dm device goes (the delay device too); the loop devices (the disks) stay.
+        sweep.power_loss(ctl)
         slow_disk()
         state = s.up()
         assert state.role == "merging"
         resumed = s.merge_progress()
-        assert 0 < resumed.remaining_bytes and not resumed.done
+        assert 0 < resumed.remaining_bytes and not resumed.done, "the merge was not cut short"
         assert read(s.active_path, 0, DISK) == expect
         assert s.wait_merge().role == "primary"
         assert read(s.active_path, 0, DISK) == expect
@@ -250,19 +237,32 @@ def test_power_loss_in_the_middle_of_a_slow_merge_resumes_it(tmp_path, ctl, loop
             ctl.remove("dmrepl-test-slow")
 
 
-def test_store_overflow_is_reported_as_checkpoint_lost(tmp_path, ctl):
+def _config_file(cfg: SecondaryConfig, tmp_path) -> str:
+    path = tmp_path / f"{cfg.name}.toml"
+    path.write_text(f'name = "{cfg.name}"\nresource_id = "{cfg.resource_id}"\nstate_dir = "{cfg.state_dir}"\n'
+                    f'[secondary]\ndisk = "{cfg.disk}"\nhidden_stores = ["{cfg.hidden_stores[0]}", '
+                    f'"{cfg.hidden_stores[1]}"]\nlisten = "127.0.0.1:{cfg.listen_port}"\n')
+    return str(path)
+
+
+def test_store_overflow_is_reported_as_checkpoint_lost(tmp_path, ctl, capsys):
     s = Secondary(make_cfg(tmp_path, store_bytes=2 * MiB), ctl)
+    config = _config_file(s.cfg, tmp_path)
     try:
         s.up()
         blockdev.write_at(s.origin_path, 0, b"\x22" * (MiB + MiB // 2))
         state, health = s.watch_store()
         assert health.state == "valid"
         assert health.over_threshold and state.early_checkpoint_requested
-        assert any("early checkpoint" in w for w in s.status()["warnings"])
+        assert any("early checkpoint" in w for w in warnings(s.status(), s.cfg))
         blockdev.write_at(s.origin_path, 8 * MiB, b"\x22" * (4 * MiB))   # more than the store holds
         state, health = s.watch_store()
         assert health.lost and state.checkpoint_lost
-        assert any("CHECKPOINT LOST" in w for w in s.status()["warnings"])
+        assert any("CHECKPOINT LOST" in w for w in warnings(s.status(), s.cfg))
+        # The status says what happened, not "0 B of 0 B" (an invalid store reports no fill level).
+        assert cli.main(["secondary", "status", "vm1", "--config", config]) == 0
+        text = capsys.readouterr().out
+        assert "store   INVALID: the kernel dropped the hidden store" in text and "0 B of 0 B" not in text
         with pytest.raises(DmreplError) as e:
             s.failover()
         assert "resync" in e.value.hint
@@ -386,7 +386,7 @@ def test_down_refuses_while_active_is_open_unless_forced(sec, ctl):
         # Until the holder closes it, the resource says so instead of looking up.
         assert ctl.info("dmrepl-vm1-active").deferred_remove
         assert not sec.is_up()
-        assert [d["name"] for d in sec.status()["deferred_removal"]] == ["dmrepl-vm1-active"]
+        assert [d.name for d in sec.status().deferred] == ["dmrepl-vm1-active"]
         with pytest.raises(DmreplError) as e:
             sec.up()
         assert "removal deferred" in str(e.value)
@@ -409,3 +409,22 @@ def test_resource_id_mismatch_with_state(tmp_path, ctl):
     assert "resource id" in str(e.value)
     _nothing_changed(ctl)
     assert st_mod.StateStore(cfg.resource_state_dir).load().resource_id == "vm1"
+
+
+def test_disk_file_renamed_under_a_running_stack(sec, ctl, tmp_path):
+    """The config's path no longer names the loop device's file: a clear error (not an IndexError),
+    and `down` still finds the loop devices by the numbers its tables use."""
+    sec.up()
+    moved = str(tmp_path / "moved.img")
+    os.rename(sec.cfg.disk, moved)
+    try:
+        with pytest.raises(DmreplError) as e:
+            sec.checkpoint()
+        assert str(e.value) == f"disk {sec.cfg.disk} is gone (moved or deleted under the running stack of vm1)"
+        assert "down vm1 --force" in e.value.hint
+        assert sec.state().checkpoint == 0
+        done = sec.down(force=True)
+        assert any(d.startswith("/dev/loop") for d in done)
+        assert ctl.list_devices() == [] and loop.find(moved) == []
+    finally:
+        os.rename(moved, sec.cfg.disk)

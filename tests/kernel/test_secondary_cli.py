@@ -12,7 +12,8 @@ import pytest
 from dmrepl import cli, daemon, poll
 from dmrepl.config import load_secondary
 from dmrepl.kernel import blockdev, dm, loop
-from dmrepl.nbd.client import NBDClient, NBDOptionError
+from dmrepl.nbd.client import NBDClient
+from dmrepl.nbd.protocol import NBDOptionError
 
 MiB = 1 << 20
 DISK = 64 * MiB
@@ -236,3 +237,23 @@ def test_udev_names_active_and_hides_internal_devices(resource, udev_rules, caps
     assert props["active"].get("ID_FS_TYPE") == "ext4", props["active"]  # consumers' rules see the active device
     rc, out, _ = run(capsys, "secondary", "status", "r1", "--config", path, "--json")
     assert json.loads(out)["devices"]["active"]["link"] == link
+
+
+def test_nbdkit_that_cannot_start_is_explained_and_changes_nothing(resource, capsys):
+    """A listen address that is not on this host: nbdkit cannot bind, and says so in the daemon log;
+    `up` shows those lines and leaves no device, loop device or process behind."""
+    cfg, path = resource
+    text = open(path).read().replace(f'listen = "127.0.0.1:{cfg.listen_port}"',
+                                     f'listen = "192.0.2.1:{cfg.listen_port}"')
+    with open(path, "w") as f:
+        f.write(text)
+    rc, _, err = run(capsys, "secondary", "up", "r1", "--config", path)
+    assert rc == 1
+    assert err.startswith("dmrepl: the daemon exited with status 1; its log says:\n"), err
+    assert "the NBD export could not start" in err and "nbdkit" in err
+    assert "Cannot assign requested address" in err, err
+    assert f"hint: see {daemon.log_path(cfg)}" in err
+    with dm.Control() as ctl:
+        assert ctl.list_devices() == []
+    assert loop.find(cfg.disk) == []
+    assert daemon.running_pid(cfg) is None and daemon.export_pid(cfg) is None

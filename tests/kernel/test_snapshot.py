@@ -1,7 +1,8 @@
 """snapshot-origin + persistent snapshot: exact bytes in both views (kernel tier)."""
 
 from dmrepl.kernel import blockdev
-from dmrepl.kernel.tables import Snapshot, SnapshotOrigin, SnapshotStatus
+from dmrepl.kernel.status import SnapshotStatus
+from dmrepl.kernel.tables import Snapshot, SnapshotOrigin
 
 MiB = 1 << 20
 SECTORS_PER_MiB = MiB // 512

@@ -36,6 +36,7 @@ def test_defaults_and_name_from_file():
     ('name = "vm1"\n[secondary\n', "not valid TOML"),
     ('name = "vm1"\nnmae = "x"\n[secondary]\ndisk = "/d"\nhidden_stores = ["/a", "/b"]\n', "unknown key 'nmae'"),
     ('name = "vm1"\n', "missing required key 'secondary'"),
+    (GOOD + '[primary]\ndisk = "/p"\n', "section [primary]: this dmrepl has only the secondary's half"),
     ('name = "vm1"\n[secondary]\nhidden_stores = ["/a", "/b"]\n', "missing required key 'disk'"),
     ('name = "vm1"\n[secondary]\ndisk = "/d"\nhidden_stores = ["/a"]\n', "exactly two"),
     ('name = "vm1"\n[secondary]\ndisk = "/d"\nhidden_stores = ["/a", "/d"]\n', "three different paths"),

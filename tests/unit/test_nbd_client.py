@@ -16,14 +16,37 @@ import time
 
 import pytest
 
-from dmrepl.nbd.client import (IHAVEOPT, MAX_REQUEST_BYTES, NBD_CMD_DISC, NBD_CMD_READ,
-                               NBD_FLAG_C_FIXED_NEWSTYLE, NBD_FLAG_C_NO_ZEROES, NBD_FLAG_FIXED_NEWSTYLE,
-                               NBD_FLAG_HAS_FLAGS, NBD_FLAG_NO_ZEROES, NBD_FLAG_READ_ONLY,
-                               NBD_FLAG_SEND_FLUSH, NBD_FLAG_SEND_FUA, NBD_FLAG_SEND_TRIM,
-                               NBD_INFO_EXPORT, NBD_OPT_GO, NBD_REP_ACK, NBD_REP_ERR_UNKNOWN,
-                               NBD_REP_INFO, NBD_REQUEST_MAGIC, NBD_SIMPLE_REPLY_MAGIC,
-                               NBD_STRUCTURED_REPLY_MAGIC, NBDMAGIC, OPTION_REPLY_MAGIC, ExportInfo,
-                               NBDClient, NBDError, NBDOptionError, NBDProtocolError, handshake)
+from dmrepl.nbd.client import NBDClient
+from dmrepl.nbd.handshake import handshake
+from dmrepl.nbd.protocol import (
+    IHAVEOPT,
+    MAX_REQUEST_BYTES,
+    NBD_CMD_DISC,
+    NBD_CMD_READ,
+    NBD_FLAG_C_FIXED_NEWSTYLE,
+    NBD_FLAG_C_NO_ZEROES,
+    NBD_FLAG_FIXED_NEWSTYLE,
+    NBD_FLAG_HAS_FLAGS,
+    NBD_FLAG_NO_ZEROES,
+    NBD_FLAG_READ_ONLY,
+    NBD_FLAG_SEND_FLUSH,
+    NBD_FLAG_SEND_FUA,
+    NBD_FLAG_SEND_TRIM,
+    NBD_INFO_EXPORT,
+    NBD_OPT_GO,
+    NBD_REP_ACK,
+    NBD_REP_ERR_UNKNOWN,
+    NBD_REP_INFO,
+    NBD_REQUEST_MAGIC,
+    NBD_SIMPLE_REPLY_MAGIC,
+    NBD_STRUCTURED_REPLY_MAGIC,
+    NBDMAGIC,
+    OPTION_REPLY_MAGIC,
+    ExportInfo,
+    NBDError,
+    NBDOptionError,
+    NBDProtocolError,
+)
 
 MiB = 1024 * 1024
 EXPORT_BYTES = 64 * MiB

@@ -2,9 +2,22 @@
 
 import pytest
 
-from dmrepl.kernel.tables import (Delay, Era, EraStatus, Error, Flakey, Linear, Mirror, MirrorStatus,
-                                  Snapshot, SnapshotMerge, SnapshotOrigin, SnapshotStatus, TableError,
-                                  format_table, parse_line, parse_table)
+from dmrepl.kernel.status import EraStatus, MirrorStatus, SnapshotStatus
+from dmrepl.kernel.tables import (
+    Delay,
+    Era,
+    Error,
+    Flakey,
+    Linear,
+    Mirror,
+    Snapshot,
+    SnapshotMerge,
+    SnapshotOrigin,
+    TableError,
+    format_table,
+    parse_line,
+    parse_table,
+)
 
 TARGETS = [
     (Linear(0, 2048, "/dev/loop0", 64), "0 2048 linear /dev/loop0 64"),

@@ -19,10 +19,9 @@ import time
 
 from dmrepl import poll
 from dmrepl.config import SecondaryConfig, load_secondary
+from dmrepl.daemon.export import Export, ExportError
 from dmrepl.errors import DmreplError
-from dmrepl.export import Export, ExportError
-from dmrepl.kernel import dm
-from dmrepl.secondary import Secondary
+from dmrepl.roles.secondary import Secondary
 
 PID_FILE = "daemon.pid"
 EXPORT_PID_FILE = "export.pid"
@@ -134,54 +133,63 @@ def run_secondary(cfg: SecondaryConfig) -> int:
     with open(pid_path(cfg) + ".tmp", "w") as f:
         f.write(f"{os.getpid()}\n")
     os.replace(pid_path(cfg) + ".tmp", pid_path(cfg))
-    # /dev/dm-N is made by the kernel (devtmpfs); /dev/mapper/NAME is udev's and may lag.
-    with dm.Control() as ctl:
-        device = ctl.info(f"dmrepl-{cfg.name}-origin").dm_path
-    export = Export(device, cfg.listen_host, cfg.listen_port, cfg.resource_id, log_path=None)
+    with Secondary.open(cfg) as sec:
+        device = sec.origin_device()
+        # nbdkit writes to our stderr, the daemon log: a start failure's reason is kept there.
+        export = Export(device, cfg.listen_host, cfg.listen_port, cfg.resource_id)
+        try:
+            _start_export(cfg, export)
+        except ExportError as e:
+            _log(f"the NBD export could not start: {e}")
+            _remove_pid_files(cfg)
+            return 1
+        _log(f"export of {device} listening on {cfg.listen_host}:{cfg.listen_port} (nbdkit pid {export.proc.pid})")
+        try:
+            return _supervise(cfg, sec, export, lambda: stopping)
+        finally:
+            export.stop(timeout=2.0)
+            _remove_pid_files(cfg)
+            _log("stopped")
+
+
+def _start_export(cfg: SecondaryConfig, export: Export) -> None:
+    export.start()
+    with open(export_pid_path(cfg), "w") as f:
+        f.write(f"{export.proc.pid}\n")
+
+
+def _supervise(cfg: SecondaryConfig, sec: Secondary, export: Export, stopping) -> int:
+    """Restart nbdkit when it dies, watch the hidden store; until told to stop."""
     restarts: list[float] = []
     warned: set[str] = set()
-    def started() -> None:
-        export.start()
-        with open(export_pid_path(cfg), "w") as f:
-            f.write(f"{export.proc.pid}\n")
-
-    try:
-        started()
-        _log(f"export of {device} listening on {cfg.listen_host}:{cfg.listen_port} (nbdkit pid {export.proc.pid})")
-        with dm.Control() as ctl:
-            sec = Secondary(cfg, ctl)
-            while not stopping:
-                if not export.alive():
-                    _log(f"nbdkit exited with status {export.proc.returncode}: restarting it")
-                    now = time.monotonic()
-                    restarts = [t for t in restarts if now - t < 60] + [now]
-                    if len(restarts) > MAX_RESTARTS_PER_MINUTE:
-                        _log("nbdkit keeps dying: giving up (the primary will see the secondary as lost)")
-                        return 1
-                    try:
-                        started()
-                        _log(f"nbdkit restarted (pid {export.proc.pid})")
-                    except ExportError as e:
-                        _log(f"restart failed: {e}")
-                state, health = sec.watch_store()
-                if health is not None:
-                    if health.lost and "lost" not in warned:
-                        _log("CHECKPOINT LOST: the kernel invalidated the hidden store "
-                             f"({health.state}); a resync is needed")
-                        warned.add("lost")
-                    elif health.over_threshold and "fill" not in warned:
-                        _log(f"hidden store {health.fill:.0%} full: early checkpoint requested")
-                        warned.add("fill")
-                    elif not health.over_threshold and not health.lost:
-                        warned.clear()
-                deadline = time.monotonic() + WATCH_INTERVAL
-                while not stopping and time.monotonic() < deadline and export.alive():
-                    time.sleep(0.05)
-        return 0
-    finally:
-        export.stop(timeout=2.0)
-        _remove_pid_files(cfg)
-        _log("stopped")
+    while not stopping():
+        if not export.alive():
+            _log(f"nbdkit exited with status {export.proc.returncode}: restarting it")
+            now = time.monotonic()
+            restarts = [t for t in restarts if now - t < 60] + [now]
+            if len(restarts) > MAX_RESTARTS_PER_MINUTE:
+                _log("nbdkit keeps dying: giving up (the primary will see the secondary as lost)")
+                return 1
+            try:
+                _start_export(cfg, export)
+                _log(f"nbdkit restarted (pid {export.proc.pid})")
+            except ExportError as e:
+                _log(f"restart failed: {e}")
+        _state, health = sec.watch_store()
+        if health is not None:
+            if health.lost and "lost" not in warned:
+                _log(f"CHECKPOINT LOST: the kernel invalidated the hidden store ({health.state}); "
+                     "a resync is needed")
+                warned.add("lost")
+            elif health.over_threshold and "fill" not in warned:
+                _log(f"hidden store {health.fill:.0%} full: early checkpoint requested")
+                warned.add("fill")
+            elif not health.over_threshold and not health.lost:
+                warned.clear()
+        deadline = time.monotonic() + WATCH_INTERVAL
+        while not stopping() and time.monotonic() < deadline and export.alive():
+            time.sleep(0.05)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -193,5 +201,3 @@ def main(argv: list[str] | None = None) -> int:
     return run_secondary(cfg)
 
 
-if __name__ == "__main__":
-    sys.exit(main())

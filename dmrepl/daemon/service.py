@@ -10,24 +10,27 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
-from dmrepl import daemon
+from dmrepl import poll
 from dmrepl.config import SecondaryConfig
+from dmrepl.daemon import supervisor as daemon
+from dmrepl.daemon.export import port_accepts
 from dmrepl.errors import DmreplError
-from dmrepl.export import port_accepts
-from dmrepl.secondary import Secondary
+from dmrepl.roles.secondary import Secondary
 
 
-def _log_tail(path: str, lines: int = 8) -> str:
+def _log_since(path: str, offset: int, lines: int = 8) -> str:
+    """The last lines written to the log after `offset`: this start's, not an earlier run's."""
     try:
-        with open(path, errors="replace") as f:
-            return "".join(f.readlines()[-lines:]).strip()
+        with open(path, "rb") as f:
+            f.seek(offset)
+            text = f.read().decode(errors="replace")
     except OSError:
         return ""
+    return "\n".join(text.strip().splitlines()[-lines:])
 
 
-def start_daemon(cfg: SecondaryConfig, config_path: str, timeout: float = 20.0) -> int:
+def start_daemon(cfg: SecondaryConfig, config_path: str, timeout: float = poll.DEFAULT_TIMEOUT) -> int:
     """Start the supervisor detached; return its pid once the export accepts connections."""
     pid = daemon.running_pid(cfg)
     if pid is not None:
@@ -36,7 +39,9 @@ def start_daemon(cfg: SecondaryConfig, config_path: str, timeout: float = 20.0) 
         raise DmreplError(f"listen address {cfg.listen_host}:{cfg.listen_port} is already in use",
                           "stop what listens there, or change 'listen' in the config")
     os.makedirs(cfg.resource_state_dir, mode=0o700, exist_ok=True)
-    log = open(daemon.log_path(cfg), "ab")
+    log_path = daemon.log_path(cfg)
+    log = open(log_path, "ab")
+    offset = log.tell()
     try:
         proc = subprocess.Popen([sys.executable, "-m", "dmrepl.daemon", "secondary", "--config",
                                  os.path.abspath(config_path)],
@@ -44,19 +49,23 @@ def start_daemon(cfg: SecondaryConfig, config_path: str, timeout: float = 20.0) 
                                 start_new_session=True)
     finally:
         log.close()
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def ready():
         if proc.poll() is not None:
-            raise DmreplError(f"the daemon exited with status {proc.returncode}: "
-                              f"{_log_tail(daemon.log_path(cfg))}", f"see {daemon.log_path(cfg)}")
-        if (port_accepts(cfg.listen_host, cfg.listen_port) and daemon.running_pid(cfg) == proc.pid
-                and daemon.export_pid(cfg) is not None):
-            return proc.pid
-        if time.monotonic() > deadline:
-            proc.terminate()
-            proc.wait()
-            raise DmreplError("the NBD export did not come up in time", f"see {daemon.log_path(cfg)}")
-        time.sleep(0.05)
+            return True
+        return (port_accepts(cfg.listen_host, cfg.listen_port) and daemon.running_pid(cfg) == proc.pid
+                and daemon.export_pid(cfg) is not None)
+
+    came_up = poll.until(ready, timeout=timeout, interval=0.05)
+    if proc.poll() is not None:
+        raise DmreplError(f"the daemon exited with status {proc.returncode}; its log says:\n"
+                          f"{_log_since(log_path, offset)}", f"see {log_path}")
+    if not came_up:
+        proc.terminate()
+        proc.wait()
+        raise DmreplError(f"the NBD export did not come up within {timeout:.0f} s; the daemon's log says:\n"
+                          f"{_log_since(log_path, offset)}", f"see {log_path}")
+    return proc.pid
 
 
 def up(sec: Secondary, config_path: str) -> dict:

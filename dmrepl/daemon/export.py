@@ -16,6 +16,7 @@ import time
 
 from dmrepl import tools
 
+
 class ExportError(RuntimeError):
     pass
 
@@ -49,7 +50,8 @@ class Export:
     def start(self, timeout: float = 15.0) -> None:
         if port_accepts(self.host, self.port):
             raise ExportError(f"{self.host}:{self.port} is already in use by another server")
-        log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        # No log path: nbdkit inherits our stdout and stderr (the daemon log).
+        log = open(self.log_path, "ab") if self.log_path else None
         try:
             self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         finally:

@@ -1,0 +1,153 @@
+"""The dmrepl command line.
+
+Errors print `dmrepl: <message>` and a hint; the traceback only with --debug.
+Exit status: 0 success, 1 a check or operation failed, 2 usage error.
+
+    cli/__init__.py   the parser, the root and device-mapper checks, error handling
+    cli/secondary.py  `dmrepl secondary ...`
+    cli/render.py     values to JSON and sentences
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from dmrepl import __version__
+from dmrepl.config import ConfigError
+from dmrepl.errors import DmreplError
+from dmrepl.state import StateError
+
+
+class UserError(DmreplError):
+    """An error for the user: a message and a hint, no traceback."""
+
+
+def _require_root(what: str) -> None:
+    if os.geteuid() != 0:
+        raise UserError(f"{what} needs root (it reads and changes device-mapper and loop devices)",
+                        "run it with sudo")
+
+
+def _require_dm() -> None:
+    from dmrepl import inventory
+
+    if not inventory.available():
+        raise UserError("device-mapper is not available on this host",
+                        "run `dmrepl doctor`; on a development machine use the test VM (scripts/demo, scripts/vm)")
+
+
+def cmd_doctor(args) -> int:
+    from dmrepl import doctor
+    from dmrepl.cli.render import print_json
+
+    checks = doctor.run_checks()
+    failed = [c for c in checks if c.verdict == "fail"]
+    if args.json:
+        print_json({"ok": not failed, "checks": [c.as_dict() for c in checks]})
+    else:
+        width = max(len(c.name) for c in checks)
+        for c in checks:
+            print(f"{c.verdict.upper():4}  {c.name:<{width}}  {c.detail}")
+        print("verdict: this host can run dmrepl" if not failed
+              else f"verdict: this host cannot run dmrepl ({len(failed)} check(s) failed)")
+    return 1 if failed else 0
+
+
+def cmd_ls(args) -> int:
+    from dmrepl import inventory
+    from dmrepl.cli.render import print_json
+
+    _require_dm()
+    _require_root("dmrepl ls")
+    rows = inventory.ours()
+    if args.json:
+        print_json(rows)
+    elif not rows:
+        print("no dmrepl devices")
+    else:
+        width = max(len(r.name) for r in rows)
+        print(f"{'NAME':<{width}}  {'DEV':>7}  OPEN  {'STATE':<16}  TARGETS")
+        for r in rows:
+            state = "removal-deferred" if r.deferred_remove else "suspended" if r.suspended else "active"
+            print(f"{r.name:<{width}}  {r.dev:>7}  {r.open_count:>4}  {state:<16}  {','.join(r.targets) or '-'}")
+        if any(r.deferred_remove for r in rows):
+            print("removal-deferred: the kernel removes the device when its last opener closes it")
+    return 0
+
+
+def cmd_secondary(args) -> int:
+    from dmrepl.cli import secondary
+
+    _require_root(f"dmrepl secondary {args.action}")
+    _require_dm()
+    return secondary.command(args)
+
+
+def cmd_demo(args) -> int:
+    from dmrepl import demo
+
+    _require_root("dmrepl demo")
+    return demo.run(keep=args.keep)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from dmrepl.cli import secondary
+
+    p = argparse.ArgumentParser(prog="dmrepl", description="Continuous-checkpoint block replication "
+                                "on Linux device-mapper.")
+    p.add_argument("--version", action="version", version=f"dmrepl {__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    d = sub.add_parser("doctor", help="check whether this host can run dmrepl")
+    d.add_argument("--json", action="store_true", help="machine-readable output")
+    d.set_defaults(func=cmd_doctor)
+
+    ls = sub.add_parser("ls", help="list the device-mapper devices dmrepl created")
+    ls.add_argument("--json", action="store_true", help="machine-readable output")
+    ls.set_defaults(func=cmd_ls)
+
+    secondary.add_parser(sub, cmd_secondary)
+
+    demo = sub.add_parser("demo", help="run a secondary end to end on loop-backed files, checking every byte")
+    demo.add_argument("--keep", action="store_true", help="keep the work directory")
+    demo.set_defaults(func=cmd_demo)
+    return p
+
+
+def _fail(message: str, hint: str | None) -> int:
+    print(f"dmrepl: {message}", file=sys.stderr)
+    if hint:
+        print(f"hint: {hint}", file=sys.stderr)
+    return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dmrepl.daemon.export import ExportError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("dmrepl: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 -- every error reaches the user as a sentence
+        if args.debug:
+            raise
+        if isinstance(e, DmreplError):
+            return _fail(str(e), e.hint)
+        if isinstance(e, (ConfigError, StateError, ExportError)):
+            return _fail(str(e), None)
+        if isinstance(e, OSError):
+            return _fail(str(e), "run with --debug for a traceback; `dmrepl doctor` checks this host")
+        # A ValueError from a table or a name, or a bug: still a sentence, never a bare traceback.
+        return _fail(f"{type(e).__name__}: {e}",
+                     "this is dmrepl's fault, not yours: run with --debug and report the traceback")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from dmrepl.cli import main
+
+sys.exit(main())

@@ -1,0 +1,38 @@
+"""Turning the policy's values into JSON and sentences."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import sys
+
+
+def jsonable(obj):
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    return obj
+
+
+def print_json(obj) -> None:
+    json.dump(jsonable(obj), sys.stdout, indent=2, sort_keys=True)
+    sys.stdout.write("\n")
+
+
+def human_bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return str(n)
+
+
+def holders(pairs) -> str:
+    return ", ".join(f"{comm}[{pid}]" for pid, comm in pairs) or "a process"

@@ -1,0 +1,55 @@
+"""Every name dmrepl gives a kernel object or a path, built here and nowhere else.
+
+    dmrepl-NAME-origin  DMREPL-NAME-origin   secondary: snapshot-origin (or merge) over S
+    dmrepl-NAME-hidden  DMREPL-NAME-hidden   secondary: snapshot S Hk (the hidden store)
+    dmrepl-NAME-active  DMREPL-NAME-active   secondary: linear, what its consumer opens
+    /dev/dmrepl/NAME/active                  udev's stable link (udev/56-dmrepl.rules)
+
+Every dm device dmrepl creates carries the uuid prefix DMREPL-, so that it can
+be found, listed and cleaned up without touching anyone else's devices
+(`dmrepl ls`, the kernel tier's sweep).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from dmrepl.kernel.nodes import MAPPER_DIR
+
+UUID_PREFIX = "DMREPL-"
+NAME_PREFIX = "dmrepl-"
+LINK_DIR = "/dev/dmrepl"
+
+SECONDARY_PARTS = ("origin", "hidden", "active")
+
+
+def is_ours(uuid: str) -> bool:
+    return uuid.startswith(UUID_PREFIX)
+
+
+@dataclass(frozen=True)
+class StackNames:
+    """The dm names, uuids and paths of one resource's stack on this host."""
+
+    resource: str
+
+    def dm(self, part: str) -> str:
+        return f"{NAME_PREFIX}{self.resource}-{part}"
+
+    def uuid(self, part: str) -> str:
+        return f"{UUID_PREFIX}{self.resource}-{part}"
+
+    def mapper_path(self, part: str) -> str:
+        return os.path.join(MAPPER_DIR, self.dm(part))
+
+    def link(self, part: str) -> str:
+        """The stable name udev gives a device consumers open."""
+        return os.path.join(LINK_DIR, self.resource, part)
+
+    def all(self, parts=SECONDARY_PARTS) -> dict[str, str]:
+        return {part: self.dm(part) for part in parts}
+
+
+def state_dir(state_root: str, resource: str) -> str:
+    return os.path.join(state_root, resource)

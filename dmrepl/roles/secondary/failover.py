@@ -1,0 +1,104 @@
+"""Failover on the secondary: take over at once, merge the hidden store in the background.
+
+Fence the primary (the caller's callback: stop the NBD export); one switch
+loads origin as snapshot-merge on the current store -- loaded while the
+snapshot on that store exists, it takes over its exceptions at resume
+(dm-snap.c: snapshot handover) -- and re-points active to the origin.  The
+consumer's view does not change by a byte.  When the kernel reports the merge
+done (sectors_allocated == metadata_sectors), a second switch makes the origin
+linear over S and the store is discarded.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from dmrepl.errors import DmreplError
+from dmrepl.kernel import switch
+from dmrepl.kernel.status import SnapshotStatus
+from dmrepl.kernel.tables import Linear
+from dmrepl.roles.secondary import watch
+from dmrepl.roles.secondary.stack import SECTOR, Stack
+from dmrepl.roles.transitions import Op, Role, check, is_noop
+from dmrepl.state import ResourceState, StateStore
+
+
+@dataclass(frozen=True)
+class MergeProgress:
+    remaining_bytes: int
+    total_bytes: int
+    done: bool
+
+    @property
+    def fraction(self) -> float:
+        if self.done or not self.total_bytes:
+            return 1.0
+        return max(0.0, 1.0 - self.remaining_bytes / self.total_bytes)
+
+
+def failover(stack: Stack, states: StateStore, st: ResourceState,
+             fence: Callable[[], None] | None = None) -> ResourceState:
+    check(stack.cfg.name, st.role, Op.FAILOVER)
+    if is_noop(st.role, Op.FAILOVER):
+        return st  # already switched: the merge goes on
+    health = watch.store_health(stack)
+    if health is not None and health.lost:
+        raise DmreplError("the hidden store was invalidated by the kernel (checkpoint lost): "
+                          "the standby view is gone and cannot be merged",
+                          "a resync from the primary is needed")
+    if fence is not None:
+        fence()
+    b = stack.backing()
+    active, hidden, origin = stack.dm("active"), stack.dm("hidden"), stack.dm("origin")
+    status = SnapshotStatus.parse(stack.ctl.status(hidden)[0].text)
+    new = st.evolve(role=Role.MERGING.value, history=[*st.history, {
+        "failover_from_checkpoint": st.checkpoint, "time": time.time(),
+        "merge_bytes": status.data_sectors * SECTOR}])
+    switch.run(stack.ctl, switch.SwitchPlan(
+        suspend=[active, hidden, origin],
+        load={origin: stack.merge_table(b, st.current_store), active: stack.over("origin", b)},
+        resume=[origin, active],
+        resume_old=[hidden, origin, active],
+        commit=lambda: states.save(new),
+        revert=lambda: states.save(st)))
+    # The old snapshot handed its store over and now fails all I/O; nobody uses it.
+    stack.ctl.remove(hidden)
+    return new
+
+
+def merge_progress(stack: Stack, st: ResourceState) -> MergeProgress | None:
+    origin = stack.dm("origin")
+    if st.role != Role.MERGING or not stack.ctl.exists(origin):
+        return None
+    spec = stack.ctl.status(origin)[0]
+    if spec.target_type != "snapshot-merge":
+        return None
+    status = SnapshotStatus.parse(spec.text)
+    if status.state == "merge_failed":
+        raise DmreplError("the kernel reports 'Merge failed' on the origin",
+                          "check the kernel log; the disk and the store are kept as they are")
+    total = next((h.get("merge_bytes", 0) for h in reversed(st.history) if "merge_bytes" in h), 0)
+    return MergeProgress(remaining_bytes=status.data_sectors * SECTOR, total_bytes=total, done=status.merge_done)
+
+
+def finish_merge(stack: Stack, states: StateStore, st: ResourceState) -> ResourceState:
+    """Once the merge is complete: origin becomes linear over S, the store is discarded."""
+    check(stack.cfg.name, st.role, Op.FINISH_MERGE)
+    if is_noop(st.role, Op.FINISH_MERGE):
+        return st
+    progress = merge_progress(stack, st)
+    if progress is None or not progress.done:
+        raise DmreplError("the merge is still running", "wait for it: `dmrepl secondary failover NAME`")
+    b = stack.backing()
+    active, origin = stack.dm("active"), stack.dm("origin")
+    new = st.evolve(role=Role.PRIMARY.value)
+    switch.run(stack.ctl, switch.SwitchPlan(
+        suspend=[active, origin],
+        load={origin: [Linear(0, stack.sectors(b.disk), b.disk, 0)]},
+        resume=[origin, active],
+        commit=lambda: states.save(new),
+        revert=lambda: states.save(st)))
+    stack.discard_store(b.stores[st.current_store])
+    return new
