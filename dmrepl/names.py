@@ -4,6 +4,8 @@
     dmrepl-NAME-hidden  DMREPL-NAME-hidden   secondary: snapshot S Hk (the hidden store)
     dmrepl-NAME-active  DMREPL-NAME-active   secondary: linear, what its consumer opens
     /dev/dmrepl/NAME/active                  udev's stable link (udev/56-dmrepl.rules)
+    dmrepl-NAME         DMREPL-NAME-top      primary: era over the mirror, what its consumer opens
+    dmrepl-NAME-mirror  DMREPL-NAME-mirror   primary: mirror of P and the NBD leg
 
 Every dm device dmrepl creates carries the uuid prefix DMREPL-, so that it can
 be found, listed and cleaned up without touching anyone else's devices
@@ -46,6 +48,13 @@ class StackNames:
     def link(self, part: str) -> str:
         """The stable name udev gives a device consumers open."""
         return os.path.join(LINK_DIR, self.resource, part)
+
+    def top(self) -> str:
+        """The primary's consumer device: dmrepl-NAME, without a part."""
+        return f"{NAME_PREFIX}{self.resource}"
+
+    def mapper_path_top(self) -> str:
+        return os.path.join(MAPPER_DIR, self.top())
 
     def all(self, parts=SECONDARY_PARTS) -> dict[str, str]:
         return {part: self.dm(part) for part in parts}

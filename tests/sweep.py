@@ -18,6 +18,7 @@ import signal
 from dmrepl import poll
 from dmrepl.kernel import dm, loop
 from dmrepl.names import StackNames, is_ours
+from dmrepl.nbd import attach, netlink
 
 OPT_IN = "DMREPL_TEST_ON_HOST"
 PROCESS_MARKERS = ("nbdkit", "dmrepl.daemon")
@@ -100,6 +101,10 @@ def sweep(run_dir: str) -> list[str]:
         poll.wait_for(lambda: our_processes(run_dir), "killed processes to exit", ok=lambda v: v == [])
     with dm.Control() as ctl:
         names = our_dm_devices(ctl)
+        for index, backend in attach.ours().items():
+            left.append(f"nbd:{index}:{backend}")
+        if attach.ours():
+            _disconnect_nbd()
         left += [f"dm:{n}" for n in names]
         dm.remove_tree(ctl, names)
     for dev in our_loops(run_dir):
@@ -111,6 +116,17 @@ def sweep(run_dir: str) -> list[str]:
     # LOOP_CLR_FD completes asynchronously once the last opener is gone.
     poll.wait_for(lambda: our_loops(run_dir), "the run's loop devices to detach", ok=lambda v: v == [])
     return left
+
+
+def _disconnect_nbd() -> None:
+    """Tear down the mirrors over our nbd devices first (dm holds them), then disconnect them."""
+    with netlink.NBDNetlink() as nl:
+        for index in attach.ours():
+            try:
+                nl.disconnect(index)
+            except netlink.NBDNetlinkError:
+                pass
+        poll.wait_for(lambda: attach.ours(), "dmrepl's nbd devices to disconnect", ok=lambda v: v == {})
 
 
 def power_loss(ctl: dm.Control, resource: str | None = None, run_dir: str | None = None) -> None:

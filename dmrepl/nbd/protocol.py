@@ -48,6 +48,7 @@ NBD_FLAG_READ_ONLY = 1 << 1   # writes and trims will fail
 NBD_FLAG_SEND_FLUSH = 1 << 2  # NBD_CMD_FLUSH is supported
 NBD_FLAG_SEND_FUA = 1 << 3    # NBD_CMD_FLAG_FUA is supported
 NBD_FLAG_SEND_TRIM = 1 << 5   # NBD_CMD_TRIM is supported
+NBD_FLAG_CAN_MULTI_CONN = 1 << 8  # several connections see one consistent export
 
 # Transmission phase ("Request message", "Simple reply message", "Request types").
 NBD_REQUEST_MAGIC = 0x25609513           # prefix of every request
@@ -175,3 +176,7 @@ class ExportInfo:
     @property
     def can_trim(self) -> bool:
         return bool(self.transmission_flags & NBD_FLAG_SEND_TRIM)
+
+    @property
+    def can_multi_conn(self) -> bool:
+        return bool(self.transmission_flags & NBD_FLAG_CAN_MULTI_CONN)

@@ -1,0 +1,146 @@
+"""Attach a remote export as /dev/nbdN: negotiate in userspace, hand the sockets to the kernel.
+
+    attach(host, port, export_name, expected_size_bytes=S, connections=4, timeout_s=2)
+
+Each connection is negotiated to NBD_OPT_GO (dmrepl.nbd.handshake), checked
+against what the caller expects (size, writable, flush and FUA, multi-conn for
+more than one connection), then all of them go to the kernel in one
+NBD_CMD_CONNECT.  A refused connection, a wrong export name, a size mismatch
+and a protocol violation are each one clear error, and nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from dataclasses import dataclass
+
+from dmrepl.nbd import netlink
+from dmrepl.nbd.handshake import handshake
+from dmrepl.nbd.protocol import ExportInfo, NBDOptionError, NBDProtocolError
+
+# /sys/block/nbdN/backend of every device dmrepl attached: how it finds its own (and only its own).
+BACKEND_PREFIX = "dmrepl:"
+
+
+def ours() -> dict[int, str]:
+    """{index: backend} of the connected nbd devices that dmrepl attached."""
+    import glob
+    import os
+
+    out = {}
+    for path in glob.glob("/sys/block/nbd*/backend"):
+        try:
+            with open(path) as f:
+                backend = f.read().strip()
+        except OSError:
+            continue
+        if backend.startswith(BACKEND_PREFIX):
+            out[int(os.path.basename(os.path.dirname(path))[3:])] = backend
+    return out
+
+
+class AttachError(OSError):
+    """The export could not be attached; the message says why and what to check."""
+
+    def __init__(self, err: int, message: str):
+        super().__init__(err, message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@dataclass(frozen=True)
+class Attached:
+    index: int
+    info: ExportInfo
+    connections: int
+
+    @property
+    def path(self) -> str:
+        return netlink.device_path(self.index)
+
+
+def negotiate(host: str, port: int, export_name: str, *, timeout_s: float) -> tuple[socket.socket, ExportInfo]:
+    """One TCP connection negotiated to the transmission phase."""
+    where = f"{host}:{port}"
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout_s)
+    except ConnectionRefusedError:
+        raise AttachError(errno.ECONNREFUSED, f"NBD export at {where}: connection refused "
+                          "(is the secondary up and its export listening?)") from None
+    except OSError as e:
+        raise AttachError(e.errno or errno.EIO, f"NBD export at {where}: cannot connect: "
+                          f"{e.strerror or e}") from None
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        info = handshake(sock, export_name)
+    except NBDOptionError as e:
+        sock.close()
+        raise AttachError(e.errno or errno.EINVAL, f"NBD export at {where} refused export name "
+                          f"{export_name!r}: {e} (do both hosts use the same resource id?)") from None
+    except NBDProtocolError as e:
+        sock.close()
+        raise AttachError(errno.EPROTO, f"NBD export at {where} broke the protocol: {e}") from None
+    except OSError as e:
+        sock.close()
+        raise AttachError(e.errno or errno.EIO, f"NBD export at {where}: handshake failed: {e}") from None
+    except BaseException:
+        sock.close()
+        raise
+    # The kernel owns the socket from now on and expects it blocking.
+    sock.settimeout(None)
+    return sock, info
+
+
+def attach(nl: netlink.NBDNetlink, host: str, port: int, export_name: str, *,
+           expected_size_bytes: int | None = None, connections: int = 1, timeout_s: int = 2,
+           dead_conn_timeout_s: int = 0, block_size: int = 4096, index: int | None = None) -> Attached:
+    """Negotiate `connections` sockets and attach them as one nbd device; returns it."""
+    if connections < 1:
+        raise ValueError(f"connections must be at least 1, got {connections}")
+    socks: list[socket.socket] = []
+    try:
+        info = None
+        for _ in range(connections):
+            sock, got = negotiate(host, port, export_name, timeout_s=max(timeout_s, 1) * 5)
+            socks.append(sock)
+            if info is not None and got != info:
+                raise AttachError(errno.EPROTO, f"NBD export at {host}:{port}: two connections saw different "
+                                  f"exports ({info} and {got})")
+            info = got
+        assert info is not None
+        if expected_size_bytes is not None and info.size_bytes != expected_size_bytes:
+            raise AttachError(errno.EINVAL, f"NBD export at {host}:{port} is {info.size_bytes} bytes, this host's "
+                              f"disk is {expected_size_bytes}: the two disks must be of one size")
+        if info.read_only:
+            raise AttachError(errno.EROFS, f"NBD export at {host}:{port} is read-only")
+        if not (info.can_flush and info.can_fua):
+            raise AttachError(errno.EOPNOTSUPP, f"NBD export at {host}:{port} cannot flush or FUA: "
+                              "a write acknowledged there might not be durable")
+        if connections > 1 and not info.can_multi_conn:
+            raise AttachError(errno.EOPNOTSUPP, f"NBD export at {host}:{port} does not advertise multi-conn: "
+                              "use one connection")
+        dev = nl.connect(socks, size_bytes=info.size_bytes, server_flags=info.transmission_flags,
+                         block_size=block_size, timeout_s=timeout_s, dead_conn_timeout_s=dead_conn_timeout_s,
+                         index=index, client_flags=netlink.ClientFlag.DESTROY_ON_DISCONNECT,
+                         backend=f"{BACKEND_PREFIX}{export_name}")
+        return Attached(index=dev, info=info, connections=connections)
+    finally:
+        for s in socks:
+            s.close()  # the kernel holds its own references to the sockets it took
+
+
+def reconnect(nl: netlink.NBDNetlink, index: int, host: str, port: int, export_name: str, *,
+              expected_size_bytes: int, timeout_s: int = 2) -> ExportInfo:
+    """Give an attached device whose link died a new connection (NBD_CMD_RECONFIGURE)."""
+    sock, info = negotiate(host, port, export_name, timeout_s=max(timeout_s, 1) * 5)
+    try:
+        if info.size_bytes != expected_size_bytes:
+            raise AttachError(errno.EINVAL, f"NBD export at {host}:{port} came back with {info.size_bytes} bytes, "
+                              f"it had {expected_size_bytes}")
+        nl.reconfigure(index, [sock], backend=f"{BACKEND_PREFIX}{export_name}")
+    finally:
+        sock.close()
+    return info

@@ -1,0 +1,124 @@
+"""Two hosts in two network namespaces joined by veth, inside the VM (kernel tier, e2e).
+
+The secondary's stack and its nbdkit export live in namespace s; the primary's
+NBD sockets are made in namespace p and handed to the kernel; the link between
+them is the veth pair, where faults are injected.
+"""
+
+import contextlib
+import os
+import threading
+import time
+
+import pytest
+
+from dmrepl import poll
+from dmrepl.daemon.export import nbdkit_argv, port_accepts
+from dmrepl.kernel import blockdev, loop
+from dmrepl.lab import Lab
+from dmrepl.nbd import netlink
+from dmrepl.nbd.attach import attach
+from dmrepl.roles.primary.stack import PrimaryLayout, PrimaryStack
+from dmrepl.roles.secondary import Secondary
+
+MiB = 1 << 20
+DISK = 64 * MiB
+PORT = 10809
+
+
+@contextlib.contextmanager
+def in_netns(name: str):
+    """Sockets made inside are the namespace's; the kernel NBD client keeps using them afterwards."""
+    from pyroute2 import netns
+    netns.pushns(name)
+    try:
+        yield
+    finally:
+        netns.popns()
+
+
+@pytest.fixture
+def lab():
+    with Lab(f"t{os.getpid() % 10000}") as lab_:
+        yield lab_
+
+
+@pytest.fixture
+def two_hosts(tmp_path, ctl, loops, lab):
+    """Secondary r3 up in namespace s with its export on the veth address; primary's stack in p."""
+    from test_secondary import make_cfg
+
+    cfg = make_cfg(tmp_path, name="r3")
+    sec = Secondary(cfg, ctl)
+    sec.up()
+    s_addr = lab.hosts["s"].address
+    export = lab.popen("s", nbdkit_argv(sec.origin_device(), s_addr, PORT, "r3"))
+    nl = netlink.NBDNetlink()
+    stack = PrimaryStack("r3", ctl)
+    dev = None
+    try:
+        poll.wait_for(lambda: lab.run("s", ["true"]).returncode == 0 and _accepts(lab, s_addr), "nbdkit in s")
+        p = loops.make("p", DISK, fill=b"\x11")
+        m = loops.make("m", 4 * MiB)
+        with in_netns(lab.hosts["p"].netns):
+            dev = attach(nl, s_addr, PORT, "r3", expected_size_bytes=DISK, connections=2, timeout_s=2)
+        stack.build(PrimaryLayout(disk=p, nbd=dev.path, era_metadata=m, era_block_sectors=2048), [])
+        yield sec, stack, dev, nl, export, p
+    finally:
+        stack.teardown()
+        if dev is not None:
+            with contextlib.suppress(netlink.NBDNetlinkError):
+                nl.disconnect(dev.index)
+            poll.wait_for(lambda: nl.is_connected(dev.index), "nbd disconnect", ok=lambda v: not v)
+        nl.close()
+        export.kill()
+        export.wait()
+        sec.down(force=True)
+
+
+def _accepts(lab, addr):
+    with in_netns(lab.hosts["s"].netns):
+        return port_accepts(addr, PORT)
+
+
+def test_checkpoints_across_the_link_give_the_secondary_the_primarys_view(two_hosts):
+    sec, stack, dev, nl, export, p = two_hosts
+    blockdev.write_at(stack.top_path, 0, b"\x22" * (8 * MiB))
+    assert blockdev.read_at(loop.find(sec.cfg.disk)[0], 0, 8 * MiB) == b"\x22" * (8 * MiB)   # S, synchronously
+    assert blockdev.read_at(sec.active_path, 0, MiB) == b"\x11" * MiB                        # checkpoint 0
+    for n in range(1, 4):
+        stack.checkpoint(lambda: sec.checkpoint(), lambda: None)
+        at_checkpoint = blockdev.read_at(stack.top_path, 0, 16 * MiB)
+        blockdev.write_at(stack.top_path, n * MiB, bytes([0x30 + n]) * (4 * MiB))   # the primary goes on
+        assert blockdev.read_at(sec.active_path, 0, 16 * MiB) == at_checkpoint
+        assert sec.state().checkpoint == n
+
+
+def test_a_cut_link_is_noticed_and_no_write_hangs(two_hosts, lab):
+    """veth down: the next primary write completes within the NBD timeout (the mirror marks the NBD
+    leg failed instead of holding the write), LINK_DEAD is announced, the data is on P."""
+    sec, stack, dev, nl, export, p = two_hosts
+    with netlink.LinkEvents() as events:
+        lab.link_down("s")
+        done = {}
+
+        def write():
+            t0 = time.monotonic()
+            try:
+                blockdev.write_at(stack.top_path, 20 * MiB, b"\x55" * MiB)
+                done["ok"] = time.monotonic() - t0
+            except OSError as e:
+                done["error"] = e
+
+        t = threading.Thread(target=write, daemon=True)
+        t.start()
+        t.join(timeout=30)
+        assert not t.is_alive(), "a primary write hung with the link cut"
+        assert "ok" in done, done
+        assert blockdev.read_at(p, 20 * MiB, MiB) == b"\x55" * MiB
+        poll.wait_for(lambda: stack.mirror().health, "the mirror to mark the NBD leg failed",
+                      ok=lambda h: h == "AD")
+        seen = poll.wait_for(lambda: events.wait(1.0), "LINK_DEAD for the cut link",
+                             ok=lambda evs: any(e.cmd == netlink.Cmd.LINK_DEAD for e in evs))
+        assert netlink.LinkEvent(netlink.Cmd.LINK_DEAD, dev.index) in seen
+    lab.link_up("s")
