@@ -1,0 +1,58 @@
+"""What the two daemons tell each other first, and whether they may replicate.
+
+The primary sends its Hello, the secondary answers with its own; each side
+checks the pair with `agree` before anything moves.  A refusal says exactly
+what differs, so that the admin fixes one config, not both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class Hello:
+    resource_id: str
+    role: str                 # "primary" or "secondary"
+    size_bytes: int           # the disk (P or S)
+    chunk_sectors: int        # the secondary's copy-before-write chunk (the primary sends what it expects)
+    era_block_sectors: int    # the primary's change-tracking block (the secondary echoes it)
+    checkpoints: list[int] = field(default_factory=list)  # checkpoint numbers this host holds, oldest first
+
+    def to_wire(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_wire(cls, body: dict) -> "Hello":
+        try:
+            return cls(resource_id=str(body["resource_id"]), role=str(body["role"]),
+                       size_bytes=int(body["size_bytes"]), chunk_sectors=int(body["chunk_sectors"]),
+                       era_block_sectors=int(body["era_block_sectors"]),
+                       checkpoints=[int(n) for n in body.get("checkpoints", [])])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"hello without a valid {e}") from None
+
+
+@dataclass(frozen=True)
+class Agreement:
+    ok: bool
+    reasons: list[str]
+    common_checkpoint: int | None   # the newest checkpoint both hold: where a delta resync starts
+
+
+def agree(mine: Hello, theirs: Hello) -> Agreement:
+    reasons = []
+    if mine.resource_id != theirs.resource_id:
+        reasons.append(f"resource id: this host has {mine.resource_id!r}, the peer {theirs.resource_id!r}")
+    if {mine.role, theirs.role} != {"primary", "secondary"}:
+        reasons.append(f"roles: this host is {mine.role}, the peer is {theirs.role}: one of each is needed")
+    if mine.size_bytes != theirs.size_bytes:
+        reasons.append(f"disk size: this host's is {mine.size_bytes} bytes, the peer's {theirs.size_bytes}")
+    if mine.chunk_sectors != theirs.chunk_sectors:
+        reasons.append(f"chunk size: this host expects {mine.chunk_sectors * 512 // 1024} KiB, "
+                       f"the peer {theirs.chunk_sectors * 512 // 1024} KiB")
+    if mine.era_block_sectors != theirs.era_block_sectors:
+        reasons.append(f"era block size: this host uses {mine.era_block_sectors * 512 // 1024} KiB, "
+                       f"the peer {theirs.era_block_sectors * 512 // 1024} KiB")
+    common = sorted(set(mine.checkpoints) & set(theirs.checkpoints))
+    return Agreement(ok=not reasons, reasons=reasons, common_checkpoint=common[-1] if common else None)
