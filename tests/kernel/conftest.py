@@ -123,3 +123,34 @@ def devices(ctl):
         yield d
     finally:
         d.cleanup()
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (on loopback)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(name="free_port")
+def free_port_fixture():
+    return free_port
+
+
+@pytest.fixture
+def nl():
+    """An nbd netlink handle and a list of the device indexes a test attached: all disconnected after."""
+    from dmrepl import poll
+    from dmrepl.nbd import netlink
+
+    with netlink.NBDNetlink() as n:
+        attached: list[int] = []
+        yield n, attached
+        for index in attached:
+            try:
+                n.disconnect(index)
+            except netlink.NBDNetlinkError:
+                pass
+            poll.wait_for(lambda: n.is_connected(index), f"/dev/nbd{index} to disconnect", ok=lambda v: not v)

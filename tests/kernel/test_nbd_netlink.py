@@ -18,19 +18,14 @@ MiB = 1 << 20
 SIZE = 16 * MiB
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture
-def served(tmp_path):
+def served(tmp_path, free_port):
     """A 16 MiB file of 0x11 served by nbdkit as export 'r1' on a free port."""
     path = tmp_path / "s.img"
     with open(path, "wb") as f:
         f.write(b"\x11" * SIZE)
-    export = Export(str(path), "127.0.0.1", _free_port(), "r1")
+    export = Export(str(path), "127.0.0.1", free_port(), "r1")
     export.start()
     try:
         yield export, str(path)
@@ -38,18 +33,6 @@ def served(tmp_path):
         export.stop()
 
 
-@pytest.fixture
-def nl():
-    with netlink.NBDNetlink() as n:
-        attached = []
-        yield n, attached
-        for index in attached:
-            try:
-                n.disconnect(index)
-            except netlink.NBDNetlinkError:
-                pass
-        for index in attached:
-            poll.wait_for(lambda: n.is_connected(index), f"/dev/nbd{index} to disconnect", ok=lambda v: not v)
 
 
 def _file_bytes(path, off, n):
@@ -96,9 +79,9 @@ def test_size_mismatch_is_a_clear_error_and_attaches_nothing(served, nl):
     assert ours() == {} and not any(d.connected for d in n.status())
 
 
-def test_refused_connection_and_garbage_server(nl):
+def test_refused_connection_and_garbage_server(nl, free_port):
     n, _ = nl
-    port = _free_port()
+    port = free_port()
     with pytest.raises(AttachError) as e:
         attach(n, "127.0.0.1", port, "r1")
     assert e.value.errno == errno.ECONNREFUSED and "connection refused" in str(e.value)

@@ -2,17 +2,14 @@
 and a checkpoint taken on both halves with the secondary's stack in the same kernel."""
 
 import errno
-import socket
 
 import pytest
 
-from dmrepl import poll
 from dmrepl.daemon import service
 from dmrepl.daemon.export import Export
 from dmrepl.kernel import blockdev, loop
 from dmrepl.kernel.errors import DMError
 from dmrepl.kernel.switch import SwitchError
-from dmrepl.nbd import netlink
 from dmrepl.nbd.attach import attach
 from dmrepl.roles.primary.stack import PrimaryLayout, PrimaryStack
 from dmrepl.roles.secondary import Secondary
@@ -21,23 +18,7 @@ MiB = 1 << 20
 SIZE = 16 * MiB
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
-
-@pytest.fixture
-def nl():
-    with netlink.NBDNetlink() as n:
-        attached = []
-        yield n, attached
-        for index in attached:
-            try:
-                n.disconnect(index)
-            except netlink.NBDNetlinkError:
-                pass
-            poll.wait_for(lambda: n.is_connected(index), f"/dev/nbd{index} to disconnect", ok=lambda v: not v)
 
 
 def _file(path, off, n):
@@ -46,13 +27,13 @@ def _file(path, off, n):
         return f.read(n)
 
 
-def test_a_write_to_the_top_device_is_on_p_and_s_and_era_counts_checkpoints(tmp_path, ctl, loops, nl):
+def test_a_write_to_the_top_device_is_on_p_and_s_and_era_counts_checkpoints(tmp_path, ctl, loops, nl, free_port):
     n, attached = nl
     p = loops.make("p", SIZE, fill=b"\x11")
     m = loops.make("m", 4 * MiB)
     s_path = tmp_path / "s.img"
     s_path.write_bytes(b"\x11" * SIZE)
-    export = Export(str(s_path), "127.0.0.1", _free_port(), "r1")
+    export = Export(str(s_path), "127.0.0.1", free_port(), "r1")
     export.start()
     stack = PrimaryStack("t1", ctl)
     try:
@@ -82,7 +63,7 @@ def test_a_write_to_the_top_device_is_on_p_and_s_and_era_counts_checkpoints(tmp_
         export.stop()
 
 
-def test_checkpoint_on_both_halves_gives_the_secondary_the_primarys_view(tmp_path, ctl, loops, nl, capsys):
+def test_checkpoint_on_both_halves_gives_the_secondary_the_primarys_view(tmp_path, ctl, loops, nl, capsys, free_port):
     """The secondary's stack and export, the primary's stack on its NBD export, one kernel:
     after a checkpoint the secondary's active view is the primary's device at that instant,
     while the primary keeps writing."""
@@ -90,7 +71,7 @@ def test_checkpoint_on_both_halves_gives_the_secondary_the_primarys_view(tmp_pat
 
     n, attached = nl
     cfg = make_cfg(tmp_path, name="r2")
-    cfg = cfg.__class__(**{**cfg.__dict__, "listen_port": _free_port()})
+    cfg = cfg.__class__(**{**cfg.__dict__, "listen_port": free_port()})
     config = tmp_path / "r2.toml"
     config.write_text(f'name = "r2"\nresource_id = "r2"\nstate_dir = "{cfg.state_dir}"\n[secondary]\n'
                       f'disk = "{cfg.disk}"\nhidden_stores = ["{cfg.hidden_stores[0]}", "{cfg.hidden_stores[1]}"]\n'
@@ -119,3 +100,33 @@ def test_checkpoint_on_both_halves_gives_the_secondary_the_primarys_view(tmp_pat
             n.disconnect(index)
         attached.clear()
         service.down(sec, force=True)
+
+
+def test_initial_sync_copies_and_verifies_and_refuses_other_sizes(tmp_path, loops, nl, free_port):
+    from dmrepl.errors import DmreplError
+    from dmrepl.roles.primary import sync
+
+    n, attached = nl
+    p = loops.make("p", SIZE, fill=b"\x5a")
+    blockdev.write_at(p, 5 * MiB, bytes(range(256)) * 4096)
+    s_path = tmp_path / "s.img"
+    s_path.write_bytes(b"\x11" * SIZE)
+    export = Export(str(s_path), "127.0.0.1", free_port(), "r1")
+    export.start()
+    try:
+        dev = attach(n, export.host, export.port, "r1", expected_size_bytes=SIZE, connections=4)
+        attached.append(dev.index)
+        seen = []
+        result = sync.initial_sync(p, dev.path, progress=lambda phase, d, t: seen.append((phase, d, t)))
+        assert result.copied_bytes == SIZE and result.verified_bytes == SIZE and result.copy_mb_s > 0
+        assert seen[-1] == ("verify", SIZE, SIZE) and ("copy", SIZE, SIZE) in seen
+        assert s_path.read_bytes() == blockdev.read_at(p, 0, SIZE)
+        assert sync.differing(p, dev.path) == []
+        blockdev.write_at(dev.path, 7 * MiB, b"\x00" * 4096)        # S drifts: the verify pass sees it
+        assert sync.differing(p, dev.path) == [(7 * MiB, MiB)]
+        small = loops.make("small", SIZE // 2)
+        with pytest.raises(DmreplError) as e:
+            sync.initial_sync(small, dev.path)
+        assert "the two disks must be of one size" in str(e.value)
+    finally:
+        export.stop()

@@ -22,14 +22,9 @@ RULES_SRC = os.path.join(PROJECT, "udev", "56-dmrepl.rules")
 RULES_RUN = "/run/udev/rules.d/56-dmrepl.rules"
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture
-def resource(tmp_path):
+def resource(tmp_path, free_port):
     """A config file for resource r1 on image files; everything is torn down afterwards."""
     disk = tmp_path / "disk.img"
     with open(disk, "wb") as f:
@@ -37,7 +32,7 @@ def resource(tmp_path):
     for i in (0, 1):
         with open(tmp_path / f"h{i}.img", "wb") as f:
             f.truncate(80 * MiB)
-    port = _free_port()
+    port = free_port()
     path = tmp_path / "r1.toml"
     path.write_text(f'name = "r1"\nresource_id = "r1-id"\nstate_dir = "{tmp_path}/state"\n'
                     f'[secondary]\ndisk = "{disk}"\nhidden_stores = ["{tmp_path}/h0.img", "{tmp_path}/h1.img"]\n'

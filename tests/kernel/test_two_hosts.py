@@ -122,3 +122,126 @@ def test_a_cut_link_is_noticed_and_no_write_hangs(two_hosts, lab):
                              ok=lambda evs: any(e.cmd == netlink.Cmd.LINK_DEAD for e in evs))
         assert netlink.LinkEvent(netlink.Cmd.LINK_DEAD, dev.index) in seen
     lab.link_up("s")
+
+
+LINK_PORT = 10810
+KEY = bytes(range(32))
+
+
+@contextlib.contextmanager
+def secondary_link(lab, sec, hello):
+    """The secondary's control link in namespace s: one session served in a thread."""
+    import threading
+
+    from dmrepl.daemon import peer
+    from dmrepl.link.session import Listener
+
+    with in_netns(lab.hosts["s"].netns):
+        listener = Listener(lab.hosts["s"].address, LINK_PORT, KEY)
+    refused = []
+
+    def run():
+        try:
+            session = listener.accept(timeout=30)
+        except Exception as e:  # noqa: BLE001
+            refused.append(e)
+            return
+        peer.serve(session, hello, lambda n: sec.checkpoint(number=n)[1])
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    try:
+        yield refused
+    finally:
+        listener.close()
+        t.join(timeout=30)
+
+
+def _session(lab):
+    from dmrepl.link.session import Session
+
+    with in_netns(lab.hosts["p"].netns):
+        return Session.connect(lab.hosts["s"].address, LINK_PORT, KEY)
+
+
+def _hello(sec, role, **over):
+    from dmrepl.roles.hello import Hello
+
+    st = sec.state()
+    base = dict(resource_id="r3", role=role, size_bytes=DISK, chunk_sectors=sec.cfg.chunk_sectors,
+                era_block_sectors=2048, checkpoints=[st.checkpoint])
+    base.update(over)
+    return Hello(**base)
+
+
+def test_checkpoints_over_the_control_link(two_hosts, lab):
+    from dmrepl.daemon import peer
+
+    sec, stack, dev, nl, export, p = two_hosts
+    with secondary_link(lab, sec, _hello(sec, "secondary")):
+        with _session(lab) as session:
+            theirs = peer.exchange_hello(session, _hello(sec, "primary"))
+            assert theirs.role == "secondary" and theirs.checkpoints == [0]
+            recorded = 0
+            for n in (1, 2, 3):
+                blockdev.write_at(stack.top_path, n * MiB, bytes([0x60 + n]) * MiB)
+
+                def commit():
+                    nonlocal recorded
+                    recorded = n
+
+                stack.checkpoint(lambda: peer.remote_checkpoint(session, n), commit)
+                at_checkpoint = blockdev.read_at(stack.top_path, 0, 8 * MiB)
+                blockdev.write_at(stack.top_path, 0, b"\x77" * MiB)          # the primary goes on
+                assert blockdev.read_at(sec.active_path, 0, 8 * MiB) == at_checkpoint
+                assert recorded == n and sec.state().checkpoint == n
+
+
+def test_hello_refuses_another_resource_and_changes_nothing(two_hosts, lab):
+    from dmrepl.daemon import peer
+
+    sec, stack, dev, nl, export, p = two_hosts
+    before = sec.state()
+    with secondary_link(lab, sec, _hello(sec, "secondary")):
+        with _session(lab) as session:
+            with pytest.raises(peer.PeerRefused) as e:
+                peer.exchange_hello(session, _hello(sec, "primary", resource_id="other", size_bytes=2 * DISK))
+    assert "resource id: this host has 'r3', the peer 'other'" in str(e.value)
+    assert f"disk size: this host's is {DISK} bytes, the peer's {2 * DISK}" in str(e.value)
+    assert sec.state() == before
+
+
+def test_a_checkpoint_that_fails_on_the_secondary_leaves_both_at_the_previous_one(two_hosts, lab, monkeypatch):
+    from dmrepl.daemon import peer
+    from dmrepl.kernel.switch import SwitchError
+
+    sec, stack, dev, nl, export, p = two_hosts
+    real_save = sec.states.save
+
+    def full_disk(state):
+        raise OSError(28, "No space left on device", sec.states.path)
+
+    with secondary_link(lab, sec, _hello(sec, "secondary")):
+        with _session(lab) as session:
+            peer.exchange_hello(session, _hello(sec, "primary"))
+            stack.checkpoint(lambda: peer.remote_checkpoint(session, 1), lambda: None)
+            blockdev.write_at(stack.top_path, 0, b"\x88" * MiB)
+            view = blockdev.read_at(sec.active_path, 0, 2 * MiB)
+            monkeypatch.setattr(sec.states, "save", full_disk)
+            recorded = []
+            with pytest.raises(SwitchError) as e:
+                stack.checkpoint(lambda: peer.remote_checkpoint(session, 2), lambda: recorded.append(2))
+            assert isinstance(e.value.cause, peer.PeerCheckpointFailed)
+            assert "could not take checkpoint 2" in str(e.value) and "No space left" in str(e.value)
+            monkeypatch.setattr(sec.states, "save", real_save)
+            assert recorded == [] and sec.state().checkpoint == 1
+            assert not ctl_suspended(stack)
+            assert blockdev.read_at(sec.active_path, 0, 2 * MiB) == view        # still checkpoint 1
+            # and the next checkpoint works
+            stack.checkpoint(lambda: peer.remote_checkpoint(session, 2), lambda: recorded.append(2))
+            assert recorded == [2] and sec.state().checkpoint == 2
+            assert blockdev.read_at(sec.active_path, 0, MiB) == b"\x88" * MiB
+
+
+def ctl_suspended(stack):
+    return stack.ctl.info(stack.dm("top")).suspended

@@ -184,9 +184,9 @@ class Secondary:
     # -- the role's operations ----------------------------------------------------
 
     @_locked
-    def checkpoint(self) -> tuple[ResourceState, float]:
+    def checkpoint(self, number: int | None = None) -> tuple[ResourceState, float]:
         """Switch the hidden snapshot to the other, empty store; returns (state, pause seconds)."""
-        return _checkpoint.checkpoint(self.stack, self.states, self._require_up())
+        return _checkpoint.checkpoint(self.stack, self.states, self._require_up(), number)
 
     @_locked
     def failover(self, fence: Callable[[], None] | None = None) -> ResourceState:

@@ -11,21 +11,32 @@ from __future__ import annotations
 
 import time
 
+from dmrepl.errors import DmreplError
 from dmrepl.kernel import switch
 from dmrepl.roles.secondary.stack import Stack
 from dmrepl.roles.transitions import Op, check
 from dmrepl.state import ResourceState, StateStore
 
 
-def checkpoint(stack: Stack, states: StateStore, st: ResourceState) -> tuple[ResourceState, float]:
-    """Returns the new state and the pause (first suspend to last resume) in seconds."""
+def checkpoint(stack: Stack, states: StateStore, st: ResourceState,
+               number: int | None = None) -> tuple[ResourceState, float]:
+    """Returns the new state and the pause (first suspend to last resume) in seconds.
+
+    `number` is the primary's checkpoint number when the primary asks; it may
+    equal the current one (the primary retries a checkpoint it could not
+    record: the view is taken again, at the primary's present), never be older.
+    """
     check(stack.cfg.name, st.role, Op.CHECKPOINT)
+    n = st.checkpoint + 1 if number is None else number
+    if n < st.checkpoint:
+        raise DmreplError(f"checkpoint {n} asked, this secondary holds checkpoint {st.checkpoint} already",
+                          "the two hosts' histories differ: compare `status` on both")
     b = stack.backing()
     k, nxt = st.current_store, 1 - st.current_store
     stack.zero_header(b.stores[nxt])
-    new = st.evolve(checkpoint=st.checkpoint + 1, current_store=nxt, checkpoint_lost=False,
+    new = st.evolve(checkpoint=n, current_store=nxt, checkpoint_lost=False,
                     early_checkpoint_requested=False,
-                    history=[*st.history, {"checkpoint": st.checkpoint + 1, "time": time.time()}])
+                    history=[*st.history, {"checkpoint": n, "time": time.time()}])
     active, hidden, origin = stack.dm("active"), stack.dm("hidden"), stack.dm("origin")
     result = switch.run(stack.ctl, switch.SwitchPlan(
         suspend=[active, hidden, origin],

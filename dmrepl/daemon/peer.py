@@ -1,0 +1,124 @@
+"""The two daemons' conversation over the control link: hello, then checkpoints, heartbeats, status.
+
+    primary                                secondary
+    HELLO {its Hello}              ->
+                                   <-      HELLO_OK {its Hello}  |  REFUSED {reasons}
+    CHECKPOINT {n}                 ->      (switches its hidden store, persists n)
+                                   <-      CHECKPOINT_DONE {n, ok, pause_ms | error}
+    HEARTBEAT {t}                  ->
+                                   <-      HEARTBEAT {t}
+
+A checkpoint is two-sided: the primary's top device stays suspended (every
+acknowledged write on P and S) while the secondary switches; the primary
+records n only once the secondary said done.  If the secondary fails, it has
+rolled back to n-1 and the primary does not record n: both stay at n-1.  If
+the primary cannot record n after the secondary did, its next checkpoint asks
+for n again and the secondary takes its view anew at that number.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable
+
+from dmrepl.errors import DmreplError
+from dmrepl.link.frames import FrameError, Kind
+from dmrepl.link.session import Session
+from dmrepl.roles.hello import Hello, agree
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_TIMEOUT = 30.0
+
+
+class PeerRefused(DmreplError):
+    """The peer refused this host at hello (or this host refused the peer)."""
+
+
+class PeerCheckpointFailed(DmreplError):
+    pass
+
+
+def exchange_hello(session: Session, mine: Hello, timeout: float = 10.0) -> Hello:
+    """The primary's side: send our Hello, check the answer; raises PeerRefused with every reason."""
+    session.send(Kind.HELLO, mine.to_wire())
+    kind, body = session.recv(timeout=timeout)
+    if kind == Kind.REFUSED:
+        session.close()
+        raise PeerRefused(f"the peer at {session.peer} refused this host: " + "; ".join(body.get("reasons", [])),
+                          "make the two configs agree")
+    if kind != Kind.HELLO_OK:
+        session.close()
+        raise FrameError(f"expected HELLO_OK or REFUSED, received {kind.name}")
+    theirs = Hello.from_wire(body)
+    agreement = agree(mine, theirs)
+    if not agreement.ok:
+        session.close()
+        raise PeerRefused(f"the peer at {session.peer} does not match this host: " + "; ".join(agreement.reasons),
+                          "make the two configs agree")
+    return theirs
+
+
+def remote_checkpoint(session: Session, n: int, timeout: float = CHECKPOINT_TIMEOUT) -> float:
+    """Ask the secondary for checkpoint n; returns its pause in seconds, raises if it failed."""
+    session.send(Kind.CHECKPOINT, {"n": n})
+    while True:
+        kind, body = session.recv(timeout=timeout)
+        if kind == Kind.CHECKPOINT_DONE and body.get("n") == n:
+            break
+        if kind in (Kind.HEARTBEAT, Kind.EARLY_CHECKPOINT):
+            continue  # not an answer; the checkpoint answers next
+        raise FrameError(f"expected CHECKPOINT_DONE for {n}, received {kind.name} {body}")
+    if not body.get("ok"):
+        raise PeerCheckpointFailed(f"the secondary could not take checkpoint {n}: {body.get('error')}",
+                                   "both hosts stay at the previous checkpoint; see the secondary's log")
+    return float(body.get("pause_ms", 0)) / 1000
+
+
+def serve(session: Session, mine: Hello, take_checkpoint: Callable[[int], float],
+          status: Callable[[], dict] = dict) -> None:
+    """The secondary's side of one authenticated session, until the peer goes or breaks the protocol."""
+    kind, body = session.recv(timeout=10.0)
+    if kind != Kind.HELLO:
+        log.warning("peer %s: expected HELLO, received %s: closing", session.peer, kind.name)
+        session.close()
+        return
+    try:
+        theirs = Hello.from_wire(body)
+    except ValueError as e:
+        log.warning("peer %s: %s: closing", session.peer, e)
+        session.close()
+        return
+    agreement = agree(mine, theirs)
+    if not agreement.ok:
+        log.warning("peer %s refused at hello: %s", session.peer, "; ".join(agreement.reasons))
+        session.send(Kind.REFUSED, {"reasons": agreement.reasons})
+        session.close()
+        return
+    session.send(Kind.HELLO_OK, mine.to_wire())
+    log.info("peer %s: hello ok (common checkpoint %s)", session.peer, agreement.common_checkpoint)
+    while True:
+        try:
+            kind, body = session.recv(timeout=None)
+        except (FrameError, OSError) as e:
+            log.info("peer %s: session ended: %s", session.peer, e)
+            return
+        if kind == Kind.CHECKPOINT:
+            n = body.get("n")
+            if not isinstance(n, int):
+                session.send(Kind.CHECKPOINT_DONE, {"n": n, "ok": False, "error": "no checkpoint number"})
+                continue
+            try:
+                pause = take_checkpoint(n)
+            except Exception as e:  # noqa: BLE001 -- the primary must hear why, whatever it was
+                log.error("checkpoint %d failed: %s", n, e)
+                session.send(Kind.CHECKPOINT_DONE, {"n": n, "ok": False, "error": str(e)})
+                continue
+            session.send(Kind.CHECKPOINT_DONE, {"n": n, "ok": True, "pause_ms": round(pause * 1000, 3)})
+        elif kind == Kind.HEARTBEAT:
+            session.send(Kind.HEARTBEAT, {"t": time.time()})
+        elif kind == Kind.STATUS:
+            session.send(Kind.STATUS_REPLY, status())
+        else:
+            log.warning("peer %s: unexpected %s: ignored", session.peer, kind.name)
