@@ -10,6 +10,7 @@ injected on the link with `link_down` (and tc netem by the tests).
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 from dataclasses import dataclass
 
@@ -76,6 +77,16 @@ class Lab:
         h = self.hosts[host]
         with NetNS(h.netns) as ns:
             ns.link("set", index=ns.link_lookup(ifname=h.ifname)[0], state="up")
+
+    @contextlib.contextmanager
+    def inside(self, host: str):
+        """Sockets this thread makes inside are `host`'s (setns on the calling thread); the kernel
+        NBD client and the listeners keep using them afterwards."""
+        netns.pushns(self.hosts[host].netns)
+        try:
+            yield
+        finally:
+            netns.popns()
 
     def argv(self, host: str, argv: list[str]) -> list[str]:
         return ["ip", "netns", "exec", self.hosts[host].netns, *argv]

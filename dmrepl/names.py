@@ -56,9 +56,3 @@ class StackNames:
     def mapper_path_top(self) -> str:
         return os.path.join(MAPPER_DIR, self.top())
 
-    def all(self, parts=SECONDARY_PARTS) -> dict[str, str]:
-        return {part: self.dm(part) for part in parts}
-
-
-def state_dir(state_root: str, resource: str) -> str:
-    return os.path.join(state_root, resource)

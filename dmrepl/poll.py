@@ -40,13 +40,13 @@ def wait_for(probe: Callable[[], T], what: str, *, ok: Callable[[T], bool] = boo
     The error carries the last value seen, so a failure says what the system
     looked like at the deadline, not only that it took too long.
     """
-    deadline = time.monotonic() + timeout
+    last: list = []
+
+    def check() -> bool:
+        last[:] = [probe()]
+        return ok(last[0])
+
     t0 = time.monotonic()
-    while True:
-        value = probe()
-        if ok(value):
-            return value
-        if time.monotonic() >= deadline:
-            raise WaitTimeout(f"timed out after {time.monotonic() - t0:.1f} s waiting for {what}; "
-                              f"last seen: {value!r}")
-        time.sleep(interval)
+    if until(check, timeout=timeout, interval=interval):
+        return last[0]
+    raise WaitTimeout(f"timed out after {time.monotonic() - t0:.1f} s waiting for {what}; last seen: {last[0]!r}")

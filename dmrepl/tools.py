@@ -10,13 +10,7 @@ import os
 import shutil
 from dataclasses import dataclass
 
-from dmrepl.errors import DmreplError
-
 SBIN = ("/usr/sbin", "/sbin")
-
-
-class ToolMissing(DmreplError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -34,13 +28,6 @@ class Tool:
             if os.access(candidate, os.X_OK):
                 return candidate
         return None
-
-    def require(self) -> str:
-        found = self.path()
-        if found is None:
-            raise ToolMissing(f"{self.command} is not installed ({self.purpose})",
-                              f"apt-get install {self.package}")
-        return found
 
 
 NBDKIT = Tool("nbdkit", "nbdkit", "the secondary's NBD export")

@@ -33,6 +33,3 @@ def human_bytes(n: int) -> str:
         value /= 1024
     return str(n)
 
-
-def holders(pairs) -> str:
-    return ", ".join(f"{comm}[{pid}]" for pid, comm in pairs) or "a process"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import time
 
-from dmrepl.cli.render import holders, human_bytes, print_json
+from dmrepl.cli.render import human_bytes, print_json
 from dmrepl.config import SecondaryConfig, default_path, load_secondary
 from dmrepl.daemon import running_pid, service
 from dmrepl.roles.secondary import Secondary, SecondaryStatus
@@ -111,7 +111,7 @@ def _failover(sec: Secondary, cfg: SecondaryConfig, config_path: str, args) -> i
 def warnings(s: SecondaryStatus, cfg: SecondaryConfig) -> list[str]:
     out = []
     for d in s.deferred:
-        out.append(f"{d.name}: removal deferred until {holders(d.holders)} closes it (it fails all I/O meanwhile)")
+        out.append(f"{d.describe()} (it fails all I/O meanwhile)")
     lost = (s.store is not None and s.store.lost) or (s.state is not None and s.state.checkpoint_lost)
     if lost:
         out.append("CHECKPOINT LOST: the kernel invalidated the hidden store; "

@@ -8,10 +8,9 @@ from __future__ import annotations
 import errno
 import glob
 import os
-import time
 from dataclasses import dataclass
 
-from dmrepl import _kernel
+from dmrepl import _kernel, poll
 from dmrepl.kernel.errors import LoopError
 
 LOOP_CONTROL = "/dev/loop-control"
@@ -105,12 +104,7 @@ def detach(path: str, *, wait: float = 5.0) -> bool:
     a fresh device open briefly.  Returns True once the device is unbound.
     """
     _on_device(path, "LOOP_CLR_FD", _kernel.loop_clr_fd)
-    deadline = time.monotonic() + wait
-    while backing_file(path) is not None:
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.02)
-    return True
+    return poll.until(lambda: backing_file(path) is None, timeout=wait)
 
 
 def info(path: str) -> LoopInfo:

@@ -41,6 +41,11 @@ def openers(path: str, *, exclude_pids: tuple[int, ...] = (), include_self: bool
     return found
 
 
+def describe(openers_: list[tuple[int, str]]) -> str:
+    """"comm[pid], ..." for messages; "a process" when /proc showed none (it may be gone already)."""
+    return ", ".join(f"{comm}[{pid}]" for pid, comm in openers_) or "a process"
+
+
 def holders(dev_path: str) -> list[str]:
     """Kernel holders of a block device (/sys/dev/block/M:m/holders): dm devices stacked on it."""
     st = os.stat(dev_path)

@@ -26,7 +26,7 @@ import errno
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 from dmrepl.kernel.dm import Control, Spec, TargetLine
 from dmrepl.kernel.errors import DMError
@@ -103,11 +103,6 @@ def run(ctl: Control, plan: SwitchPlan) -> SwitchResult:
     return SwitchResult(pause_seconds=time.perf_counter() - t0)
 
 
-def _same(live: Iterable[Spec], saved: Iterable[Spec]) -> bool:
-    return [(s.start, s.length, s.target_type, s.text) for s in live] == \
-           [(s.start, s.length, s.target_type, s.text) for s in saved]
-
-
 def _rollback(ctl: Control, plan: SwitchPlan, saved: dict[str, list[Spec]], progress: _Progress,
               everything: list[str]) -> list[str]:
     """Every step is tried whatever the others did; returns the steps that failed."""
@@ -128,7 +123,7 @@ def _rollback(ctl: Control, plan: SwitchPlan, saved: dict[str, list[Spec]], prog
     changed = []
     for name in progress.loaded:
         try:
-            if not _same(ctl.table(name), saved[name]):
+            if ctl.table(name) != saved[name]:
                 changed.append(name)
         except DMError as e:
             failures.append(f"read the table of {name}: {e}")

@@ -12,6 +12,8 @@ and a protocol violation are each one clear error, and nothing is left behind.
 from __future__ import annotations
 
 import errno
+import glob
+import os
 import socket
 from dataclasses import dataclass
 
@@ -25,9 +27,6 @@ BACKEND_PREFIX = "dmrepl:"
 
 def ours() -> dict[int, str]:
     """{index: backend} of the connected nbd devices that dmrepl attached."""
-    import glob
-    import os
-
     out = {}
     for path in glob.glob("/sys/block/nbd*/backend"):
         try:

@@ -16,7 +16,6 @@ fills the header, waits for the kernel's answer and turns a refusal into an
 from __future__ import annotations
 
 import errno
-import os
 import select
 import socket
 from dataclasses import dataclass
@@ -254,7 +253,3 @@ class LinkEvents:
             events.append(LinkEvent(cmd=cmd, index=int(index) if index is not None else -1))
         return events
 
-
-def available() -> bool:
-    """The nbd module is loaded (its genl family exists once it is)."""
-    return os.path.isdir("/sys/module/nbd")

@@ -67,15 +67,11 @@ def test_checkpoint_on_both_halves_gives_the_secondary_the_primarys_view(tmp_pat
     """The secondary's stack and export, the primary's stack on its NBD export, one kernel:
     after a checkpoint the secondary's active view is the primary's device at that instant,
     while the primary keeps writing."""
-    from test_secondary import make_cfg
+    from test_secondary import _config_file, make_cfg
 
     n, attached = nl
-    cfg = make_cfg(tmp_path, name="r2")
-    cfg = cfg.__class__(**{**cfg.__dict__, "listen_port": free_port()})
-    config = tmp_path / "r2.toml"
-    config.write_text(f'name = "r2"\nresource_id = "r2"\nstate_dir = "{cfg.state_dir}"\n[secondary]\n'
-                      f'disk = "{cfg.disk}"\nhidden_stores = ["{cfg.hidden_stores[0]}", "{cfg.hidden_stores[1]}"]\n'
-                      f'listen = "127.0.0.1:{cfg.listen_port}"\n')
+    cfg = make_cfg(tmp_path, name="r2", listen_port=free_port())
+    config = _config_file(cfg, tmp_path)
     disk = 64 * MiB
     p = loops.make("p", disk, fill=b"\x11")
     m = loops.make("m", 4 * MiB)

@@ -26,17 +26,6 @@ DISK = 64 * MiB
 PORT = 10809
 
 
-@contextlib.contextmanager
-def in_netns(name: str):
-    """Sockets made inside are the namespace's; the kernel NBD client keeps using them afterwards."""
-    from pyroute2 import netns
-    netns.pushns(name)
-    try:
-        yield
-    finally:
-        netns.popns()
-
-
 @pytest.fixture
 def lab():
     with Lab(f"t{os.getpid() % 10000}") as lab_:
@@ -57,10 +46,10 @@ def two_hosts(tmp_path, ctl, loops, lab):
     stack = PrimaryStack("r3", ctl)
     dev = None
     try:
-        poll.wait_for(lambda: lab.run("s", ["true"]).returncode == 0 and _accepts(lab, s_addr), "nbdkit in s")
+        poll.wait_for(lambda: _accepts(lab, s_addr), "nbdkit in s")
         p = loops.make("p", DISK, fill=b"\x11")
         m = loops.make("m", 4 * MiB)
-        with in_netns(lab.hosts["p"].netns):
+        with lab.inside("p"):
             dev = attach(nl, s_addr, PORT, "r3", expected_size_bytes=DISK, connections=2, timeout_s=2)
         stack.build(PrimaryLayout(disk=p, nbd=dev.path, era_metadata=m, era_block_sectors=2048), [])
         yield sec, stack, dev, nl, export, p
@@ -77,7 +66,7 @@ def two_hosts(tmp_path, ctl, loops, lab):
 
 
 def _accepts(lab, addr):
-    with in_netns(lab.hosts["s"].netns):
+    with lab.inside("s"):
         return port_accepts(addr, PORT)
 
 
@@ -136,7 +125,7 @@ def secondary_link(lab, sec, hello):
     from dmrepl.daemon import peer
     from dmrepl.link.session import Listener
 
-    with in_netns(lab.hosts["s"].netns):
+    with lab.inside("s"):
         listener = Listener(lab.hosts["s"].address, LINK_PORT, KEY)
     refused = []
 
@@ -160,7 +149,7 @@ def secondary_link(lab, sec, hello):
 def _session(lab):
     from dmrepl.link.session import Session
 
-    with in_netns(lab.hosts["p"].netns):
+    with lab.inside("p"):
         return Session.connect(lab.hosts["s"].address, LINK_PORT, KEY)
 
 

@@ -81,5 +81,4 @@ def check_unused(what: str, path: str) -> None:
             raise
     users = procfs.openers(path)
     if users:
-        who = ", ".join(f"{comm}[{pid}]" for pid, comm in users)
-        raise DmreplError(f"{what} {path} is open by {who}", "stop those processes first")
+        raise DmreplError(f"{what} {path} is open by {procfs.describe(users)}", "stop those processes first")

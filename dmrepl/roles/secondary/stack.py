@@ -43,8 +43,7 @@ class Deferred:
     holders: list[tuple[int, str]]   # (pid, command)
 
     def describe(self) -> str:
-        who = ", ".join(f"{comm}[{pid}]" for pid, comm in self.holders) or "a process"
-        return f"{self.name}: removal deferred until {who} closes it"
+        return f"{self.name}: removal deferred until {procfs.describe(self.holders)} closes it"
 
 
 class Stack:
