@@ -15,6 +15,8 @@ from __future__ import annotations
 import os
 import signal
 
+from pyroute2 import netns
+
 from dmrepl import poll
 from dmrepl.kernel import dm, loop
 from dmrepl.names import StackNames, is_ours
@@ -83,12 +85,23 @@ def our_loops(run_dir: str) -> list[str]:
     return [dev for dev, backing in loop.list_attached().items() if backing.startswith(root)]
 
 
+def lab_tag() -> str:
+    """The tag of this run's two-host lab (dmrepl.lab.Lab): its namespaces are dmrepl-TAG-p and -s."""
+    return f"t{os.getpid() % 10000}"
+
+
+def our_namespaces() -> list[str]:
+    prefix = f"dmrepl-{lab_tag()}-"
+    return [n for n in netns.listnetns() if n.startswith(prefix)]
+
+
 def our_dm_devices(ctl: dm.Control) -> list[str]:
     return [d.name for d in ctl.list_devices() if is_ours(d.uuid)]
 
 
 def sweep(run_dir: str) -> list[str]:
-    """Kill the run's processes, remove dmrepl's dm devices, detach the run's loop devices; return what was found."""
+    """Kill the run's processes, disconnect dmrepl's nbd devices, remove dmrepl's dm devices and the
+    run's lab namespaces, detach the run's loop devices; return what was found."""
     require_vm("the kernel tier's sweep")
     left = []
     for pid, cmd in our_processes(run_dir):
@@ -107,6 +120,9 @@ def sweep(run_dir: str) -> list[str]:
             _disconnect_nbd()
         left += [f"dm:{n}" for n in names]
         dm.remove_tree(ctl, names)
+    for name in our_namespaces():
+        left.append(f"netns:{name}")
+        netns.remove(name)
     for dev in our_loops(run_dir):
         left.append(f"loop:{dev}")
         try:

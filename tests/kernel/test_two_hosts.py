@@ -6,11 +6,11 @@ them is the veth pair, where faults are injected.
 """
 
 import contextlib
-import os
 import threading
 import time
 
 import pytest
+import sweep
 
 from dmrepl import poll
 from dmrepl.daemon.export import nbdkit_argv, port_accepts
@@ -28,7 +28,7 @@ PORT = 10809
 
 @pytest.fixture
 def lab():
-    with Lab(f"t{os.getpid() % 10000}") as lab_:
+    with Lab(sweep.lab_tag()) as lab_:
         yield lab_
 
 
