@@ -11,6 +11,25 @@
     listen = "127.0.0.1:10809"        # where the NBD export listens
     chunk_kib = 4                     # copy-before-write granularity
     store_fill_warn = 0.75            # ask for an early checkpoint above this fill level
+    link_listen = "127.0.0.1:10810"   # the control link from the primary (default: listen's port + 1)
+    key_file = "/etc/dmrepl/vm1.key"  # its pre-shared key (0600); without it, no control link
+
+    # or, on the primary host (one role per host and resource):
+    [primary]
+    disk = "/srv/vm1/disk.img"        # the local disk P
+    era_metadata = "/srv/vm1/era.img" # dm-era's metadata (a few MiB)
+    key_file = "/etc/dmrepl/vm1.key"  # the same key as the secondary's
+    era_block_kib = 1024              # change-tracking granularity
+    chunk_kib = 4                     # the secondary's chunk size, checked at hello
+    checkpoint_interval_s = 5.0       # 0: only on demand
+    heartbeat_interval_s = 1.0
+    heartbeat_misses = 3              # this many unanswered heartbeats: "disconnected"
+    nbd_connections = 4
+    nbd_timeout_s = 2                 # the longest a dead secondary stalls a write
+    netns = "repl"                    # optional: make the link's sockets in this network namespace
+    [[primary.secondaries]]           # one today; the list is there for more
+    nbd = "10.77.0.2:10809"
+    link = "10.77.0.2:10810"
 
 Unknown keys and wrong types are errors that name the file and the key.
 """
@@ -55,6 +74,45 @@ class SecondaryConfig:
     store_fill_warn: float
     state_dir: str
     source: str = "<built>"
+    link_host: str | None = None      # the control link; None: no link (checkpoints by CLI only)
+    link_port: int | None = None
+    key_file: str | None = None
+    role = "secondary"
+
+    @property
+    def resource_state_dir(self) -> str:
+        return os.path.join(self.state_dir, self.name)
+
+
+@dataclass(frozen=True)
+class Peer:
+    """One secondary as the primary reaches it."""
+
+    nbd_host: str
+    nbd_port: int
+    link_host: str
+    link_port: int
+
+
+@dataclass(frozen=True)
+class PrimaryConfig:
+    name: str
+    resource_id: str
+    disk: str
+    era_metadata: str
+    key_file: str
+    secondaries: tuple[Peer, ...]
+    era_block_sectors: int
+    chunk_sectors: int
+    checkpoint_interval_s: float
+    heartbeat_interval_s: float
+    heartbeat_misses: int
+    nbd_connections: int
+    nbd_timeout_s: int
+    state_dir: str
+    source: str = "<built>"
+    netns: str | None = None
+    role = "primary"
 
     @property
     def resource_state_dir(self) -> str:
@@ -65,18 +123,24 @@ def default_path(name: str) -> str:
     return os.path.join(CONFIG_DIR, f"{check_name(name)}.toml")
 
 
-def _parse_listen(value: str, where: str) -> tuple[str, int]:
+def _parse_address(value: str, where: str, what: str = "listen", default_port: int = DEFAULT_PORT
+                   ) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep:
-        host, port = value, str(DEFAULT_PORT)
+        host, port = value, str(default_port)
     host = host.strip("[]")
     try:
         ipaddress.ip_address(host)
     except ValueError:
-        raise ConfigError(f"{where}: listen address {value!r}: expected IP:PORT, e.g. 127.0.0.1:10809") from None
+        raise ConfigError(f"{where}: {what} address {value!r}: expected IP:PORT, "
+                          f"e.g. 127.0.0.1:{default_port}") from None
     if not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"{where}: listen port {port!r} must be 1-65535")
+        raise ConfigError(f"{where}: {what} port {port!r} must be 1-65535")
     return host, int(port)
+
+
+def _parse_listen(value: str, where: str) -> tuple[str, int]:
+    return _parse_address(value, where)
 
 
 def _expect(table: dict, key: str, kind, where: str, default=None, required: bool = False):
@@ -92,51 +156,142 @@ def _expect(table: dict, key: str, kind, where: str, default=None, required: boo
     return value
 
 
-def parse_secondary(text: str, *, source: str, default_name: str | None = None) -> SecondaryConfig:
-    try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{source}: not valid TOML: {e}") from None
-    top_keys = {"name", "resource_id", "state_dir", "secondary"}
-    if "primary" in doc:
-        # Accepted once the primary role exists; until then a [primary] section
-        # would be a configuration that silently does nothing.
-        raise ConfigError(f"{source}: section [primary]: this dmrepl has only the secondary's half; "
-                          "remove the section (the primary role is not implemented yet)")
-    for key in doc:
-        if key not in top_keys:
-            raise ConfigError(f"{source}: unknown key '{key}' (known: {', '.join(sorted(top_keys))})")
-    name = check_name(_expect(doc, "name", str, source, default_name, required=default_name is None))
-    resource_id = _expect(doc, "resource_id", str, source, name)
-    state_dir = _expect(doc, "state_dir", str, source, DEFAULT_STATE_DIR)
+def _check_keys(table: dict, known: set[str], where: str) -> None:
+    for key in table:
+        if key not in known:
+            raise ConfigError(f"{where}: unknown key '{key}' (known: {', '.join(sorted(known))})")
+
+
+def _chunk_sectors(table: dict, where: str) -> int:
+    chunk_kib = _expect(table, "chunk_kib", int, where, 4)
+    if chunk_kib < 4 or chunk_kib > 512 or chunk_kib & (chunk_kib - 1):
+        raise ConfigError(f"{where}: 'chunk_kib' must be a power of two from 4 to 512, got {chunk_kib}")
+    return chunk_kib * 2
+
+
+def _number(table: dict, key: str, kind, where: str, default, low, high):
+    value = _expect(table, key, kind, where, default)
+    if not low <= value <= high:
+        raise ConfigError(f"{where}: '{key}' must be from {low} to {high}, got {value}")
+    return value
+
+
+def _distinct(paths: list[str], where: str, what: str) -> list[str]:
+    out = [os.path.abspath(p) for p in paths]
+    if len(set(out)) != len(out):
+        raise ConfigError(f"{where}: {what} must be different paths")
+    return out
+
+
+def _secondary(doc: dict, common: dict, source: str) -> SecondaryConfig:
     sec = _expect(doc, "secondary", dict, source, required=True)
     where = f"{source} [secondary]"
-    sec_keys = {"disk", "hidden_stores", "listen", "chunk_kib", "store_fill_warn"}
-    for key in sec:
-        if key not in sec_keys:
-            raise ConfigError(f"{where}: unknown key '{key}' (known: {', '.join(sorted(sec_keys))})")
+    _check_keys(sec, {"disk", "hidden_stores", "listen", "chunk_kib", "store_fill_warn", "link_listen",
+                      "key_file"}, where)
     disk = _expect(sec, "disk", str, where, required=True)
     stores = _expect(sec, "hidden_stores", list, where, required=True)
     if len(stores) != 2 or not all(isinstance(s, str) and s for s in stores):
         raise ConfigError(f"{where}: 'hidden_stores' must list exactly two paths")
     host, port = _parse_listen(_expect(sec, "listen", str, where, f"127.0.0.1:{DEFAULT_PORT}"), where)
-    chunk_kib = _expect(sec, "chunk_kib", int, where, 4)
-    if chunk_kib < 4 or chunk_kib > 512 or chunk_kib & (chunk_kib - 1):
-        raise ConfigError(f"{where}: 'chunk_kib' must be a power of two from 4 to 512, got {chunk_kib}")
     fill = _expect(sec, "store_fill_warn", float, where, 0.75)
     if not 0.0 < fill < 1.0:
         raise ConfigError(f"{where}: 'store_fill_warn' must be between 0 and 1, got {fill}")
-    paths = [os.path.abspath(p) for p in (disk, *stores)]
-    if len(set(paths)) != 3:
-        raise ConfigError(f"{where}: the disk and the two hidden stores must be three different paths")
-    return SecondaryConfig(name=name, resource_id=resource_id, disk=paths[0],
-                           hidden_stores=(paths[1], paths[2]), listen_host=host, listen_port=port,
-                           chunk_sectors=chunk_kib * 2, store_fill_warn=fill,
-                           state_dir=os.path.abspath(state_dir), source=source)
+    paths = _distinct([disk, *stores], where, "the disk and the two hidden stores")
+    key_file = _expect(sec, "key_file", str, where)
+    link_host = link_port = None
+    if key_file is not None:
+        default = f"{host}:{port + 1 if port < 65535 else 1}"
+        link_host, link_port = _parse_address(_expect(sec, "link_listen", str, where, default), where,
+                                              "link_listen", port + 1)
+        if (link_host, link_port) == (host, port):
+            raise ConfigError(f"{where}: 'link_listen' and 'listen' must differ (the control link "
+                              "and the NBD export need a port each)")
+        key_file = os.path.abspath(key_file)
+    elif "link_listen" in sec:
+        raise ConfigError(f"{where}: 'link_listen' needs 'key_file' (the control link is authenticated)")
+    return SecondaryConfig(disk=paths[0], hidden_stores=(paths[1], paths[2]), listen_host=host,
+                           listen_port=port, chunk_sectors=_chunk_sectors(sec, where), store_fill_warn=fill,
+                           link_host=link_host, link_port=link_port, key_file=key_file, **common)
 
 
-def load_secondary(name: str | None = None, path: str | None = None) -> SecondaryConfig:
-    """Read the config of resource `name` (from /etc/dmrepl/NAME.toml) or from `path`."""
+def _peers(pri: dict, where: str) -> tuple[Peer, ...]:
+    raw = _expect(pri, "secondaries", list, where, required=True)
+    if len(raw) != 1:
+        raise ConfigError(f"{where}: [[primary.secondaries]] lists {len(raw)} secondaries: "
+                          "this dmrepl drives exactly one")
+    peers = []
+    for i, table in enumerate(raw):
+        at = f"{where} secondaries[{i}]"
+        if not isinstance(table, dict):
+            raise ConfigError(f"{at}: must be a table with 'nbd' and 'link'")
+        _check_keys(table, {"nbd", "link"}, at)
+        nbd_host, nbd_port = _parse_address(_expect(table, "nbd", str, at, required=True), at, "nbd")
+        link_host, link_port = _parse_address(_expect(table, "link", str, at, required=True), at, "link",
+                                              DEFAULT_PORT + 1)
+        peers.append(Peer(nbd_host, nbd_port, link_host, link_port))
+    return tuple(peers)
+
+
+def _primary(doc: dict, common: dict, source: str) -> PrimaryConfig:
+    pri = _expect(doc, "primary", dict, source, required=True)
+    where = f"{source} [primary]"
+    _check_keys(pri, {"disk", "era_metadata", "key_file", "era_block_kib", "chunk_kib", "checkpoint_interval_s",
+                      "heartbeat_interval_s", "heartbeat_misses", "nbd_connections", "nbd_timeout_s",
+                      "secondaries", "netns"}, where)
+    netns = _expect(pri, "netns", str, where)
+    if netns is not None and not NAME_RE.match(netns):
+        raise ConfigError(f"{where}: 'netns' {netns!r} is not a network namespace name (see `ip netns list`)")
+    disk, meta = _distinct([_expect(pri, "disk", str, where, required=True),
+                            _expect(pri, "era_metadata", str, where, required=True)],
+                           where, "'disk' and 'era_metadata'")
+    era_kib = _expect(pri, "era_block_kib", int, where, 1024)
+    if era_kib < 4 or era_kib > 1 << 20 or era_kib & (era_kib - 1):
+        raise ConfigError(f"{where}: 'era_block_kib' must be a power of two from 4 to 1048576, got {era_kib}")
+    interval = _number(pri, "checkpoint_interval_s", float, where, 5.0, 0.0, 86400.0)
+    if 0 < interval < 0.05:
+        raise ConfigError(f"{where}: 'checkpoint_interval_s' must be 0 (on demand only) or at least 0.05")
+    return PrimaryConfig(
+        disk=disk, era_metadata=meta,
+        key_file=os.path.abspath(_expect(pri, "key_file", str, where, required=True)),
+        secondaries=_peers(pri, where), era_block_sectors=era_kib * 2, chunk_sectors=_chunk_sectors(pri, where),
+        checkpoint_interval_s=interval,
+        heartbeat_interval_s=_number(pri, "heartbeat_interval_s", float, where, 1.0, 0.05, 60.0),
+        heartbeat_misses=_number(pri, "heartbeat_misses", int, where, 3, 1, 100),
+        nbd_connections=_number(pri, "nbd_connections", int, where, 4, 1, 16),
+        nbd_timeout_s=_number(pri, "nbd_timeout_s", int, where, 2, 1, 600), netns=netns, **common)
+
+
+def parse(text: str, *, source: str, default_name: str | None = None) -> SecondaryConfig | PrimaryConfig:
+    """The config of either role: the section present ([primary] or [secondary]) says which."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source}: not valid TOML: {e}") from None
+    _check_keys(doc, {"name", "resource_id", "state_dir", "secondary", "primary"}, source)
+    if "primary" in doc and "secondary" in doc:
+        raise ConfigError(f"{source}: both [primary] and [secondary]: a host has one role per resource "
+                          "(write one file on each host)")
+    name = check_name(_expect(doc, "name", str, source, default_name, required=default_name is None))
+    common = dict(name=name, resource_id=_expect(doc, "resource_id", str, source, name),
+                  state_dir=os.path.abspath(_expect(doc, "state_dir", str, source, DEFAULT_STATE_DIR)),
+                  source=source)
+    if "primary" in doc:
+        return _primary(doc, common, source)
+    if "secondary" not in doc:
+        raise ConfigError(f"{source}: missing required key 'secondary' (or 'primary'): "
+                          "which role this host plays")
+    return _secondary(doc, common, source)
+
+
+def parse_secondary(text: str, *, source: str, default_name: str | None = None) -> SecondaryConfig:
+    cfg = parse(text, source=source, default_name=default_name)
+    if not isinstance(cfg, SecondaryConfig):
+        raise ConfigError(f"{source}: this is the primary's config ([primary]); "
+                          "`dmrepl secondary` commands need a [secondary] section")
+    return cfg
+
+
+def _read(name: str | None, path: str | None) -> tuple[str, str, str]:
     if path is None:
         if name is None:
             raise ConfigError("give a resource name or --config PATH")
@@ -148,8 +303,21 @@ def load_secondary(name: str | None = None, path: str | None = None) -> Secondar
         raise ConfigError(f"{path}: no such config file (create it, or pass --config PATH)") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
-    default_name = name or os.path.splitext(os.path.basename(path))[0]
-    cfg = parse_secondary(text, source=path, default_name=default_name)
+    return path, text, name or os.path.splitext(os.path.basename(path))[0]
+
+
+def load(name: str | None = None, path: str | None = None) -> SecondaryConfig | PrimaryConfig:
+    """Read the config of resource `name` (from /etc/dmrepl/NAME.toml) or from `path`."""
+    path, text, default_name = _read(name, path)
+    cfg = parse(text, source=path, default_name=default_name)
     if name is not None and cfg.name != name:
         raise ConfigError(f"{path}: names resource {cfg.name!r}, not {name!r}")
+    return cfg
+
+
+def load_secondary(name: str | None = None, path: str | None = None) -> SecondaryConfig:
+    cfg = load(name, path)
+    if not isinstance(cfg, SecondaryConfig):
+        raise ConfigError(f"{cfg.source}: this is the primary's config ([primary]); "
+                          "`dmrepl secondary` commands need a [secondary] section")
     return cfg

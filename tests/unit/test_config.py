@@ -2,7 +2,16 @@
 
 import pytest
 
-from dmrepl.config import ConfigError, check_name, load_secondary, parse_secondary
+from dmrepl.config import (
+    ConfigError,
+    Peer,
+    PrimaryConfig,
+    check_name,
+    load,
+    load_secondary,
+    parse,
+    parse_secondary,
+)
 
 GOOD = '''
 name = "vm1"
@@ -36,10 +45,14 @@ def test_defaults_and_name_from_file():
     ('name = "vm1"\n[secondary\n', "not valid TOML"),
     ('name = "vm1"\nnmae = "x"\n[secondary]\ndisk = "/d"\nhidden_stores = ["/a", "/b"]\n', "unknown key 'nmae'"),
     ('name = "vm1"\n', "missing required key 'secondary'"),
-    (GOOD + '[primary]\ndisk = "/p"\n', "section [primary]: this dmrepl has only the secondary's half"),
+    (GOOD + '[primary]\ndisk = "/p"\n', "both [primary] and [secondary]: a host has one role"),
+    ('name = "vm1"\n[secondary]\ndisk = "/d"\nhidden_stores = ["/a", "/b"]\nlink_listen = "127.0.0.1:1"\n',
+     "'link_listen' needs 'key_file'"),
+    ('name = "vm1"\n[secondary]\ndisk = "/d"\nhidden_stores = ["/a", "/b"]\nkey_file = "/k"\n'
+     'link_listen = "127.0.0.1:10809"\n', "'link_listen' and 'listen' must differ"),
     ('name = "vm1"\n[secondary]\nhidden_stores = ["/a", "/b"]\n', "missing required key 'disk'"),
     ('name = "vm1"\n[secondary]\ndisk = "/d"\nhidden_stores = ["/a"]\n', "exactly two"),
-    ('name = "vm1"\n[secondary]\ndisk = "/d"\nhidden_stores = ["/a", "/d"]\n', "three different paths"),
+    ('name = "vm1"\n[secondary]\ndisk = "/d"\nhidden_stores = ["/a", "/d"]\n', "must be different paths"),
     ('name = "vm1"\n[secondary]\ndisk = 5\nhidden_stores = ["/a", "/b"]\n', "must be str"),
     ('name = "vm1"\n[secondary]\ndisk = "/d"\nhidden_stores = ["/a", "/b"]\nlisten = "host:1"\n', "IP:PORT"),
     ('name = "vm1"\n[secondary]\ndisk = "/d"\nhidden_stores = ["/a", "/b"]\nlisten = "127.0.0.1:0"\n', "1-65535"),
@@ -71,3 +84,63 @@ def test_missing_file_and_name_mismatch(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_secondary("vm2", str(p))
     assert "names resource 'vm1', not 'vm2'" in str(e.value)
+
+
+PRIMARY = '''
+name = "vm1"
+resource_id = "vm1-2026"
+[primary]
+disk = "/srv/vm1/disk.img"
+era_metadata = "/srv/vm1/era.img"
+key_file = "/etc/dmrepl/vm1.key"
+era_block_kib = 64
+checkpoint_interval_s = 1
+[[primary.secondaries]]
+nbd = "10.77.0.2:10809"
+link = "10.77.0.2:10810"
+'''
+
+
+def test_primary_config():
+    cfg = parse(PRIMARY, source="vm1.toml")
+    assert isinstance(cfg, PrimaryConfig) and cfg.role == "primary"
+    assert (cfg.disk, cfg.era_metadata, cfg.key_file) == ("/srv/vm1/disk.img", "/srv/vm1/era.img",
+                                                          "/etc/dmrepl/vm1.key")
+    assert cfg.secondaries == (Peer("10.77.0.2", 10809, "10.77.0.2", 10810),)
+    assert (cfg.era_block_sectors, cfg.chunk_sectors, cfg.checkpoint_interval_s) == (128, 8, 1.0)
+    assert (cfg.heartbeat_interval_s, cfg.heartbeat_misses, cfg.nbd_connections, cfg.nbd_timeout_s) == (1.0, 3, 4, 2)
+
+
+def test_secondary_link_defaults_to_the_next_port():
+    cfg = parse_secondary('[secondary]\ndisk = "/d"\nhidden_stores = ["/a", "/b"]\nlisten = "10.0.0.2:900"\n'
+                          'key_file = "k"\n', source="x.toml", default_name="web")
+    assert (cfg.link_host, cfg.link_port) == ("10.0.0.2", 901) and cfg.key_file.endswith("/k")
+    plain = parse_secondary('[secondary]\ndisk = "/d"\nhidden_stores = ["/a", "/b"]\n', source="x.toml",
+                            default_name="web")
+    assert plain.link_port is None and plain.key_file is None
+
+
+@pytest.mark.parametrize("change,message", [
+    (("era_block_kib = 64", "era_block_kib = 48"), "'era_block_kib' must be a power of two"),
+    (("checkpoint_interval_s = 1", "checkpoint_interval_s = 0.01"), "0 (on demand only) or at least 0.05"),
+    (("checkpoint_interval_s = 1", "heartbeat_misses = 0"), "'heartbeat_misses' must be from 1 to 100"),
+    (("checkpoint_interval_s = 1", "nbd_conections = 2"), "unknown key 'nbd_conections'"),
+    (('era_metadata = "/srv/vm1/era.img"', 'era_metadata = "/srv/vm1/disk.img"'), "must be different paths"),
+    (('key_file = "/etc/dmrepl/vm1.key"\n', ''), "missing required key 'key_file'"),
+    (('link = "10.77.0.2:10810"', 'link = "peer:10810"'), "link address 'peer:10810': expected IP:PORT"),
+    (('[[primary.secondaries]]', '[[primary.secondaries]]\nnbd = "10.0.0.3:1"\nlink = "10.0.0.3:2"\n'
+      '[[primary.secondaries]]'), "lists 2 secondaries: this dmrepl drives exactly one"),
+])
+def test_bad_primary_configs(change, message):
+    with pytest.raises(ConfigError) as e:
+        parse(PRIMARY.replace(*change), source="/etc/dmrepl/vm1.toml")
+    assert message in str(e.value) and "/etc/dmrepl/vm1.toml" in str(e.value)
+
+
+def test_secondary_commands_refuse_a_primary_config(tmp_path):
+    p = tmp_path / "vm1.toml"
+    p.write_text(PRIMARY)
+    assert load("vm1", str(p)).role == "primary"
+    with pytest.raises(ConfigError) as e:
+        load_secondary("vm1", str(p))
+    assert "this is the primary's config" in str(e.value)
