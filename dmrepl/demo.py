@@ -1,41 +1,40 @@
-"""`dmrepl demo`: a secondary end to end on loop-backed files, every byte checked.
+"""`dmrepl demo`: a primary and a secondary on one machine, every byte checked.
 
-A Python NBD client plays the primary: it writes through the secondary's NBD
-export exactly as the primary's kernel NBD client will.  The steps follow
-QEMU's replication tests (tests/unit/test-replication.c) with exact values.
+Two network namespaces joined by veth play the two hosts (dmrepl.lab); each
+runs its daemon exactly as `dmrepl up NAME` runs it under systemd, with its
+own config file, on loop-backed image files in a work directory.  The demo is
+the admin between them: it writes a known pattern to the primary's device,
+asks for checkpoints through the primary's control socket, fails over on the
+secondary with the CLI, and compares every byte of the secondary's view with
+what the primary held at the checkpoint.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import socket
+import subprocess
 import sys
 import tempfile
 import time
 
-from dmrepl import inventory
-from dmrepl.config import SecondaryConfig
-from dmrepl.daemon import service
-from dmrepl.daemon import supervisor as daemon
+from dmrepl import inventory, poll, tools
+from dmrepl.daemon import control
 from dmrepl.errors import DmreplError
-from dmrepl.kernel import blockdev, loop
-from dmrepl.nbd.client import NBDClient
-from dmrepl.roles.secondary import Secondary
+from dmrepl.kernel import blockdev
+from dmrepl.lab import Lab
+from dmrepl.link import auth
+from dmrepl.names import StackNames
 
 MiB = 1 << 20
 DISK = 64 * MiB
-STORE = 80 * MiB
+NAME = "demo"
+NBD_PORT, LINK_PORT = 10809, 10810
+START_TIMEOUT = 120.0
 
 
 class DemoFailure(DmreplError):
     pass
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _step(n: int, text: str) -> None:
@@ -48,135 +47,185 @@ def _check(path: str, expected: list[tuple[int, int, int]], what: str) -> None:
         for pos in range(off, off + length, 4 * MiB):
             n = min(4 * MiB, off + length - pos)
             got = blockdev.read_at(path, pos, n)
-            want = bytes([value]) * n
-            if got != want:
+            if got != bytes([value]) * n:
                 bad = next(i for i in range(n) if got[i] != value)
                 raise DemoFailure(f"{what}: byte {pos + bad} of {path} is {got[bad]:#04x}, expected {value:#04x}")
     desc = ", ".join(f"{v:#04x} in [{o // MiB}M,{(o + ln) // MiB}M)" for o, ln, v in expected)
     print(f"     ok: {what}: {desc}", flush=True)
 
 
-def _nbd_write(client: NBDClient, off: int, length: int, value: int) -> float:
+def _write(path: str, off: int, length: int, value: int) -> float:
     t0 = time.perf_counter()
-    block = bytes([value]) * (4 * MiB)
-    for pos in range(off, off + length, len(block)):
-        client.write(pos, block[:min(len(block), off + length - pos)])
-    client.flush()
-    dt = time.perf_counter() - t0
-    return length / dt / 1e6
+    blockdev.write_at(path, off, bytes([value]) * length)
+    return length / (time.perf_counter() - t0) / 1e6
 
 
-def _targets(sec: Secondary, part: str) -> str:
-    return ",".join(next(d.targets for d in sec.status().devices if d.part == part))
+def _image(path: str, size: int, value: int | None) -> None:
+    with open(path, "wb") as f:
+        if value is None:
+            f.truncate(size)
+        else:
+            for _ in range(size // MiB):
+                f.write(bytes([value]) * MiB)
+
+
+class Pair:
+    """The work directory, the two configs and the two daemons."""
+
+    def __init__(self, work: str, lab: Lab):
+        self.work, self.lab = work, lab
+        self.procs: dict[str, subprocess.Popen] = {}
+        s = lab.hosts["s"].address
+        key = os.path.join(work, "demo.key")
+        auth.write_new_key(key)
+        state = os.path.join(work, "{}-state")
+        with open(self.config("s"), "w") as f:
+            f.write(f'name = "{NAME}"\nresource_id = "demo-resource"\nstate_dir = "{state.format("s")}"\n'
+                    f'[secondary]\ndisk = "{work}/s.img"\nhidden_stores = ["{work}/h0.img", "{work}/h1.img"]\n'
+                    f'listen = "{s}:{NBD_PORT}"\nlink_listen = "{s}:{LINK_PORT}"\nkey_file = "{key}"\n')
+        with open(self.config("p"), "w") as f:
+            f.write(f'name = "{NAME}"\nresource_id = "demo-resource"\nstate_dir = "{state.format("p")}"\n'
+                    f'[primary]\ndisk = "{work}/p.img"\nera_metadata = "{work}/era.img"\nkey_file = "{key}"\n'
+                    f'checkpoint_interval_s = 0\nnetns = "{lab.hosts["p"].netns}"\n'
+                    f'[[primary.secondaries]]\nnbd = "{s}:{NBD_PORT}"\nlink = "{s}:{LINK_PORT}"\n')
+        self.socket = control.socket_path(os.path.join(state.format("p"), NAME))
+
+    def config(self, host: str) -> str:
+        return os.path.join(self.work, f"{host}.toml")
+
+    def log(self, host: str) -> str:
+        return os.path.join(self.work, f"{host}.log")
+
+    def dmrepl(self, host: str, *argv: str) -> list[str]:
+        return [sys.executable, "-m", "dmrepl.cli", *argv, NAME, "--config", self.config(host)]
+
+    def start(self, host: str) -> None:
+        with open(self.log(host), "ab") as log:
+            argv = self.dmrepl(host, "up")
+            # The secondary runs inside its namespace; the primary moves its link sockets there itself
+            # (its config's netns: the kernel's nbd netlink family lives in the initial namespace only).
+            self.procs[host] = subprocess.Popen(self.lab.argv(host, argv) if host == "s" else argv,
+                                                stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+
+    def alive(self, host: str) -> None:
+        proc = self.procs[host]
+        if proc.poll() is not None:
+            with open(self.log(host), errors="replace") as f:
+                tail = "".join(f.readlines()[-8:])
+            raise DemoFailure(f"the {'primary' if host == 'p' else 'secondary'}'s daemon exited "
+                              f"({proc.returncode}); its log ends:\n{tail}")
+
+    def status(self) -> dict | None:
+        self.alive("p")
+        try:
+            return control.request(self.socket, "status", timeout=30)
+        except control.DaemonNotRunning:
+            return None
+
+    def secondary_ready(self) -> bool:
+        self.alive("s")
+        return any("control link listening" in line for line in open(self.log("s"), errors="replace"))
+
+    def stop(self) -> None:
+        for host in ("p", "s"):
+            if host in self.procs and self.procs[host].poll() is None:
+                subprocess.run(self.dmrepl(host, "down", *(["--force"] if host == "s" else [])),
+                               capture_output=True, timeout=120)
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if "s" in self.procs:   # after a failover the secondary's daemon is fenced: its stack stays
+            subprocess.run(self.dmrepl("s", "down", "--force"), capture_output=True, timeout=120)
 
 
 def run(keep: bool = False) -> int:
     if not inventory.available():
-        raise DmreplError("device-mapper is not available on this host",
-                          "run the demo through the test VM: scripts/demo")
+        raise DmreplError("device-mapper is not available on this host", "run the demo through the test VM: scripts/demo")
+    if tools.NBDKIT.path() is None:
+        raise DmreplError(f"nbdkit is missing (apt-get install {tools.NBDKIT.package})")
     work = tempfile.mkdtemp(prefix="dmrepl-demo-")
-    name = "demo"
-    cfg = SecondaryConfig(name=name, resource_id="demo-resource", disk=os.path.join(work, "disk.img"),
-                          hidden_stores=(os.path.join(work, "h0.img"), os.path.join(work, "h1.img")),
-                          listen_host="127.0.0.1", listen_port=_free_port(), chunk_sectors=8,
-                          store_fill_warn=0.75, state_dir=os.path.join(work, "state"))
-    config_path = os.path.join(work, f"{name}.toml")
-    with open(config_path, "w") as f:
-        f.write(f'name = "{name}"\nresource_id = "{cfg.resource_id}"\nstate_dir = "{cfg.state_dir}"\n\n'
-                f'[secondary]\ndisk = "{cfg.disk}"\nhidden_stores = ["{cfg.hidden_stores[0]}", '
-                f'"{cfg.hidden_stores[1]}"]\nlisten = "127.0.0.1:{cfg.listen_port}"\n')
+    top, active = StackNames(NAME).mapper_path_top(), StackNames(NAME).mapper_path("active")
     t_start = time.perf_counter()
-    opened = Secondary.open(cfg)
-    sec = opened.__enter__()
     try:
-        _step(1, f"secondary disk S: {DISK // MiB} MiB of 0x11; two hidden stores of {STORE // MiB} MiB ({work})")
-        with open(cfg.disk, "wb") as f:
-            f.write(b"\x11" * DISK)
-        for store in cfg.hidden_stores:
-            with open(store, "wb") as f:
-                f.truncate(STORE)
-        if os.path.exists(sec.active_path):
-            raise DemoFailure(f"{sec.active_path} exists before up")
-
-        _step(2, f"dmrepl secondary up {name}: origin, hidden, active + NBD export on 127.0.0.1:{cfg.listen_port}")
-        t0 = time.perf_counter()
-        service.up(sec, config_path)
-        print(f"     up in {(time.perf_counter() - t0) * 1000:.0f} ms, daemon pid {daemon.running_pid(cfg)}")
-        _check(sec.active_path, [(0, DISK, 0x11)], "active after up")
-        S = loop.find(cfg.disk)[0]
-
-        _step(3, "primary (NBD client) writes 0x22 to [32M,64M) and flushes")
-        with NBDClient.connect("127.0.0.1", cfg.listen_port, cfg.resource_id) as primary:
-            print(f"     export: {primary.info.size_bytes // MiB} MiB, flush={primary.info.can_flush}, "
-                  f"fua={primary.info.can_fua}")
-            rate = _nbd_write(primary, 32 * MiB, 32 * MiB, 0x22)
-            print(f"     primary write through NBD: {rate:.1f} MB/s")
-            _check(sec.active_path, [(0, DISK, 0x11)], "active keeps the checkpoint")
-            _check(S, [(0, 32 * MiB, 0x11), (32 * MiB, 32 * MiB, 0x22)], "S has the primary's data")
-
-            _step(4, "consumer writes 0x33 to active [0,32M)")
-            blockdev.write_at(sec.active_path, 0, b"\x33" * (32 * MiB))
-            _check(sec.active_path, [(0, 32 * MiB, 0x33), (32 * MiB, 32 * MiB, 0x11)], "active")
-            _check(S, [(0, 32 * MiB, 0x11)], "S untouched by the consumer")
-
-            _step(5, "checkpoint 1")
-            st, pause = sec.checkpoint()
-            print(f"     checkpoint {st.checkpoint} on store {st.current_store}: pause {pause * 1000:.1f} ms")
-            _check(sec.active_path, [(0, 32 * MiB, 0x11), (32 * MiB, 32 * MiB, 0x22)],
-                   "active equals S (consumer writes dropped)")
-
-            _step(6, "after the checkpoint: primary writes 0x44 to [32M,48M), consumer writes 0x55 to [0,16M)")
-            _nbd_write(primary, 32 * MiB, 16 * MiB, 0x44)
-            blockdev.write_at(sec.active_path, 0, b"\x55" * (16 * MiB))
-            view = [(0, 16 * MiB, 0x55), (16 * MiB, 16 * MiB, 0x11), (32 * MiB, 32 * MiB, 0x22)]
-            _check(sec.active_path, view, "active: checkpoint 1 + consumer writes")
-            health = sec.store_health()
-            print(f"     hidden store: {health.allocated_bytes / MiB:.1f} MiB of {health.total_bytes // MiB} MiB "
-                  f"({health.fill:.1%})")
-
-            _step(7, "failover: fence the export, merge the hidden store under active")
-            fd = os.open(sec.active_path, os.O_RDONLY)  # a consumer holding the device open
+        with Lab("demo") as lab:
+            pair = Pair(work, lab)
             try:
-                t0 = time.perf_counter()
-                service.failover(sec)
-                switch = time.perf_counter() - t0
-                print(f"     switch took {switch * 1000:.1f} ms with {health.allocated_bytes / MiB:.1f} MiB to merge")
-                if os.pread(fd, 4096, 0) != b"\x55" * 4096:
-                    raise DemoFailure("the open active device changed across the failover")
+                return _run(pair, top, active, t_start)
+            except BaseException:
+                print(f"demo FAILED; the daemons' logs: {pair.log('p')}, {pair.log('s')}"
+                      + ("" if keep else " (removed: run with --keep to read them)"), file=sys.stderr)
+                raise
             finally:
-                os.close(fd)
-            _check(sec.active_path, view, "active unchanged across the switch (merge running)")
-        try:
-            NBDClient.connect("127.0.0.1", cfg.listen_port, cfg.resource_id, timeout=2).close()
-            raise DemoFailure("the NBD export still accepts a primary after the failover")
-        except OSError:
-            print("     ok: the export is gone: the old primary can no longer write")
-
-        _step(8, "wait for the merge")
-        t0 = time.perf_counter()
-        st = sec.wait_merge()
-        print(f"     merge done in {time.perf_counter() - t0:.2f} s; role {st.role}; origin is "
-              f"{_targets(sec, 'origin')} over S")
-        _check(S, view, "S after the merge: primary's post-checkpoint writes rolled back")
-        _check(sec.active_path, view, "active after the merge")
-
-        _step(9, f"dmrepl secondary down {name}")
-        removed = service.down(sec)
-        left = [d.name for d in sec.status().devices]
-        if left or loop.find(cfg.disk) or daemon.running_pid(cfg):
-            raise DemoFailure(f"left behind: {left} {loop.find(cfg.disk)} {daemon.running_pid(cfg)}")
-        print(f"     removed {len(removed)} devices; no dm device, loop device or process left")
-        print(f"demo passed in {time.perf_counter() - t_start:.1f} s: every byte checked")
-        return 0
-    except BaseException:
-        print("demo FAILED; cleaning up", file=sys.stderr)
-        raise
+                pair.stop()
     finally:
-        try:
-            daemon.stop(cfg)
-            if sec.is_up() or loop.find(cfg.disk):
-                sec.down(force=True)
-        finally:
-            opened.__exit__(None, None, None)
-            if not keep:
-                shutil.rmtree(work, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(pair: Pair, top: str, active: str, t_start: float) -> int:
+    lab, work = pair.lab, pair.work
+    _step(1, f"two hosts: namespaces {lab.hosts['p'].netns} ({lab.hosts['p'].address}) and "
+          f"{lab.hosts['s'].netns} ({lab.hosts['s'].address}) joined by veth; files in {work}")
+    _image(f"{work}/p.img", DISK, 0x11)
+    _image(f"{work}/s.img", DISK, None)
+    _image(f"{work}/era.img", 4 * MiB, None)
+    for h in ("h0", "h1"):
+        _image(f"{work}/{h}.img", DISK + 8 * MiB, None)
+    print(f"     primary disk P: {DISK // MiB} MiB of 0x11; secondary disk S: zeroes; one shared key (0600)")
+
+    _step(2, "secondary: dmrepl up demo  (origin, hidden, active; NBD export and control link)")
+    t0 = time.perf_counter()
+    pair.start("s")
+    poll.wait_for(pair.secondary_ready, "the secondary's daemon", timeout=START_TIMEOUT)
+    print(f"     up in {time.perf_counter() - t0:.1f} s")
+
+    _step(3, "primary: dmrepl up demo  (hello, NBD over netlink, initial sync, mirror + era, checkpoint 1)")
+    t0 = time.perf_counter()
+    pair.start("p")
+    s = poll.wait_for(pair.status, "the primary to replicate", ok=lambda s: bool(s) and s["state"] == "replicating",
+                      timeout=START_TIMEOUT)
+    with open(pair.log("p"), errors="replace") as f:
+        sync = [line.split(" ", 2)[2].strip() for line in f if "copied in" in line]
+    print(f"     replicating in {time.perf_counter() - t0:.1f} s: {sync[0] if sync else ''}")
+    print(f"     {s['device']} -> mirror(P, {s['nbd']}) legs {s['mirror_health']}, checkpoint {s['checkpoint']}")
+    _check(active, [(0, DISK, 0x11)], "the secondary's view at checkpoint 1 is P")
+
+    _step(4, "the primary's consumer writes 0x22 to [16M,48M)")
+    rate = _write(top, 16 * MiB, 32 * MiB, 0x22)
+    print(f"     {rate:.1f} MB/s, each write on P and S before it returns")
+    _check(active, [(0, DISK, 0x11)], "the secondary's view stays at checkpoint 1")
+
+    _step(5, "dmrepl checkpoint demo")
+    cp = control.request(pair.socket, "checkpoint")
+    print(f"     checkpoint {cp['checkpoint']} on both hosts: the primary paused {cp['pause_ms']:.1f} ms "
+          f"(the secondary's switch {cp['secondary_pause_ms']:.1f} ms)")
+    at_2 = [(0, 16 * MiB, 0x11), (16 * MiB, 32 * MiB, 0x22), (48 * MiB, 16 * MiB, 0x11)]
+    _check(active, at_2, "the secondary's view is P at checkpoint 2")
+
+    _step(6, "after the checkpoint the primary writes 0x33 to [0,8M); the secondary's consumer writes 0x44 to [56M,64M)")
+    _write(top, 0, 8 * MiB, 0x33)
+    _write(active, 56 * MiB, 8 * MiB, 0x44)
+    view = at_2[:-1] + [(48 * MiB, 8 * MiB, 0x11), (56 * MiB, 8 * MiB, 0x44)]
+    _check(active, view, "the secondary's view: checkpoint 2 plus its own writes")
+
+    _step(7, "the primary is lost; on the secondary: dmrepl failover demo")
+    t0 = time.perf_counter()
+    r = subprocess.run(pair.dmrepl("s", "failover", "--json"), capture_output=True, text=True, timeout=300)
+    if r.returncode != 0:
+        raise DemoFailure(f"failover failed: {r.stderr.strip()}")
+    print(f"     failed over and merged in {time.perf_counter() - t0:.1f} s")
+    _check(active, view, "the new primary's device: checkpoint 2 plus its own writes, every byte")
+    s = poll.wait_for(pair.status, "the old primary to notice", ok=lambda s: s["state"] == "disconnected")
+    print(f"     the old primary says: {s['state']} ({s['reason']})")
+
+    _step(8, "dmrepl down demo on both hosts")
+    pair.stop()
+    left = [n for n in os.listdir("/dev/mapper") if n.startswith(f"dmrepl-{NAME}")]
+    if left:
+        raise DemoFailure(f"left behind: {left}")
+    print("     no dm device, loop device or process left")
+    print(f"demo passed in {time.perf_counter() - t_start:.1f} s: every byte checked")
+    return 0

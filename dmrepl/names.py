@@ -6,6 +6,7 @@
     /dev/dmrepl/NAME/active                  udev's stable link (udev/56-dmrepl.rules)
     dmrepl-NAME         DMREPL-NAME-top      primary: era over the mirror, what its consumer opens
     dmrepl-NAME-mirror  DMREPL-NAME-mirror   primary: mirror of P and the NBD leg
+    /dev/dmrepl/NAME/primary                 udev's stable link to dmrepl-NAME
 
 Every dm device dmrepl creates carries the uuid prefix DMREPL-, so that it can
 be found, listed and cleaned up without touching anyone else's devices

@@ -4,6 +4,7 @@ Errors print `dmrepl: <message>` and a hint; the traceback only with --debug.
 Exit status: 0 success, 1 a check or operation failed, 2 usage error.
 
     cli/__init__.py   the parser, the root and device-mapper checks, error handling
+    cli/resource.py   `dmrepl up|down|status|checkpoint|failover NAME`, either role
     cli/secondary.py  `dmrepl secondary ...`
     cli/render.py     values to JSON and sentences
 """
@@ -85,15 +86,28 @@ def cmd_secondary(args) -> int:
     return secondary.command(args)
 
 
+def cmd_resource(args) -> int:
+    from dmrepl.cli import resource
+
+    _require_root(f"dmrepl {args.action}")
+    _require_dm()
+    return resource.command(args)
+
+
 def cmd_demo(args) -> int:
+    _require_root("dmrepl demo")
+    _require_dm()
+    if args.secondary_only:
+        from dmrepl import demo_secondary
+
+        return demo_secondary.run(keep=args.keep)
     from dmrepl import demo
 
-    _require_root("dmrepl demo")
     return demo.run(keep=args.keep)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dmrepl.cli import secondary
+    from dmrepl.cli import resource, secondary
 
     p = argparse.ArgumentParser(prog="dmrepl", description="Continuous-checkpoint block replication "
                                 "on Linux device-mapper.")
@@ -110,10 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--json", action="store_true", help="machine-readable output")
     ls.set_defaults(func=cmd_ls)
 
+    resource.add_parsers(sub, cmd_resource)
     secondary.add_parser(sub, cmd_secondary)
 
-    demo = sub.add_parser("demo", help="run a secondary end to end on loop-backed files, checking every byte")
-    demo.add_argument("--keep", action="store_true", help="keep the work directory")
+    demo = sub.add_parser("demo", help="a primary and a secondary in two network namespaces on loop-backed "
+                          "files: replicate, checkpoint, fail over, check every byte")
+    demo.add_argument("--keep", action="store_true", help="keep the work directory (configs, logs, images)")
+    demo.add_argument("--secondary-only", action="store_true",
+                      help="the secondary alone, with a userspace NBD client as its primary")
     demo.set_defaults(func=cmd_demo)
     return p
 

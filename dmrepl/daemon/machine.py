@@ -30,8 +30,8 @@ class State(str, Enum):
 
 class Event(str, Enum):
     CONNECTED = "connected"               # hello agreed, NBD attached; S needs the initial sync
-    CONNECTED_IN_SYNC = "connected-in-sync"  # hello agreed, NBD attached; S is known equal to P
-    SYNCED = "synced"                     # initial copy verified
+    CONNECTED_IN_SYNC = "connected-in-sync"  # S known equal to P; stack up, first checkpoint taken
+    SYNCED = "synced"                     # initial copy verified; stack up, first checkpoint taken
     CHECKPOINT_FAILED = "checkpoint-failed"  # both hosts stay at n-1; replication goes on
     LINK_DEAD = "link-dead"               # the kernel NBD client announced NBD_CMD_LINK_DEAD
     LEG_FAILED = "leg-failed"             # the mirror marked the NBD leg failed

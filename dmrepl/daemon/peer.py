@@ -18,6 +18,7 @@ for n again and the secondary takes its view anew at that number.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Callable
@@ -46,7 +47,10 @@ def exchange_hello(session: Session, mine: Hello, timeout: float = 10.0) -> Hell
     kind, body = session.recv(timeout=timeout)
     if kind == Kind.REFUSED:
         session.close()
-        raise PeerRefused(f"the peer at {session.peer} refused this host: " + "; ".join(body.get("reasons", [])),
+        reasons = body.get("reasons", [])
+        with contextlib.suppress(ValueError, TypeError):
+            reasons = agree(mine, Hello.from_wire(body["hello"])).reasons  # phrased from this host's side
+        raise PeerRefused(f"the peer at {session.peer} refused this host: " + "; ".join(map(str, reasons)),
                           "make the two configs agree")
     if kind != Kind.HELLO_OK:
         session.close()
@@ -76,9 +80,12 @@ def remote_checkpoint(session: Session, n: int, timeout: float = CHECKPOINT_TIME
     return float(body.get("pause_ms", 0)) / 1000
 
 
-def serve(session: Session, mine: Hello, take_checkpoint: Callable[[int], float],
+def serve(session: Session, mine: Hello | Callable[[Hello], Hello], take_checkpoint: Callable[[int], float],
           status: Callable[[], dict] = dict) -> None:
-    """The secondary's side of one authenticated session, until the peer goes or breaks the protocol."""
+    """The secondary's side of one authenticated session, until the peer goes or breaks the protocol.
+
+    `mine` may be a function of the primary's Hello: the secondary echoes what only the primary
+    decides (the era block size)."""
     kind, body = session.recv(timeout=10.0)
     if kind != Kind.HELLO:
         log.warning("peer %s: expected HELLO, received %s: closing", session.peer, kind.name)
@@ -90,10 +97,12 @@ def serve(session: Session, mine: Hello, take_checkpoint: Callable[[int], float]
         log.warning("peer %s: %s: closing", session.peer, e)
         session.close()
         return
+    if callable(mine):
+        mine = mine(theirs)
     agreement = agree(mine, theirs)
     if not agreement.ok:
         log.warning("peer %s refused at hello: %s", session.peer, "; ".join(agreement.reasons))
-        session.send(Kind.REFUSED, {"reasons": agreement.reasons})
+        session.send(Kind.REFUSED, {"reasons": agreement.reasons, "hello": mine.to_wire()})
         session.close()
         return
     session.send(Kind.HELLO_OK, mine.to_wire())

@@ -54,7 +54,8 @@ def start_daemon(cfg: SecondaryConfig, config_path: str, timeout: float = poll.D
         if proc.poll() is not None:
             return True
         return (port_accepts(cfg.listen_host, cfg.listen_port) and daemon.running_pid(cfg) == proc.pid
-                and daemon.export_pid(cfg) is not None)
+                and daemon.export_pid(cfg) is not None
+                and (cfg.link_port is None or port_accepts(cfg.link_host, cfg.link_port)))
 
     came_up = poll.until(ready, timeout=timeout, interval=0.05)
     if proc.poll() is not None:

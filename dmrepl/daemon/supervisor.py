@@ -12,6 +12,7 @@ STATE_DIR/NAME/daemon.log; its pid is in STATE_DIR/NAME/daemon.pid.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -20,6 +21,7 @@ import time
 from dmrepl import poll
 from dmrepl.config import SecondaryConfig, load_secondary
 from dmrepl.daemon.export import Export, ExportError
+from dmrepl.daemon.secondary_link import LinkServer
 from dmrepl.errors import DmreplError
 from dmrepl.roles.secondary import Secondary
 
@@ -67,7 +69,8 @@ def _pid_from(path: str, marker: bytes) -> int | None:
 
 def running_pid(cfg: SecondaryConfig) -> int | None:
     """The daemon's pid if it runs (checked against /proc/PID/cmdline), else None."""
-    return _pid_from(pid_path(cfg), b"dmrepl.daemon")
+    # `python -m dmrepl.daemon` when `secondary up` detached it, `dmrepl up NAME` in the foreground.
+    return _pid_from(pid_path(cfg), b"dmrepl")
 
 
 def export_pid(cfg: SecondaryConfig) -> int | None:
@@ -144,9 +147,19 @@ def run_secondary(cfg: SecondaryConfig) -> int:
             _remove_pid_files(cfg)
             return 1
         _log(f"export of {device} listening on {cfg.listen_host}:{cfg.listen_port} (nbdkit pid {export.proc.pid})")
+        link = None
         try:
-            return _supervise(cfg, sec, export, lambda: stopping)
+            if cfg.key_file is not None:
+                link = LinkServer(cfg, lambda: stopping)
+                link.start()
+                _log(f"control link listening on {cfg.link_host}:{cfg.link_port}")
+            return _supervise(cfg, sec, export, lambda: stopping, link)
+        except (OSError, DmreplError) as e:
+            _log(f"the control link could not start: {e}")
+            return 1
         finally:
+            if link is not None:
+                link.close()
             export.stop(timeout=2.0)
             _remove_pid_files(cfg)
             _log("stopped")
@@ -158,7 +171,7 @@ def _start_export(cfg: SecondaryConfig, export: Export) -> None:
         f.write(f"{export.proc.pid}\n")
 
 
-def _supervise(cfg: SecondaryConfig, sec: Secondary, export: Export, stopping) -> int:
+def _supervise(cfg: SecondaryConfig, sec: Secondary, export: Export, stopping, link: LinkServer | None) -> int:
     """Restart nbdkit when it dies, watch the hidden store; until told to stop."""
     restarts: list[float] = []
     warned: set[str] = set()
@@ -182,7 +195,9 @@ def _supervise(cfg: SecondaryConfig, sec: Secondary, export: Export, stopping) -
                      "a resync is needed")
                 warned.add("lost")
             elif health.over_threshold and "fill" not in warned:
-                _log(f"hidden store {health.fill:.0%} full: early checkpoint requested")
+                asked = link is not None and link.request_early_checkpoint(f"hidden store {health.fill:.0%} full")
+                _log(f"hidden store {health.fill:.0%} full: early checkpoint requested"
+                     + (" from the primary" if asked else ""))
                 warned.add("fill")
             elif not health.over_threshold and not health.lost:
                 warned.clear()
@@ -192,11 +207,17 @@ def _supervise(cfg: SecondaryConfig, sec: Secondary, export: Export, stopping) -
     return 0
 
 
+def configure_logging() -> None:
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(message)s",
+                        datefmt="%Y-%m-%d %H:%M:%S")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m dmrepl.daemon")
     p.add_argument("role", choices=["secondary"])
     p.add_argument("--config", required=True)
     args = p.parse_args(argv)
+    configure_logging()
     cfg = load_secondary(path=args.config)
     return run_secondary(cfg)
 

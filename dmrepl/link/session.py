@@ -11,6 +11,7 @@ failed once cannot be trusted, and the peer reconnects with a new handshake.
 from __future__ import annotations
 
 import socket
+import threading
 
 from dmrepl.link import auth, frames
 from dmrepl.link.frames import FrameError, Kind
@@ -25,6 +26,7 @@ class Session:
         self._send_dir, self._recv_dir = (b"c2s", b"s2c") if client else (b"s2c", b"c2s")
         self._send_seq = 0
         self._recv_seq = 0
+        self._send_lock = threading.Lock()   # the secondary's watch sends EARLY_CHECKPOINT beside serve()
         self.peer = peer
 
     @classmethod
@@ -39,13 +41,14 @@ class Session:
         return cls(sock, key, client=True, peer=f"{host}:{port}")
 
     def send(self, kind: Kind, body: dict) -> None:
-        data = frames.encode(kind, body, key=self._key, direction=self._send_dir, seq=self._send_seq)
-        self._send_seq += 1
-        try:
-            self.sock.sendall(data)
-        except OSError:
-            self.close()
-            raise
+        with self._send_lock:
+            data = frames.encode(kind, body, key=self._key, direction=self._send_dir, seq=self._send_seq)
+            self._send_seq += 1
+            try:
+                self.sock.sendall(data)
+            except OSError:
+                self.close()
+                raise
 
     def recv(self, timeout: float | None = None) -> tuple[Kind, dict]:
         self.sock.settimeout(timeout)

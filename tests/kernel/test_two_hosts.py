@@ -195,8 +195,9 @@ def test_hello_refuses_another_resource_and_changes_nothing(two_hosts, lab):
         with _session(lab) as session:
             with pytest.raises(peer.PeerRefused) as e:
                 peer.exchange_hello(session, _hello(sec, "primary", resource_id="other", size_bytes=2 * DISK))
-    assert "resource id: this host has 'r3', the peer 'other'" in str(e.value)
-    assert f"disk size: this host's is {DISK} bytes, the peer's {2 * DISK}" in str(e.value)
+    # Phrased from the primary's side, where the message is read.
+    assert "refused this host: resource id: this host has 'other', the peer 'r3'" in str(e.value)
+    assert f"disk size: this host's is {2 * DISK} bytes, the peer's {DISK}" in str(e.value)
     assert sec.state() == before
 
 
@@ -234,3 +235,56 @@ def test_a_checkpoint_that_fails_on_the_secondary_leaves_both_at_the_previous_on
 
 def ctl_suspended(stack):
     return stack.ctl.info(stack.dm("top")).suspended
+
+
+def test_a_hundred_checkpoints_under_a_random_writer(two_hosts, lab):
+    """A writer thread keeps writing random 4-64 KiB pieces to the primary's device while 100
+    checkpoints run over the control link; at each checkpoint (the primary's device frozen) the
+    test notes what it holds, and the secondary's active view must equal that afterwards, while
+    the writer goes on.  The whole disk is compared every 20 checkpoints, the pieces written
+    since the last comparison at every one."""
+    import hashlib
+    import random
+
+    from dmrepl.daemon import peer
+
+    sec, stack, dev, nl, export, p = two_hosts
+    rng = random.Random(2026)
+    stop = threading.Event()
+    written: list[tuple[int, int]] = []
+    lock = threading.Lock()
+
+    def writer():
+        i = 0
+        while not stop.is_set():
+            n = rng.choice((4096, 16384, 65536))
+            off = rng.randrange(0, DISK - n, 4096)
+            blockdev.write_at(stack.top_path, off, hashlib.sha256(b"%d" % i).digest()[:16] * (n // 16))
+            with lock:
+                written.append((off, n))
+            i += 1
+
+    t = threading.Thread(target=writer, daemon=True)
+    with secondary_link(lab, sec, _hello(sec, "secondary")):
+        with _session(lab) as session:
+            peer.exchange_hello(session, _hello(sec, "primary"))
+            t.start()
+            try:
+                for n in range(1, 101):
+                    seen = {}
+
+                    def commit():
+                        # The top device is suspended here: nothing moves on P; note what it holds.
+                        with lock:
+                            ranges = list(written) if n % 20 else [(0, DISK)]
+                            written.clear()
+                        seen["pieces"] = [(off, ln, blockdev.read_at(p, off, ln)) for off, ln in ranges]
+
+                    stack.checkpoint(lambda: peer.remote_checkpoint(session, n), commit)
+                    for off, ln, data in seen["pieces"]:
+                        assert blockdev.read_at(sec.active_path, off, ln) == data, (n, off, ln)
+                    assert sec.state().checkpoint == n
+            finally:
+                stop.set()
+                t.join(timeout=30)
+    assert not t.is_alive()

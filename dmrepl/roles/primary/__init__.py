@@ -4,5 +4,211 @@
              -> dmrepl-NAME-mirror = mirror core P /dev/nbdX    (reads from P; the NBD leg is S)
 
 stack.py builds and tears down the two devices and takes the primary's half of
-a checkpoint (suspend with flush: every acknowledged write is on P and S).
+a checkpoint (suspend with flush: every acknowledged write is on P and S);
+sync.py is the initial full copy.  `Primary` ties them to the resource's state
+file: the checkpoint number and the era each checkpoint began, which a delta
+resync will start from.  It returns values; the daemon and the CLI make text.
 """
+
+from __future__ import annotations
+
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+from dmrepl.config import PrimaryConfig
+from dmrepl.errors import DmreplError
+from dmrepl.kernel import blockdev, dm, loop
+from dmrepl.kernel.errors import KernelError
+from dmrepl.roles.backing import check_unused, kind
+from dmrepl.roles.primary.stack import PRIMARY_PARTS, PrimaryLayout, PrimaryStack
+from dmrepl.roles.transitions import Role
+from dmrepl.state import ResourceState, StateStore
+
+MiB = 1 << 20
+MIN_ERA_METADATA_BYTES = 1 * MiB
+ERA_HEADER_BYTES = 4096   # dm-era formats metadata whose superblock is zeroes (dm-era-target.c)
+
+
+@dataclass(frozen=True)
+class Devices:
+    disk: str
+    era_metadata: str
+    loops: tuple[str, ...]
+
+
+class Primary:
+    """One resource's primary stack on this host."""
+
+    def __init__(self, cfg: PrimaryConfig, ctl: dm.Control):
+        self.cfg = cfg
+        self.ctl = ctl
+        self.stack = PrimaryStack(cfg.name, ctl)
+        self.states = StateStore(cfg.resource_state_dir)
+
+    @classmethod
+    @contextmanager
+    def open(cls, cfg: PrimaryConfig) -> Iterator["Primary"]:
+        with dm.Control() as ctl:
+            yield cls(cfg, ctl)
+
+    @property
+    def top_path(self) -> str:
+        return self.stack.top_path
+
+    def paths(self) -> list[tuple[str, str]]:
+        return [("disk", self.cfg.disk), ("era metadata", self.cfg.era_metadata)]
+
+    def state(self) -> ResourceState | None:
+        return self.states.load()
+
+    def is_up(self) -> bool:
+        return any(self.stack.present().values())
+
+    def size_bytes(self) -> int:
+        return blockdev.size_bytes(self.cfg.disk)
+
+    # -- up / down --------------------------------------------------------------
+
+    def check(self) -> ResourceState | None:
+        """Refuse bad input before anything is created; returns the saved state (None: first start)."""
+        present = [self.stack.dm(p) for p, there in self.stack.present().items() if there]
+        if present:
+            raise DmreplError(f"resource {self.cfg.name} is already up ({', '.join(present)} exist)",
+                              f"`dmrepl status {self.cfg.name}`; `dmrepl down {self.cfg.name}` first")
+        for what, path in self.paths():
+            kind(path, what)
+            check_unused(what, path)
+        size = self.size_bytes()
+        era_block_bytes = self.cfg.era_block_sectors * 512
+        if size < MiB or size % era_block_bytes:
+            raise DmreplError(f"disk {self.cfg.disk} is {size} bytes: it must be at least 1 MiB and a multiple "
+                              f"of the era block ({era_block_bytes} bytes)", "or choose a smaller era_block_kib")
+        if blockdev.size_bytes(self.cfg.era_metadata) < MIN_ERA_METADATA_BYTES:
+            raise DmreplError(f"era metadata {self.cfg.era_metadata} is smaller than 1 MiB")
+        st = self.states.load()
+        if st is not None and st.resource_id != self.cfg.resource_id:
+            raise DmreplError(f"state in {self.states.path} belongs to resource id {st.resource_id!r}, "
+                              f"the config says {self.cfg.resource_id!r}",
+                              "fix the config, or move the state directory away to start afresh")
+        if st is not None and st.role != Role.PRIMARY:
+            raise DmreplError(f"state in {self.states.path} is a {st.role}'s", "this host's config says primary")
+        return st
+
+    def attach(self) -> Devices:
+        """Block devices for the configured paths: themselves, or new loop devices over files."""
+        devs, loops = [], []
+        try:
+            for _what, path in self.paths():
+                if os.path.isfile(path):
+                    devs.append(loop.attach(path))
+                    loops.append(devs[-1])
+                else:
+                    devs.append(path)
+        except BaseException:
+            self.detach(loops)
+            raise
+        return Devices(devs[0], devs[1], tuple(loops))
+
+    def up(self, devs: Devices, nbd_path: str) -> ResourceState:
+        """Build mirror and era over P and the NBD leg; a first start formats the era metadata."""
+        with self.states.locked():
+            st = self.states.load()
+            if st is None:
+                blockdev.write_at(devs.era_metadata, 0, bytes(ERA_HEADER_BYTES))
+                st = ResourceState(name=self.cfg.name, resource_id=self.cfg.resource_id, role=Role.PRIMARY.value)
+            created: list[str] = []
+            try:
+                self.stack.build(PrimaryLayout(disk=devs.disk, nbd=nbd_path, era_metadata=devs.era_metadata,
+                                               era_block_sectors=self.cfg.era_block_sectors), created)
+                st = st.evolve(history=st.history + [{"checkpoint": st.checkpoint, "era": self.stack.era().current_era,
+                                                      "event": "up", "time": time.time()}])
+                self.states.save(st)
+            except BaseException:
+                dm.remove_tree(self.ctl, list(reversed(created)))
+                raise
+        return st
+
+    def down(self, devs: Devices | None = None) -> list[str]:
+        """Remove the devices (refused while the top device is open) and detach our loop devices."""
+        top = self.stack.dm("top")
+        if self.ctl.exists(top) and self.ctl.info(top).open_count:
+            raise DmreplError(f"{self.top_path} is open ({self.ctl.info(top).open_count} opener(s))",
+                              "stop the consumer first")
+        done = self.stack.teardown()
+        loops = list(devs.loops) if devs else [d for _w, p in self.paths() if os.path.isfile(p) for d in loop.find(p)]
+        done += self.detach(loops)
+        return done
+
+    @staticmethod
+    def detach(loops: list[str]) -> list[str]:
+        done = []
+        for dev in loops:
+            try:
+                if loop.detach(dev):
+                    done.append(dev)
+            except KernelError:
+                pass
+        return done
+
+    # -- checkpoints --------------------------------------------------------------
+
+    def checkpoint(self, peer_checkpoint: Callable[[int], float]) -> tuple[ResourceState, float, float]:
+        """Checkpoint n = saved + 1 on both hosts; returns (state, pause s, the secondary's pause s).
+
+        The top device stays suspended while the secondary switches; n and the
+        era that begins with it are saved before the resume.  A failure on either
+        side resumes with the state at n-1 (dmrepl.kernel.switch).
+
+        The era is read *before* the suspend: dm-era answers a status through
+        its worker, which a suspend stops, so a status of a suspended era waits
+        for the resume -- from the thread that is to resume it, forever, in D
+        state (dm-era-target.c: era_status -> in_worker1; era_postsuspend ->
+        stop_worker; docs/kernel-notes.md).  The resume usually starts the
+        next era, but era.rst says not to assume it: the era recorded for n is the
+        one current at its suspend, so that "written since n" is "written in that
+        era or later" -- a superset by at most one checkpoint's writes, never less.
+        """
+        with self.states.locked():
+            st = self.states.load()
+            if st is None:
+                raise DmreplError(f"resource {self.cfg.name} was never brought up on this host")
+            n = st.checkpoint + 1
+            era_before = self.stack.era().current_era
+            peer_pause = []
+
+            def peer():
+                peer_pause.append(peer_checkpoint(n))
+
+            def commit():
+                nonlocal st
+                st = st.evolve(checkpoint=n, history=st.history + [{"checkpoint": n, "era": era_before,
+                                                                    "time": time.time()}])
+                self.states.save(st)
+
+            pause = self.stack.checkpoint(peer, commit)
+        return st, pause, peer_pause[0] if peer_pause else 0.0
+
+    # -- status -------------------------------------------------------------------
+
+    def devices(self) -> dict:
+        out = {}
+        for part in PRIMARY_PARTS:
+            name = self.stack.dm(part)
+            if self.ctl.exists(name):
+                info = self.ctl.info(name)
+                out[part] = {"name": name, "path": info.path, "dev": info.devno, "open_count": info.open_count,
+                             "suspended": info.suspended}
+        return out
+
+    def kernel_status(self) -> dict:
+        """What the kernel says now: the mirror legs' health and the era (not while the top device is
+        suspended: dm-era's status would wait for the resume, see `checkpoint`)."""
+        if not all(self.stack.present().values()):
+            return {}
+        out = {"mirror_health": self.stack.mirror().health}
+        if not self.ctl.info(self.stack.dm("top")).suspended:
+            out["era"] = self.stack.era().current_era
+        return out

@@ -7,14 +7,10 @@ held by another dm device, open by a process).
 
 from __future__ import annotations
 
-import errno
-import os
-import stat
-
 from dmrepl.config import SecondaryConfig
 from dmrepl.errors import DmreplError
-from dmrepl.kernel import blockdev, loop, procfs
-from dmrepl.kernel.errors import BlockDeviceError
+from dmrepl.kernel import blockdev
+from dmrepl.roles.backing import check_unused, kind
 
 MiB = 1 << 20
 SECTOR = 512
@@ -26,19 +22,6 @@ def backing_paths(cfg: SecondaryConfig) -> list[tuple[str, str]]:
     """(what, configured path) of the disk and the two hidden stores."""
     return [("disk", cfg.disk), ("hidden store 0", cfg.hidden_stores[0]),
             ("hidden store 1", cfg.hidden_stores[1])]
-
-
-def kind(path: str, what: str) -> str:
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise DmreplError(f"{what} {path} does not exist", "create it (an image file or a block device) "
-                          "or fix the path in the config") from None
-    if stat.S_ISREG(st.st_mode):
-        return "file"
-    if stat.S_ISBLK(st.st_mode):
-        return "block"
-    raise DmreplError(f"{what} {path} is neither a regular file nor a block device")
 
 
 def check(cfg: SecondaryConfig) -> None:
@@ -61,24 +44,3 @@ def check(cfg: SecondaryConfig) -> None:
                               "between two checkpoints (both stores alike)")
     for what, path in backing_paths(cfg):
         check_unused(what, path)
-
-
-def check_unused(what: str, path: str) -> None:
-    if os.path.isfile(path):
-        bound = loop.find(path)
-        if bound:
-            raise DmreplError(f"{what} {path} is in use: attached to {', '.join(bound)}",
-                              "detach it (losetup -d) or bring the owning stack down first")
-    else:
-        try:
-            blockdev.check_not_busy(path)
-        except BlockDeviceError as e:
-            if e.errno == errno.EBUSY:
-                held = procfs.holders(path)
-                raise DmreplError(f"{what} {path} is in use (mounted or held"
-                                  f"{' by ' + ', '.join(held) if held else ''})",
-                                  "unmount it or remove what is stacked on it") from None
-            raise
-    users = procfs.openers(path)
-    if users:
-        raise DmreplError(f"{what} {path} is open by {procfs.describe(users)}", "stop those processes first")

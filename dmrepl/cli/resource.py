@@ -1,0 +1,146 @@
+"""`dmrepl up|down|status|checkpoint|failover NAME`: one set of commands for either role.
+
+The config's section says the role.  On the primary, `up` is the daemon in
+the foreground (systemd's ExecStart) and the other commands talk to it over
+its control socket; on the secondary, `up` builds the stack and then runs
+the secondary's daemon in the same process, and the other
+commands act through the secondary's policy as `dmrepl secondary ...` does.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from dmrepl import poll
+from dmrepl.cli.render import print_json
+from dmrepl.config import PrimaryConfig, load
+from dmrepl.daemon import control
+from dmrepl.errors import DmreplError
+
+HELPS = {"up": "start this host's role for NAME (foreground daemon; systemd runs it)",
+         "down": "stop the daemon and remove the stack (refuses while the consumer has it open)",
+         "status": "role, replication state and its reason, checkpoint, devices",
+         "checkpoint": "take a checkpoint now (on the primary: on both hosts)",
+         "failover": "on the secondary: fence the primary and take over at the last checkpoint"}
+
+
+def add_parsers(sub, run) -> None:
+    for action, text in HELPS.items():
+        a = sub.add_parser(action, help=text)
+        a.add_argument("name", metavar="NAME", help="resource name (config /etc/dmrepl/NAME.toml)")
+        a.add_argument("--config", metavar="PATH", help="config file instead of /etc/dmrepl/NAME.toml")
+        a.add_argument("--json", action="store_true", help="machine-readable output")
+        if action == "up":
+            a.add_argument("--assume-clean", action="store_true",
+                           help="primary, first start: the disks are known equal, skip the initial copy")
+        if action == "down":
+            a.add_argument("--force", action="store_true",
+                           help="secondary: remove even while the active device is open")
+        if action == "failover":
+            a.add_argument("--no-wait", action="store_true", help="return after the switch; the merge goes on")
+        a.set_defaults(func=run, action=action)
+
+
+def command(args) -> int:
+    cfg = load(args.name, args.config)
+    if isinstance(cfg, PrimaryConfig):
+        return PRIMARY[args.action](cfg, args)
+    return _secondary(cfg, args)
+
+
+def _secondary(cfg, args) -> int:
+    from dmrepl.cli import secondary
+    from dmrepl.roles.secondary import Secondary
+
+    if args.action == "up":
+        from dmrepl.daemon import supervisor
+
+        with Secondary.open(cfg) as sec:
+            st = sec.up()
+        if st.role != "secondary":
+            print(f"{cfg.name}: up as {st.role}: no export to serve", file=sys.stderr)
+            return 0
+        supervisor.configure_logging()
+        return supervisor.run_secondary(cfg)
+    return secondary.command(args)
+
+
+def _sock(cfg: PrimaryConfig) -> str:
+    return control.socket_path(cfg.resource_state_dir)
+
+
+def _p_up(cfg: PrimaryConfig, args) -> int:
+    from dmrepl.daemon import primary
+
+    return primary.run(cfg, assume_clean=args.assume_clean)
+
+
+def _p_down(cfg: PrimaryConfig, args) -> int:
+    from dmrepl.roles.primary import Primary
+
+    try:
+        reply = control.request(_sock(cfg), "status")
+    except control.DaemonNotRunning:
+        with Primary.open(cfg) as pri:
+            done = pri.down()
+    else:
+        control.request(_sock(cfg), "stop")
+        poll.wait_for(lambda: os.path.exists(_sock(cfg)), f"daemon pid {reply['pid']} to stop",
+                      ok=lambda there: not there, timeout=60)
+        done = [d["name"] for d in reply["devices"].values()] + ([reply["nbd"]] if reply.get("nbd") else [])
+    if args.json:
+        print_json({"name": cfg.name, "removed": done})
+    else:
+        print(f"{cfg.name}: down ({', '.join(done) or 'nothing was up'})")
+    return 0
+
+
+def _p_status(cfg: PrimaryConfig, args) -> int:
+    try:
+        s = control.request(_sock(cfg), "status")
+    except control.DaemonNotRunning:
+        from dmrepl.roles.primary import Primary
+
+        with Primary.open(cfg) as pri:
+            st = pri.state()
+            s = {"name": cfg.name, "resource_id": cfg.resource_id, "role": "primary", "state": "down",
+                 "reason": "no daemon runs (`dmrepl up " + cfg.name + "` starts it)",
+                 "checkpoint": st.checkpoint if st else None, "devices": pri.devices()}
+    s.pop("ok", None)
+    if args.json:
+        print_json(s)
+        return 0
+    print(f"resource {s['name']} (id {s['resource_id']}): primary, {s['state'].upper()} ({s['reason']})")
+    if s.get("checkpoint") is not None:
+        last = s.get("last_checkpoint") or {}
+        extra = (f", last {time.time() - last['time']:.1f} s ago, pause {last['pause_ms']:.1f} ms"
+                 if last else "")
+        print(f"  checkpoint {s['checkpoint']}{extra}")
+    for part, d in s.get("devices", {}).items():
+        print(f"  {part:<7} {d['path']} ({d['dev']}) open {d['open_count']}{' SUSPENDED' if d['suspended'] else ''}")
+    if s.get("nbd"):
+        print(f"  nbd     {s['nbd']} -> secondary {s['secondary']}, mirror legs {s.get('mirror_health', '?')}"
+              f", era {s.get('era', '?')}")
+    return 0
+
+
+def _p_checkpoint(cfg: PrimaryConfig, args) -> int:
+    r = control.request(_sock(cfg), "checkpoint")
+    r.pop("ok", None)
+    if args.json:
+        print_json({"name": cfg.name, **r})
+    else:
+        print(f"{cfg.name}: checkpoint {r['checkpoint']} on both hosts, pause {r['pause_ms']:.1f} ms "
+              f"(secondary's switch {r['secondary_pause_ms']:.1f} ms)")
+    return 0
+
+
+def _p_failover(cfg: PrimaryConfig, args) -> int:
+    raise DmreplError(f"{cfg.name} is the primary on this host: failover runs on the secondary, which takes over",
+                      f"on the secondary host: `dmrepl failover {cfg.name}`")
+
+
+PRIMARY = {"up": _p_up, "down": _p_down, "status": _p_status, "checkpoint": _p_checkpoint,
+           "failover": _p_failover}
