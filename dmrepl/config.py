@@ -25,7 +25,7 @@
     heartbeat_interval_s = 1.0
     heartbeat_misses = 3              # this many unanswered heartbeats: "disconnected"
     nbd_connections = 4
-    nbd_timeout_s = 2                 # the longest a dead secondary stalls a write
+    nbd_timeout_s = 5                 # the longest a dead secondary stalls a write
     netns = "repl"                    # optional: make the link's sockets in this network namespace
     [[primary.secondaries]]           # one today; the list is there for more
     nbd = "10.77.0.2:10809"
@@ -258,7 +258,7 @@ def _primary(doc: dict, common: dict, source: str) -> PrimaryConfig:
         heartbeat_interval_s=_number(pri, "heartbeat_interval_s", float, where, 1.0, 0.05, 60.0),
         heartbeat_misses=_number(pri, "heartbeat_misses", int, where, 3, 1, 100),
         nbd_connections=_number(pri, "nbd_connections", int, where, 4, 1, 16),
-        nbd_timeout_s=_number(pri, "nbd_timeout_s", int, where, 2, 1, 600), netns=netns, **common)
+        nbd_timeout_s=_number(pri, "nbd_timeout_s", int, where, 5, 1, 600), netns=netns, **common)
 
 
 def parse(text: str, *, source: str, default_name: str | None = None) -> SecondaryConfig | PrimaryConfig:

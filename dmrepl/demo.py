@@ -28,6 +28,7 @@ from dmrepl.names import StackNames
 
 MiB = 1 << 20
 DISK = 64 * MiB
+STORE = 40 * MiB        # holds what the demo writes between two checkpoints (32 MiB), not the whole disk
 NAME = "demo"
 NBD_PORT, LINK_PORT = 10809, 10810
 START_TIMEOUT = 120.0
@@ -41,7 +42,7 @@ def _step(n: int, text: str) -> None:
     print(f"[{n:2}] {text}", flush=True)
 
 
-def _check(path: str, expected: list[tuple[int, int, int]], what: str) -> None:
+def check_bytes(path: str, expected: list[tuple[int, int, int]], what: str) -> None:
     """Compare every byte of `path` with (offset, length, byte value) ranges."""
     for off, length, value in expected:
         for pos in range(off, off + length, 4 * MiB):
@@ -86,7 +87,10 @@ class Pair:
         with open(self.config("p"), "w") as f:
             f.write(f'name = "{NAME}"\nresource_id = "demo-resource"\nstate_dir = "{state.format("p")}"\n'
                     f'[primary]\ndisk = "{work}/p.img"\nera_metadata = "{work}/era.img"\nkey_file = "{key}"\n'
-                    f'checkpoint_interval_s = 0\nnetns = "{lab.hosts["p"].netns}"\n'
+                    # Under QEMU TCG (scripts/demo) a request can take seconds: a short NBD timeout
+                    # would read as a dead link.
+                    f'checkpoint_interval_s = 0\nnbd_timeout_s = 15\nheartbeat_misses = 10\n'
+                    f'netns = "{lab.hosts["p"].netns}"\n'
                     f'[[primary.secondaries]]\nnbd = "{s}:{NBD_PORT}"\nlink = "{s}:{LINK_PORT}"\n')
         self.socket = control.socket_path(os.path.join(state.format("p"), NAME))
 
@@ -173,8 +177,9 @@ def _run(pair: Pair, top: str, active: str, t_start: float) -> int:
     _image(f"{work}/s.img", DISK, None)
     _image(f"{work}/era.img", 4 * MiB, None)
     for h in ("h0", "h1"):
-        _image(f"{work}/{h}.img", DISK + 8 * MiB, None)
-    print(f"     primary disk P: {DISK // MiB} MiB of 0x11; secondary disk S: zeroes; one shared key (0600)")
+        _image(f"{work}/{h}.img", STORE, None)
+    print(f"     primary disk P: {DISK // MiB} MiB of 0x11; secondary disk S: zeroes, hidden stores "
+          f"{STORE // MiB} MiB each; one shared key (0600)")
 
     _step(2, "secondary: dmrepl up demo  (origin, hidden, active; NBD export and control link)")
     t0 = time.perf_counter()
@@ -191,25 +196,25 @@ def _run(pair: Pair, top: str, active: str, t_start: float) -> int:
         sync = [line.split(" ", 2)[2].strip() for line in f if "copied in" in line]
     print(f"     replicating in {time.perf_counter() - t0:.1f} s: {sync[0] if sync else ''}")
     print(f"     {s['device']} -> mirror(P, {s['nbd']}) legs {s['mirror_health']}, checkpoint {s['checkpoint']}")
-    _check(active, [(0, DISK, 0x11)], "the secondary's view at checkpoint 1 is P")
+    check_bytes(active, [(0, DISK, 0x11)], "the secondary's view at checkpoint 1 is P")
 
     _step(4, "the primary's consumer writes 0x22 to [16M,48M)")
     rate = _write(top, 16 * MiB, 32 * MiB, 0x22)
     print(f"     {rate:.1f} MB/s, each write on P and S before it returns")
-    _check(active, [(0, DISK, 0x11)], "the secondary's view stays at checkpoint 1")
+    check_bytes(active, [(0, DISK, 0x11)], "the secondary's view stays at checkpoint 1")
 
     _step(5, "dmrepl checkpoint demo")
     cp = control.request(pair.socket, "checkpoint")
     print(f"     checkpoint {cp['checkpoint']} on both hosts: the primary paused {cp['pause_ms']:.1f} ms "
           f"(the secondary's switch {cp['secondary_pause_ms']:.1f} ms)")
     at_2 = [(0, 16 * MiB, 0x11), (16 * MiB, 32 * MiB, 0x22), (48 * MiB, 16 * MiB, 0x11)]
-    _check(active, at_2, "the secondary's view is P at checkpoint 2")
+    check_bytes(active, at_2, "the secondary's view is P at checkpoint 2")
 
     _step(6, "after the checkpoint the primary writes 0x33 to [0,8M); the secondary's consumer writes 0x44 to [56M,64M)")
     _write(top, 0, 8 * MiB, 0x33)
     _write(active, 56 * MiB, 8 * MiB, 0x44)
     view = at_2[:-1] + [(48 * MiB, 8 * MiB, 0x11), (56 * MiB, 8 * MiB, 0x44)]
-    _check(active, view, "the secondary's view: checkpoint 2 plus its own writes")
+    check_bytes(active, view, "the secondary's view: checkpoint 2 plus its own writes")
 
     _step(7, "the primary is lost; on the secondary: dmrepl failover demo")
     t0 = time.perf_counter()
@@ -217,7 +222,7 @@ def _run(pair: Pair, top: str, active: str, t_start: float) -> int:
     if r.returncode != 0:
         raise DemoFailure(f"failover failed: {r.stderr.strip()}")
     print(f"     failed over and merged in {time.perf_counter() - t0:.1f} s")
-    _check(active, view, "the new primary's device: checkpoint 2 plus its own writes, every byte")
+    check_bytes(active, view, "the new primary's device: checkpoint 2 plus its own writes, every byte")
     s = poll.wait_for(pair.status, "the old primary to notice", ok=lambda s: s["state"] == "disconnected")
     print(f"     the old primary says: {s['state']} ({s['reason']})")
 

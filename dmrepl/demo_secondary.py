@@ -18,6 +18,7 @@ from dmrepl import inventory
 from dmrepl.config import SecondaryConfig
 from dmrepl.daemon import service
 from dmrepl.daemon import supervisor as daemon
+from dmrepl.demo import DemoFailure, check_bytes
 from dmrepl.errors import DmreplError
 from dmrepl.kernel import blockdev, loop
 from dmrepl.nbd.client import NBDClient
@@ -28,10 +29,6 @@ DISK = 64 * MiB
 STORE = 80 * MiB
 
 
-class DemoFailure(DmreplError):
-    pass
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -40,20 +37,6 @@ def _free_port() -> int:
 
 def _step(n: int, text: str) -> None:
     print(f"[{n:2}] {text}", flush=True)
-
-
-def _check(path: str, expected: list[tuple[int, int, int]], what: str) -> None:
-    """Compare every byte of `path` with (offset, length, byte value) ranges."""
-    for off, length, value in expected:
-        for pos in range(off, off + length, 4 * MiB):
-            n = min(4 * MiB, off + length - pos)
-            got = blockdev.read_at(path, pos, n)
-            want = bytes([value]) * n
-            if got != want:
-                bad = next(i for i in range(n) if got[i] != value)
-                raise DemoFailure(f"{what}: byte {pos + bad} of {path} is {got[bad]:#04x}, expected {value:#04x}")
-    desc = ", ".join(f"{v:#04x} in [{o // MiB}M,{(o + ln) // MiB}M)" for o, ln, v in expected)
-    print(f"     ok: {what}: {desc}", flush=True)
 
 
 def _nbd_write(client: NBDClient, off: int, length: int, value: int) -> float:
@@ -102,7 +85,7 @@ def run(keep: bool = False) -> int:
         t0 = time.perf_counter()
         service.up(sec, config_path)
         print(f"     up in {(time.perf_counter() - t0) * 1000:.0f} ms, daemon pid {daemon.running_pid(cfg)}")
-        _check(sec.active_path, [(0, DISK, 0x11)], "active after up")
+        check_bytes(sec.active_path, [(0, DISK, 0x11)], "active after up")
         S = loop.find(cfg.disk)[0]
 
         _step(3, "primary (NBD client) writes 0x22 to [32M,64M) and flushes")
@@ -111,25 +94,25 @@ def run(keep: bool = False) -> int:
                   f"fua={primary.info.can_fua}")
             rate = _nbd_write(primary, 32 * MiB, 32 * MiB, 0x22)
             print(f"     primary write through NBD: {rate:.1f} MB/s")
-            _check(sec.active_path, [(0, DISK, 0x11)], "active keeps the checkpoint")
-            _check(S, [(0, 32 * MiB, 0x11), (32 * MiB, 32 * MiB, 0x22)], "S has the primary's data")
+            check_bytes(sec.active_path, [(0, DISK, 0x11)], "active keeps the checkpoint")
+            check_bytes(S, [(0, 32 * MiB, 0x11), (32 * MiB, 32 * MiB, 0x22)], "S has the primary's data")
 
             _step(4, "consumer writes 0x33 to active [0,32M)")
             blockdev.write_at(sec.active_path, 0, b"\x33" * (32 * MiB))
-            _check(sec.active_path, [(0, 32 * MiB, 0x33), (32 * MiB, 32 * MiB, 0x11)], "active")
-            _check(S, [(0, 32 * MiB, 0x11)], "S untouched by the consumer")
+            check_bytes(sec.active_path, [(0, 32 * MiB, 0x33), (32 * MiB, 32 * MiB, 0x11)], "active")
+            check_bytes(S, [(0, 32 * MiB, 0x11)], "S untouched by the consumer")
 
             _step(5, "checkpoint 1")
             st, pause = sec.checkpoint()
             print(f"     checkpoint {st.checkpoint} on store {st.current_store}: pause {pause * 1000:.1f} ms")
-            _check(sec.active_path, [(0, 32 * MiB, 0x11), (32 * MiB, 32 * MiB, 0x22)],
+            check_bytes(sec.active_path, [(0, 32 * MiB, 0x11), (32 * MiB, 32 * MiB, 0x22)],
                    "active equals S (consumer writes dropped)")
 
             _step(6, "after the checkpoint: primary writes 0x44 to [32M,48M), consumer writes 0x55 to [0,16M)")
             _nbd_write(primary, 32 * MiB, 16 * MiB, 0x44)
             blockdev.write_at(sec.active_path, 0, b"\x55" * (16 * MiB))
             view = [(0, 16 * MiB, 0x55), (16 * MiB, 16 * MiB, 0x11), (32 * MiB, 32 * MiB, 0x22)]
-            _check(sec.active_path, view, "active: checkpoint 1 + consumer writes")
+            check_bytes(sec.active_path, view, "active: checkpoint 1 + consumer writes")
             health = sec.store_health()
             print(f"     hidden store: {health.allocated_bytes / MiB:.1f} MiB of {health.total_bytes // MiB} MiB "
                   f"({health.fill:.1%})")
@@ -145,7 +128,7 @@ def run(keep: bool = False) -> int:
                     raise DemoFailure("the open active device changed across the failover")
             finally:
                 os.close(fd)
-            _check(sec.active_path, view, "active unchanged across the switch (merge running)")
+            check_bytes(sec.active_path, view, "active unchanged across the switch (merge running)")
         try:
             NBDClient.connect("127.0.0.1", cfg.listen_port, cfg.resource_id, timeout=2).close()
             raise DemoFailure("the NBD export still accepts a primary after the failover")
@@ -157,8 +140,8 @@ def run(keep: bool = False) -> int:
         st = sec.wait_merge()
         print(f"     merge done in {time.perf_counter() - t0:.2f} s; role {st.role}; origin is "
               f"{_targets(sec, 'origin')} over S")
-        _check(S, view, "S after the merge: primary's post-checkpoint writes rolled back")
-        _check(sec.active_path, view, "active after the merge")
+        check_bytes(S, view, "S after the merge: primary's post-checkpoint writes rolled back")
+        check_bytes(sec.active_path, view, "active after the merge")
 
         _step(9, f"dmrepl secondary down {name}")
         removed = service.down(sec)

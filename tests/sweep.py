@@ -81,8 +81,27 @@ def our_processes(run_dir: str) -> list[tuple[int, str]]:
 
 
 def our_loops(run_dir: str) -> list[str]:
+    """Loop devices over the run's files: by path, or -- attached from another mount namespace, where
+    sysfs shows a path relative to the mount (loop.find) -- by the backing file's device and inode."""
     root = os.path.join(os.path.abspath(run_dir), "")
-    return [dev for dev, backing in loop.list_attached().items() if backing.startswith(root)]
+    ours = set()
+    for dirpath, _dirs, files in os.walk(root):
+        for f in files:
+            try:
+                ours.add(loop.file_id(os.path.join(dirpath, f)))
+            except OSError:
+                continue
+    found = []
+    for dev, backing in loop.list_attached().items():
+        if backing.startswith(root):
+            found.append(dev)
+            continue
+        try:
+            if loop.backing_id(dev) in ours:
+                found.append(dev)
+        except loop.LoopError:
+            continue
+    return found
 
 
 def lab_tag() -> str:

@@ -125,7 +125,12 @@ class PrimaryDaemon:
         if st is None and not assume_clean:
             self.machine.fire(Event.CONNECTED, "first start: S gets a full copy of P")
             log("initial sync: copying P to S, then comparing digests")
-            res = sync.initial_sync(self.devs.disk, self.nbd.path, progress=Progress(lambda: self.stopping))
+            # Half the secondary's store per segment, a checkpoint (number 0 again: S is not yet a
+            # copy of P, no view is worth keeping) between segments to empty it.
+            session = self.session
+            res = sync.initial_sync(self.devs.disk, self.nbd.path, progress=Progress(lambda: self.stopping),
+                                    segment_bytes=theirs.store_bytes // 2 or None,
+                                    between=lambda: peer.remote_checkpoint(session, 0))
             log(f"initial sync: {res.copied_bytes >> 20} MiB copied in {res.copy_seconds:.1f} s "
                 f"({res.copy_mb_s:.1f} MB/s), verified in {res.verify_seconds:.1f} s")
             event, why = Event.SYNCED, "initial sync verified"

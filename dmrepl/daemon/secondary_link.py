@@ -56,9 +56,11 @@ class LinkServer:
 
     def _hello(self, sec: Secondary, theirs: Hello) -> Hello:
         st = sec.state()
+        stores = sec.stack.backing().stores
         return Hello(resource_id=self.cfg.resource_id, role="secondary",
                      size_bytes=blockdev.size_bytes(sec.origin_device()), chunk_sectors=self.cfg.chunk_sectors,
-                     era_block_sectors=theirs.era_block_sectors, checkpoints=[st.checkpoint] if st else [])
+                     era_block_sectors=theirs.era_block_sectors, checkpoints=[st.checkpoint] if st else [],
+                     store_bytes=min(blockdev.size_bytes(d) for d in stores))
 
     def _run(self) -> None:
         with Secondary.open(self.cfg) as sec:

@@ -147,11 +147,40 @@ def list_attached() -> dict[str, str]:
     return out
 
 
+def backing_id(path: str) -> tuple[int, int, int]:
+    """(major, minor, inode) of a bound loop device's backing file (LOOP_GET_STATUS64)."""
+    lo = _on_device(path, "LOOP_GET_STATUS64", _kernel.loop_get_status64)
+    return os.major(lo["backing_dev"]), os.minor(lo["backing_dev"]), lo["backing_inode"]
+
+
+def file_id(file: str) -> tuple[int, int, int]:
+    st = os.stat(file)
+    return os.major(st.st_dev), os.minor(st.st_dev), st.st_ino
+
+
 def find(file: str) -> list[str]:
-    """Loop devices bound to `file` (compared by absolute path)."""
+    """Loop devices bound to `file`: by absolute path, or by device and inode where the path differs.
+
+    sysfs shows the backing path as the *reader's* mount namespace sees the
+    mount the file was opened through: a loop device attached by a process in
+    another mount namespace (`ip netns exec` makes one) shows a path relative
+    to that mount's root, e.g. /pytest-1/s.img for /tmp/pytest-1/s.img
+    (docs/kernel-notes.md).  Such a path is a suffix of the real one; the
+    backing file's device and inode decide.
+    """
     target = os.path.abspath(file)
-    return [dev for dev, backing in list_attached().items()
-            if backing.removesuffix(" (deleted)") == target]
+    found = []
+    for dev, backing in list_attached().items():
+        backing = backing.removesuffix(" (deleted)")
+        if backing == target:
+            found.append(dev)
+        elif backing and target.endswith(backing):
+            try:
+                if backing_id(dev) == file_id(target):
+                    found.append(dev)
+            except (LoopError, OSError):
+                continue
+    return found
 
 
 def by_devno(major: int, minor: int) -> str | None:

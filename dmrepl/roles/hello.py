@@ -18,6 +18,7 @@ class Hello:
     chunk_sectors: int        # the secondary's copy-before-write chunk (the primary sends what it expects)
     era_block_sectors: int    # the primary's change-tracking block (the secondary echoes it)
     checkpoints: list[int] = field(default_factory=list)  # checkpoint numbers this host holds, oldest first
+    store_bytes: int = 0      # the secondary's smaller hidden store (0: not said): bounds a sync segment
 
     def to_wire(self) -> dict:
         return asdict(self)
@@ -28,7 +29,8 @@ class Hello:
             return cls(resource_id=str(body["resource_id"]), role=str(body["role"]),
                        size_bytes=int(body["size_bytes"]), chunk_sectors=int(body["chunk_sectors"]),
                        era_block_sectors=int(body["era_block_sectors"]),
-                       checkpoints=[int(n) for n in body.get("checkpoints", [])])
+                       checkpoints=[int(n) for n in body.get("checkpoints", [])],
+                       store_bytes=int(body.get("store_bytes", 0)))
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"hello without a valid {e}") from None
 

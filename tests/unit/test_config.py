@@ -108,7 +108,7 @@ def test_primary_config():
                                                           "/etc/dmrepl/vm1.key")
     assert cfg.secondaries == (Peer("10.77.0.2", 10809, "10.77.0.2", 10810),)
     assert (cfg.era_block_sectors, cfg.chunk_sectors, cfg.checkpoint_interval_s) == (128, 8, 1.0)
-    assert (cfg.heartbeat_interval_s, cfg.heartbeat_misses, cfg.nbd_connections, cfg.nbd_timeout_s) == (1.0, 3, 4, 2)
+    assert (cfg.heartbeat_interval_s, cfg.heartbeat_misses, cfg.nbd_connections, cfg.nbd_timeout_s) == (1.0, 3, 4, 5)
 
 
 def test_secondary_link_defaults_to_the_next_port():

@@ -33,3 +33,13 @@ def test_no_common_checkpoint_and_wire_round_trip():
     with pytest.raises(ValueError) as e:
         Hello.from_wire({"resource_id": "vm1"})
     assert "hello without a valid" in str(e.value)
+
+
+def test_the_store_size_travels_and_an_older_peer_without_it_reads_as_zero():
+    from dmrepl.roles.hello import Hello
+
+    h = Hello("r", "secondary", 1 << 30, 8, 2048, [3], store_bytes=1 << 28)
+    assert Hello.from_wire(h.to_wire()) == h
+    old = h.to_wire()
+    del old["store_bytes"]
+    assert Hello.from_wire(old).store_bytes == 0

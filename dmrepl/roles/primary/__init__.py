@@ -206,9 +206,13 @@ class Primary:
     def kernel_status(self) -> dict:
         """What the kernel says now: the mirror legs' health and the era (not while the top device is
         suspended: dm-era's status would wait for the resume, see `checkpoint`)."""
-        if not all(self.stack.present().values()):
-            return {}
+        infos = {}
+        for part in PRIMARY_PARTS:
+            name = self.stack.dm(part)
+            infos[part] = self.ctl.info(name) if self.ctl.exists(name) else None
+            if infos[part] is None or not infos[part].live_table:
+                return {}   # not built yet (or being torn down): nothing to say
         out = {"mirror_health": self.stack.mirror().health}
-        if not self.ctl.info(self.stack.dm("top")).suspended:
+        if not infos["top"].suspended:
             out["era"] = self.stack.era().current_era
         return out

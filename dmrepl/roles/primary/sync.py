@@ -31,15 +31,30 @@ class SyncResult:
         return self.copied_bytes / self.copy_seconds / 1e6 if self.copy_seconds else 0.0
 
 
-def copy(p: str, s: str, progress: Callable[[int, int], None] | None = None) -> tuple[int, float]:
-    """Copy all of P to S; `progress(done, total)` in bytes. Returns (bytes, seconds)."""
+def copy(p: str, s: str, progress: Callable[[int, int], None] | None = None, *,
+         segment_bytes: int | None = None, between: Callable[[], None] | None = None) -> tuple[int, float]:
+    """Copy all of P to S; `progress(done, total)` in bytes. Returns (bytes, seconds).
+
+    With `segment_bytes`, the copy goes in segments of that size, S flushed and
+    `between()` called after each: the secondary's hidden store takes a copy of
+    every chunk the sync overwrites, and a checkpoint between segments empties
+    it, so that the store need not hold the whole disk.
+    """
     total = blockdev.size_bytes(p)
     if blockdev.size_bytes(s) != total:
         raise DmreplError(f"initial sync: {p} is {total} bytes, {s} is {blockdev.size_bytes(s)}: "
                           "the two disks must be of one size", "grow the smaller one, or fix the config")
+    step = total if not segment_bytes else max(PIECE_BYTES, segment_bytes // PIECE_BYTES * PIECE_BYTES)
     t0 = time.perf_counter()
-    done = blockdev.copy_extents(p, s, [(0, total)], io_bytes=PIECE_BYTES,
-                                 progress=(lambda n: progress(n, total)) if progress else None)
+    done = 0
+    for off in range(0, total, step):
+        n = min(step, total - off)
+        base = done
+        done += blockdev.copy_extents(p, s, [(off, n)], io_bytes=PIECE_BYTES,
+                                      progress=(lambda d: progress(base + d, total)) if progress else None)
+        if between is not None and off + n < total:
+            blockdev.flush(s)
+            between()
     return done, time.perf_counter() - t0
 
 
@@ -60,11 +75,13 @@ def differing(p: str, s: str, progress: Callable[[int, int], None] | None = None
 
 
 def initial_sync(p: str, s: str, *, assume_clean: bool = False,
-                 progress: Callable[[str, int, int], None] | None = None) -> SyncResult:
+                 progress: Callable[[str, int, int], None] | None = None,
+                 segment_bytes: int | None = None, between: Callable[[], None] | None = None) -> SyncResult:
     """Copy and verify, or neither with assume_clean; raises if S differs after the copy."""
     if assume_clean:
         return SyncResult(0, 0.0, 0, 0.0)
-    copied, copy_s = copy(p, s, (lambda d, t: progress("copy", d, t)) if progress else None)
+    copied, copy_s = copy(p, s, (lambda d, t: progress("copy", d, t)) if progress else None,
+                          segment_bytes=segment_bytes, between=between)
     t0 = time.perf_counter()
     bad = differing(p, s, (lambda d, t: progress("verify", d, t)) if progress else None)
     if bad:
