@@ -123,6 +123,9 @@ def _p_status(cfg: PrimaryConfig, args) -> int:
     if s.get("nbd"):
         print(f"  nbd     {s['nbd']} -> secondary {s['secondary']}, mirror legs {s.get('mirror_health', '?')}"
               f", era {s.get('era', '?')}")
+        if s.get("nbd_dead_connections"):
+            print(f"  WARNING {s['nbd_dead_connections']} of {s['nbd_connections']} NBD connections reported dead "
+                  "(a request outlived nbd_timeout_s, or the socket broke)")
     return 0
 
 

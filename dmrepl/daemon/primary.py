@@ -88,6 +88,7 @@ class PrimaryDaemon:
         self.last_answer = time.monotonic()
         self.last_checkpoint: dict = {}
         self.built = False
+        self.dead_sockets = 0   # NBD connections the kernel reported dead (LINK_DEAD)
 
     # -- start ------------------------------------------------------------------
 
@@ -185,9 +186,22 @@ class PrimaryDaemon:
             self.session = None
 
     def on_link_events(self) -> None:
+        """LINK_DEAD is per socket: a socket that broke, or a request that outlived the NBD timeout
+        (nbd.c: nbd_xmit_timeout marks that socket dead and requeues the request on another one).
+        With several connections the device goes on with the others: the link is dead only when
+        every one has been reported (or the mirror fails the leg, or heartbeats go unanswered)."""
         for ev in self.events.wait(0):
-            if self.nbd is not None and ev.cmd == netlink.Cmd.LINK_DEAD and ev.index == self.nbd.index:
-                self.lost(Event.LINK_DEAD, f"the kernel NBD client reported the link of {self.nbd.path} dead")
+            if self.nbd is None or ev.cmd != netlink.Cmd.LINK_DEAD or ev.index != self.nbd.index:
+                continue
+            self.dead_sockets += 1
+            total = self.nbd.connections
+            if self.dead_sockets >= total:
+                self.lost(Event.LINK_DEAD, f"the kernel NBD client reported all {total} connection(s) of "
+                          f"{self.nbd.path} dead")
+            else:
+                log(f"WARNING: the kernel NBD client reported a connection of {self.nbd.path} dead "
+                    f"({self.dead_sockets} of {total}): a request outlived nbd_timeout_s "
+                    f"({self.cfg.nbd_timeout_s} s) or its socket broke; the others carry on")
 
     def on_peer_frame(self) -> None:
         try:
@@ -256,7 +270,7 @@ class PrimaryDaemon:
         op = request["op"]
         if op == "status":
             with Primary.open(self.cfg) as pri:
-                return self.status(pri)
+                return status_reply(self, pri)
         if op == "stop":
             with Primary.open(self.cfg) as pri:
                 self.refuse_stop_while_open(pri)
@@ -289,18 +303,6 @@ class PrimaryDaemon:
             raise DmreplError(f"{pri.top_path} is open ({top['open_count']} opener(s))",
                               "stop the consumer first; replication goes on meanwhile")
 
-    def status(self, pri: Primary) -> dict:
-        st = pri.state()
-        m = self.machine
-        return {"name": self.cfg.name, "resource_id": self.cfg.resource_id, "role": "primary",
-                "state": str(m.state), "reason": m.reason, "since": m.since, "pid": os.getpid(),
-                "checkpoint": st.checkpoint if st else None, "last_checkpoint": self.last_checkpoint,
-                "device": pri.top_path, "nbd": self.nbd.path if self.nbd else None,
-                "secondary": f"{self.peer_cfg.link_host}:{self.peer_cfg.link_port}",
-                "checkpoint_interval_s": self.cfg.checkpoint_interval_s,
-                "devices": pri.devices(), **pri.kernel_status(),
-                "history": [{"time": t, "event": e, "state": s, "reason": r} for t, e, s, r in m.history]}
-
     # -- stop -----------------------------------------------------------------------
 
     def teardown(self) -> None:
@@ -321,6 +323,22 @@ class PrimaryDaemon:
             log(f"NBD: {self.nbd.path} disconnected")
         if self.session is not None:
             self.session.close()
+
+
+def status_reply(d: "PrimaryDaemon", pri: Primary) -> dict:
+    """What `dmrepl status NAME` shows: the daemon's state and reason, the state file, the kernel."""
+    st = pri.state()
+    m = d.machine
+    return {"name": d.cfg.name, "resource_id": d.cfg.resource_id, "role": "primary",
+            "state": str(m.state), "reason": m.reason, "since": m.since, "pid": os.getpid(),
+            "checkpoint": st.checkpoint if st else None, "last_checkpoint": d.last_checkpoint,
+            "device": pri.top_path, "nbd": d.nbd.path if d.nbd else None,
+            "nbd_connections": d.nbd.connections if d.nbd else None,
+            "nbd_dead_connections": d.dead_sockets,
+            "secondary": f"{d.peer_cfg.link_host}:{d.peer_cfg.link_port}",
+            "checkpoint_interval_s": d.cfg.checkpoint_interval_s,
+            "devices": pri.devices(), **pri.kernel_status(),
+            "history": [{"time": t, "event": e, "state": s, "reason": r} for t, e, s, r in m.history]}
 
 
 def enter_netns(name: str) -> None:
