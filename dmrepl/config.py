@@ -23,7 +23,8 @@
     chunk_kib = 4                     # the secondary's chunk size, checked at hello
     checkpoint_interval_s = 5.0       # 0: only on demand
     heartbeat_interval_s = 1.0
-    heartbeat_misses = 3              # this many unanswered heartbeats: "disconnected"
+    heartbeat_misses = 3              # this many unanswered heartbeats: "degraded"
+    reconnect_interval_s = 5.0        # degraded: try the secondary again this often (then a delta resync)
     nbd_connections = 4
     nbd_timeout_s = 5                 # the longest a dead secondary stalls a write
     netns = "repl"                    # optional: make the link's sockets in this network namespace
@@ -112,6 +113,7 @@ class PrimaryConfig:
     state_dir: str
     source: str = "<built>"
     netns: str | None = None
+    reconnect_interval_s: float = 5.0
     role = "primary"
 
     @property
@@ -237,7 +239,7 @@ def _primary(doc: dict, common: dict, source: str) -> PrimaryConfig:
     where = f"{source} [primary]"
     _check_keys(pri, {"disk", "era_metadata", "key_file", "era_block_kib", "chunk_kib", "checkpoint_interval_s",
                       "heartbeat_interval_s", "heartbeat_misses", "nbd_connections", "nbd_timeout_s",
-                      "secondaries", "netns"}, where)
+                      "secondaries", "netns", "reconnect_interval_s"}, where)
     netns = _expect(pri, "netns", str, where)
     if netns is not None and not NAME_RE.match(netns):
         raise ConfigError(f"{where}: 'netns' {netns!r} is not a network namespace name (see `ip netns list`)")
@@ -258,7 +260,8 @@ def _primary(doc: dict, common: dict, source: str) -> PrimaryConfig:
         heartbeat_interval_s=_number(pri, "heartbeat_interval_s", float, where, 1.0, 0.05, 60.0),
         heartbeat_misses=_number(pri, "heartbeat_misses", int, where, 3, 1, 100),
         nbd_connections=_number(pri, "nbd_connections", int, where, 4, 1, 16),
-        nbd_timeout_s=_number(pri, "nbd_timeout_s", int, where, 5, 1, 600), netns=netns, **common)
+        nbd_timeout_s=_number(pri, "nbd_timeout_s", int, where, 5, 1, 600), netns=netns,
+        reconnect_interval_s=_number(pri, "reconnect_interval_s", float, where, 5.0, 0.1, 3600.0), **common)
 
 
 def parse(text: str, *, source: str, default_name: str | None = None) -> SecondaryConfig | PrimaryConfig:

@@ -58,7 +58,16 @@ def _secondary(cfg, args) -> int:
         from dmrepl.daemon import supervisor
 
         with Secondary.open(cfg) as sec:
-            st = sec.up()
+            st = sec.state()
+            if st is not None and sec.is_up() and all(sec.stack.present().values()) \
+                    and supervisor.running_pid(cfg) is None:
+                # Its daemon died (kill -9, a crash) and left the stack: serve it again as it is,
+                # after making sure no export of the dead daemon's still holds the port.
+                supervisor.fence(cfg)
+                print(f"{cfg.name}: the stack is up without its daemon: serving it again "
+                      f"(checkpoint {st.checkpoint})", file=sys.stderr)
+            else:
+                st = sec.up()
         if st.role != "secondary":
             print(f"{cfg.name}: up as {st.role}: no export to serve", file=sys.stderr)
             return 0

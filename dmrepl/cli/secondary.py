@@ -8,6 +8,7 @@ import time
 from dmrepl.cli.render import human_bytes, print_json
 from dmrepl.config import SecondaryConfig, default_path, load_secondary
 from dmrepl.daemon import running_pid, service
+from dmrepl.daemon.secondary_link import read_peer
 from dmrepl.roles.secondary import Secondary, SecondaryStatus
 
 HELPS = {"up": "build the stack from disk and start the NBD export",
@@ -131,7 +132,7 @@ def status_dict(s: SecondaryStatus, cfg: SecondaryConfig) -> dict:
                  "deferred_removal": [{"name": d.name, "holders": [{"pid": p, "command": c} for p, c in d.holders]}
                                       for d in s.deferred],
                  "warnings": warnings(s, cfg), "daemon_pid": running_pid(cfg),
-                 "listen": f"{cfg.listen_host}:{cfg.listen_port}"}
+                 "listen": f"{cfg.listen_host}:{cfg.listen_port}", "primary": read_peer(cfg)}
     if st is not None:
         out.update(checkpoint=st.checkpoint, current_store=st.current_store, store_path=s.store_path,
                    checkpoint_lost=st.checkpoint_lost, early_checkpoint_requested=st.early_checkpoint_requested)
@@ -172,6 +173,10 @@ def _status(sec: Secondary, cfg: SecondaryConfig, config_path: str, args) -> int
         m = out["merge"]
         print(f"  merge   {m['fraction']:.1%} done, {human_bytes(m['remaining_bytes'])} left")
     print(f"  export  {out['listen']}: " + (f"daemon pid {out['daemon_pid']}" if out["daemon_pid"] else "not running"))
+    if out["primary"] is not None:
+        pr = out["primary"]
+        print(f"  primary {pr['peer']} {pr['primary'].upper() if pr['primary'] == 'lost' else pr['primary']}"
+              f" since {time.strftime('%H:%M:%S', time.localtime(pr['since']))}: {pr['reason']}")
     for w in out["warnings"]:
         print(f"  WARNING {w}")
     return 0

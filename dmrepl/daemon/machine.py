@@ -20,7 +20,10 @@ class State(str, Enum):
     CONNECTING = "connecting"       # control link, hello, NBD attach to the secondary
     SYNCING = "syncing"             # the initial full copy of P to S, then its verification
     REPLICATING = "replicating"     # every write on P and S; checkpoints run
-    DISCONNECTED = "disconnected"   # the link or the NBD leg is dead: writes reach P only (era records them)
+    DEGRADED = "degraded"           # the secondary is lost: its NBD leg dropped, writes reach P only
+                                    # (era records them); reconnects every reconnect_interval_s
+    RESYNCING = "resyncing"         # back: every write on both legs, the pieces that differ being copied;
+                                    # S's view stays at the last checkpoint until the copy is done
     STOPPING = "stopping"           # tearing down on request
     FAILED = "failed"               # could not start: the reason says why; nothing is left running
 
@@ -32,6 +35,10 @@ class Event(str, Enum):
     CONNECTED = "connected"               # hello agreed, NBD attached; S needs the initial sync
     CONNECTED_IN_SYNC = "connected-in-sync"  # S known equal to P; stack up, first checkpoint taken
     SYNCED = "synced"                     # initial copy verified; stack up, first checkpoint taken
+    RECONNECTED = "reconnected"           # hello agreed with a secondary that holds older data: resync
+    RESYNCED = "resynced"                 # every differing piece copied; a checkpoint joined the hosts
+    START_DEGRADED = "start-degraded"     # a restart without the secondary: the stack is up without it
+    RESYNC_FAILED = "resync-failed"       # the comparison or the copy failed: the leg is dropped again
     CHECKPOINT_FAILED = "checkpoint-failed"  # both hosts stay at n-1; replication goes on
     LINK_DEAD = "link-dead"               # the kernel NBD client announced NBD_CMD_LINK_DEAD
     LEG_FAILED = "leg-failed"             # the mirror marked the NBD leg failed
@@ -49,6 +56,12 @@ _LOST = (Event.LINK_DEAD, Event.LEG_FAILED, Event.HEARTBEAT_MISSED, Event.LINK_E
 TRANSITIONS: dict[tuple[State, Event], State] = {
     (State.CONNECTING, Event.CONNECTED): State.SYNCING,
     (State.CONNECTING, Event.CONNECTED_IN_SYNC): State.REPLICATING,
+    (State.CONNECTING, Event.RECONNECTED): State.RESYNCING,
+    (State.CONNECTING, Event.START_DEGRADED): State.DEGRADED,
+    (State.DEGRADED, Event.RECONNECTED): State.RESYNCING,
+    (State.RESYNCING, Event.RESYNCED): State.REPLICATING,
+    (State.RESYNCING, Event.STOP): State.STOPPING,
+    (State.RESYNCING, Event.RESYNC_FAILED): State.DEGRADED,
     (State.CONNECTING, Event.START_FAILED): State.FAILED,
     (State.CONNECTING, Event.STOP): State.STOPPING,
     (State.SYNCING, Event.SYNCED): State.REPLICATING,
@@ -56,10 +69,11 @@ TRANSITIONS: dict[tuple[State, Event], State] = {
     (State.SYNCING, Event.STOP): State.STOPPING,
     (State.REPLICATING, Event.CHECKPOINT_FAILED): State.REPLICATING,
     (State.REPLICATING, Event.STOP): State.STOPPING,
-    (State.DISCONNECTED, Event.STOP): State.STOPPING,
-    **{(State.REPLICATING, e): State.DISCONNECTED for e in _LOST},
+    (State.DEGRADED, Event.STOP): State.STOPPING,
+    **{(State.REPLICATING, e): State.DEGRADED for e in _LOST},
+    **{(State.RESYNCING, e): State.DEGRADED for e in _LOST},
     # A second sign of the same loss (LINK_DEAD after a missed heartbeat): the state stays, the reason too.
-    **{(State.DISCONNECTED, e): State.DISCONNECTED for e in _LOST},
+    **{(State.DEGRADED, e): State.DEGRADED for e in _LOST},
 }
 
 # What a request from the CLI needs, by request.

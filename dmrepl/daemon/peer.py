@@ -7,6 +7,11 @@
                                    <-      CHECKPOINT_DONE {n, ok, pause_ms | error}
     HEARTBEAT {t}                  ->
                                    <-      HEARTBEAT {t}
+    DIGESTS {offset, length, piece} ->     (hashes those pieces of S)
+                                   <-      DIGESTS_REPLY {offset, digests | error}
+
+The secondary ends the session (and reports the primary lost) when no frame
+came for the primary's heartbeat timeout, which the primary's hello gives.
 
 A checkpoint is two-sided: the primary's top device stays suspended (every
 acknowledged write on P and S) while the secondary switches; the primary
@@ -26,6 +31,7 @@ from typing import Callable
 from dmrepl.errors import DmreplError
 from dmrepl.link.frames import FrameError, Kind
 from dmrepl.link.session import Session
+from dmrepl.roles import digests
 from dmrepl.roles.hello import Hello, agree
 
 log = logging.getLogger(__name__)
@@ -80,12 +86,42 @@ def remote_checkpoint(session: Session, n: int, timeout: float = CHECKPOINT_TIME
     return float(body.get("pause_ms", 0)) / 1000
 
 
+def remote_digests(session: Session, offset: int, length: int, piece: int, timeout: float = CHECKPOINT_TIMEOUT) -> bytes:
+    """The secondary's digests of S's pieces in [offset, offset + length)."""
+    session.send(Kind.DIGESTS, {"offset": offset, "length": length, "piece": piece})
+    while True:
+        kind, body = session.recv(timeout=timeout)
+        if kind == Kind.DIGESTS_REPLY and body.get("offset") == offset:
+            break
+        if kind in (Kind.HEARTBEAT, Kind.EARLY_CHECKPOINT):
+            continue
+        raise FrameError(f"expected DIGESTS_REPLY for {offset}, received {kind.name}")
+    if "error" in body:
+        raise DmreplError(f"the secondary cannot hash S at {offset}: {body['error']}")
+    try:
+        return digests.decode(str(body.get("digests", "")), length // piece)
+    except ValueError as e:
+        raise FrameError(f"DIGESTS_REPLY: {e}") from None
+
+
+def _answer_digests(session: Session, body: dict, hash_s: Callable[[int, int, int], bytes] | None) -> None:
+    offset = body.get("offset")
+    try:
+        if hash_s is None:
+            raise ValueError("this host does not serve digests")
+        d = hash_s(int(offset), int(body.get("length")), int(body.get("piece")))
+        session.send(Kind.DIGESTS_REPLY, {"offset": offset, "digests": digests.encode(d)})
+    except (ValueError, TypeError, OSError) as e:
+        session.send(Kind.DIGESTS_REPLY, {"offset": offset, "error": str(e)})
+
+
 def serve(session: Session, mine: Hello | Callable[[Hello], Hello], take_checkpoint: Callable[[int], float],
-          status: Callable[[], dict] = dict) -> None:
+          status: Callable[[], dict] = dict, hash_s: Callable[[int, int, int], bytes] | None = None,
+          on_hello: Callable[[Hello], None] | None = None) -> str:
     """The secondary's side of one authenticated session, until the peer goes or breaks the protocol.
 
     `mine` may be a function of the primary's Hello: the secondary echoes what only the primary
-    decides (the era block size)."""
+    decides (the era block size).  Returns why the session ended."""
     kind, body = session.recv(timeout=10.0)
     if kind != Kind.HELLO:
         log.warning("peer %s: expected HELLO, received %s: closing", session.peer, kind.name)
@@ -107,12 +143,16 @@ def serve(session: Session, mine: Hello | Callable[[Hello], Hello], take_checkpo
         return
     session.send(Kind.HELLO_OK, mine.to_wire())
     log.info("peer %s: hello ok (common checkpoint %s)", session.peer, agreement.common_checkpoint)
+    if on_hello is not None:
+        on_hello(theirs)
+    silence = theirs.heartbeat_timeout_s or None
     while True:
         try:
-            kind, body = session.recv(timeout=None)
+            kind, body = session.recv(timeout=silence)
+        except TimeoutError:
+            return f"no frame from the primary for {silence:g} s (its heartbeat timeout)"
         except (FrameError, OSError) as e:
-            log.info("peer %s: session ended: %s", session.peer, e)
-            return
+            return f"the control link ended: {e}"
         if kind == Kind.CHECKPOINT:
             n = body.get("n")
             if not isinstance(n, int):
@@ -129,5 +169,7 @@ def serve(session: Session, mine: Hello | Callable[[Hello], Hello], take_checkpo
             session.send(Kind.HEARTBEAT, {"t": time.time()})
         elif kind == Kind.STATUS:
             session.send(Kind.STATUS_REPLY, status())
+        elif kind == Kind.DIGESTS:
+            _answer_digests(session, body, hash_s)
         else:
             log.warning("peer %s: unexpected %s: ignored", session.peer, kind.name)

@@ -1,10 +1,15 @@
 """The primary's daemon: `dmrepl up NAME` in the foreground (systemd runs it as it is).
 
-    start:  control link -> hello -> NBD attach -> initial sync (or --assume-clean) -> mirror + era
-            -> checkpoint 1 on both hosts -> replicating
+    start:  control link -> hello -> NBD attach -> mirror + era, then
+              first start: initial sync (or --assume-clean) -> checkpoint 1 on both hosts
+              a restart:   delta resync from the newest common checkpoint (primary_resync.py);
+                           without the secondary: up degraded, writes on P only
+            -> replicating
     loop:   checkpoints every `checkpoint_interval_s` and on demand (CLI, or the secondary's early
             request); heartbeats; LINK_DEAD from the kernel, a failed mirror leg or missed heartbeats
-            -> "disconnected" with the reason (dropping the leg and resync come later)
+            -> "degraded" with the reason: NBD disconnected (in-flight writes complete from P), the
+            leg dropped, era records; every `reconnect_interval_s` a new hello -> delta resync
+            -> a checkpoint joins the hosts -> replicating
     stop:   SIGTERM or `dmrepl down NAME`: mirror and era removed, NBD disconnected
 
 One thread owns the link, the kernel handles and the state machine; the
@@ -20,7 +25,6 @@ import queue
 import select
 import signal
 import socket
-import sys
 import time
 from concurrent.futures import Future
 
@@ -29,6 +33,8 @@ from pyroute2 import netns
 from dmrepl.config import PrimaryConfig
 from dmrepl.daemon import control, peer
 from dmrepl.daemon.machine import Event, Machine, State
+from dmrepl.daemon.primary_resync import Resync
+from dmrepl.daemon.progress import Progress, log
 from dmrepl.errors import DmreplError
 from dmrepl.kernel import modules
 from dmrepl.link import auth
@@ -40,38 +46,6 @@ from dmrepl.roles.hello import Hello
 from dmrepl.roles.primary import Devices, Primary, sync
 
 REQUEST_TIMEOUT = 60.0
-
-
-def log(msg: str) -> None:
-    print(time.strftime("%Y-%m-%d %H:%M:%S ") + msg, file=sys.stderr, flush=True)
-
-
-class Progress:
-    """The initial sync's progress on stderr: a live line on a terminal, every 10 % in a log."""
-
-    def __init__(self, stopping=lambda: False):
-        self.stopping = stopping
-        self.tty = sys.stderr.isatty()
-        self.t0 = time.monotonic()
-        self.shown = -1
-
-    def __call__(self, phase: str, done: int, total: int) -> None:
-        if self.stopping():
-            raise DmreplError(f"initial sync stopped at {done >> 20} of {total >> 20} MiB ({phase})",
-                              "S is incomplete: the next start copies it again")
-        pct = 100 * done // max(total, 1)
-        rate = done / max(time.monotonic() - self.t0, 1e-6) / 1e6
-        if self.tty:
-            bar = "#" * (pct // 4)
-            print(f"\r{phase:6} [{bar:<25}] {pct:3d}%  {rate:7.1f} MB/s", end="", file=sys.stderr, flush=True)
-            if done >= total:
-                print(file=sys.stderr)
-                self.t0 = time.monotonic()
-        elif pct // 10 != self.shown // 10 or done >= total:
-            log(f"initial sync: {phase} {pct}% ({done >> 20} of {total >> 20} MiB, {rate:.1f} MB/s)")
-            if done >= total:
-                self.t0, pct = time.monotonic(), -1
-        self.shown = pct
 
 
 class PrimaryDaemon:
@@ -89,6 +63,10 @@ class PrimaryDaemon:
         self.last_checkpoint: dict = {}
         self.built = False
         self.dead_sockets = 0   # NBD connections the kernel reported dead (LINK_DEAD)
+        self.resync: Resync | None = None
+        self.last_resync: dict = {}
+        self.next_reconnect = 0.0
+        self.reconnect_error = ""
 
     # -- start ------------------------------------------------------------------
 
@@ -96,7 +74,34 @@ class PrimaryDaemon:
         st = self.pri.state()
         return Hello(resource_id=self.cfg.resource_id, role="primary", size_bytes=self.pri.size_bytes(),
                      chunk_sectors=self.cfg.chunk_sectors, era_block_sectors=self.cfg.era_block_sectors,
-                     checkpoints=[st.checkpoint] if st else [])
+                     checkpoints=[st.checkpoint] if st else [], heartbeat_timeout_s=self.silence_s)
+
+    @property
+    def silence_s(self) -> float:
+        """How long the secondary may stay silent before it is lost (heartbeats, checkpoint answers)."""
+        return max(2.0, self.cfg.heartbeat_interval_s * self.cfg.heartbeat_misses)
+
+    def connect(self) -> Hello:
+        """Control link, hello and NBD attach; raises whatever fails (nothing is left open)."""
+        p = self.peer_cfg
+        try:
+            self.session = Session.connect(p.link_host, p.link_port, auth.load_key(self.cfg.key_file))
+        except (OSError, FrameError) as e:
+            raise DmreplError(f"the secondary's control link at {p.link_host}:{p.link_port}: {e}",
+                              "is the secondary up (`dmrepl up NAME` there) with the same key file?") from None
+        try:
+            theirs = peer.exchange_hello(self.session, self.hello())
+            self.nbd = attach(self.nl, p.nbd_host, p.nbd_port, self.cfg.resource_id,
+                              expected_size_bytes=self.pri.size_bytes(), connections=self.cfg.nbd_connections,
+                              timeout_s=self.cfg.nbd_timeout_s)
+        except BaseException:
+            self.session.close()
+            self.session = None
+            raise
+        self.dead_sockets = 0
+        log(f"hello: the secondary at {self.session.peer} agrees (its checkpoints {theirs.checkpoints}); "
+            f"NBD: {self.nbd.path} attached to {p.nbd_host}:{p.nbd_port} ({self.nbd.connections} connection(s))")
+        return theirs
 
     def start(self, assume_clean: bool) -> None:
         for module in ("nbd", "dm-mirror", "dm-era"):
@@ -104,25 +109,20 @@ class PrimaryDaemon:
             if why is not None:
                 raise DmreplError(f"kernel module {module} cannot be loaded: {why}", "`dmrepl doctor` checks this host")
         st = self.pri.check()
-        p = self.peer_cfg
-        key = auth.load_key(self.cfg.key_file)
         try:
-            self.session = Session.connect(p.link_host, p.link_port, key)
-        except (OSError, FrameError) as e:
-            raise DmreplError(f"the secondary's control link at {p.link_host}:{p.link_port}: {e}",
-                              "is the secondary up (`dmrepl up NAME` there) with the same key file?") from None
-        theirs = peer.exchange_hello(self.session, self.hello())
-        log(f"hello: the secondary at {self.session.peer} agrees (its checkpoints {theirs.checkpoints})")
-        if st is not None and st.checkpoint not in theirs.checkpoints:
-            raise DmreplError(f"this host is at checkpoint {st.checkpoint}, the secondary at "
-                              f"{theirs.checkpoints}: the disks may differ",
-                              "a delta resync is not implemented yet: start both afresh (move the state "
-                              "directories away) to copy the whole disk")
+            theirs = self.connect()
+        except (DmreplError, AttachError, FrameError, OSError) as e:
+            if st is None or isinstance(e, peer.PeerRefused):
+                raise
+            # A restart without the secondary: the consumer gets its disk now; the secondary a delta later.
+            self.devs = self.pri.attach()
+            self.pri.up(self.devs, None)
+            self.built = True
+            self.machine.fire(Event.START_DEGRADED, f"the secondary is not reachable: {e}")
+            log(f"DEGRADED: up without the secondary ({e}); writes reach P only (era records them); "
+                f"trying again every {self.cfg.reconnect_interval_s:g} s")
+            return
         self.devs = self.pri.attach()
-        self.nbd = attach(self.nl, p.nbd_host, p.nbd_port, self.cfg.resource_id,
-                          expected_size_bytes=self.pri.size_bytes(), connections=self.cfg.nbd_connections,
-                          timeout_s=self.cfg.nbd_timeout_s)
-        log(f"NBD: {self.nbd.path} attached to {p.nbd_host}:{p.nbd_port} ({self.nbd.connections} connection(s))")
         if st is None and not assume_clean:
             self.machine.fire(Event.CONNECTED, "first start: S gets a full copy of P")
             log("initial sync: copying P to S, then comparing digests")
@@ -135,12 +135,16 @@ class PrimaryDaemon:
             log(f"initial sync: {res.copied_bytes >> 20} MiB copied in {res.copy_seconds:.1f} s "
                 f"({res.copy_mb_s:.1f} MB/s), verified in {res.verify_seconds:.1f} s")
             event, why = Event.SYNCED, "initial sync verified"
+        elif assume_clean:
+            event, why = Event.CONNECTED_IN_SYNC, "--assume-clean"
         else:
-            event = Event.CONNECTED_IN_SYNC
-            why = "--assume-clean" if st is None else f"both hosts hold checkpoint {st.checkpoint}"
+            event = None
         self.pri.up(self.devs, self.nbd.path)
         self.built = True
         log(f"up: {self.pri.top_path} replicates to the secondary")
+        if event is None:
+            self.begin_resync(theirs)
+            return
         # The first checkpoint makes the secondary's view P as it is now: before it, the view is
         # whatever S held (before the sync, or at the last checkpoint).
         self._checkpoint("start")
@@ -157,6 +161,8 @@ class PrimaryDaemon:
         while not self.stopping:
             now = time.monotonic()
             timeout = max(0.0, min(next_cp, next_hb) - now)
+            if self.machine.state in (State.RESYNCING, State.DEGRADED):
+                timeout = min(timeout, 0.2)
             fds = [self.events.fileno(), self.wake_r.fileno()]
             if self.session is not None:
                 fds.append(self.session.sock.fileno())
@@ -173,6 +179,7 @@ class PrimaryDaemon:
                 self.heartbeat(now)
                 next_hb = now + hb
             self.watch_mirror()
+            self.step_resync()
             if now >= next_cp:
                 if self.machine.state == State.REPLICATING:
                     self.checkpoint("interval")
@@ -180,10 +187,75 @@ class PrimaryDaemon:
 
     def lost(self, event: Event, reason: str) -> None:
         if self.machine.fire(event, reason):
-            log(f"DISCONNECTED: {reason}; writes reach P only (era records them)")
+            log(f"DEGRADED: {reason}; the NBD leg is dropped, writes reach P only (era records them)")
+        self.drop_secondary()
+        self.next_reconnect = time.monotonic() + self.cfg.reconnect_interval_s
+
+    def drop_secondary(self) -> None:
+        """Disconnect NBD first (the kernel fails the leg's in-flight requests: no write waits for
+        a dead secondary), then replace the mirror by P alone."""
         if self.session is not None:
             self.session.close()
             self.session = None
+        if self.resync is not None:
+            self.last_resync = {**self.resync.status(), "phase": "interrupted"}
+            self.resync = None
+        nbd, self.nbd = self.nbd, None
+        if nbd is not None:
+            if self.nl.is_connected(nbd.index):
+                self.nl.disconnect(nbd.index)
+            if self.built:
+                self.pri.drop_leg(self.devs)
+            log(f"NBD: {nbd.path} disconnected and dropped from the mirror")
+
+    def try_reconnect(self) -> None:
+        if self.machine.state != State.DEGRADED or time.monotonic() < self.next_reconnect:
+            return
+        self.next_reconnect = time.monotonic() + self.cfg.reconnect_interval_s
+        try:
+            theirs = self.connect()
+        except (DmreplError, AttachError, FrameError, OSError) as e:
+            if str(e) != self.reconnect_error:
+                log(f"reconnect: {e}; trying again every {self.cfg.reconnect_interval_s:g} s")
+                self.reconnect_error = str(e)
+            return
+        self.reconnect_error = ""
+        self.pri.add_leg(self.devs, self.nbd.path)
+        self.begin_resync(theirs)
+
+    def begin_resync(self, theirs: Hello) -> None:
+        base = self.pri.resync_base(theirs.checkpoints)
+        self.machine.fire(Event.RECONNECTED, f"resync: {base.describe()}")
+        self.resync = Resync(self.pri, self.devs, self.nbd.path, self.session, base, self.silence_s)
+        try:
+            self.resync.begin()
+        except (FrameError, OSError) as e:
+            self.lost(Event.LINK_ERROR, f"the control link broke during the resync's comparison: {e}")
+        except DmreplError as e:
+            self.lost(Event.RESYNC_FAILED, f"resync failed: {e}")
+        self.last_answer = time.monotonic()
+
+    def step_resync(self) -> None:
+        self.try_reconnect()
+        if self.machine.state != State.RESYNCING or self.resync is None:
+            return
+        try:
+            if not self.resync.poll():
+                return
+        except DmreplError as e:
+            self.lost(Event.RESYNC_FAILED, f"resync failed: {e}")
+            return
+        self.last_resync = self.resync.status()
+        summary = self.resync.summary()
+        self.resync = None
+        try:
+            self._checkpoint("resync done")
+        except DmreplError as e:
+            if self.machine.state == State.RESYNCING:
+                self.lost(Event.RESYNC_FAILED, f"the checkpoint that ends the resync failed: {e}")
+            return
+        self.machine.fire(Event.RESYNCED, summary)
+        log(f"{summary}; replicating")
 
     def on_link_events(self) -> None:
         """LINK_DEAD is per socket: a socket that broke, or a request that outlived the NBD timeout
@@ -213,9 +285,12 @@ class PrimaryDaemon:
         if kind == Kind.EARLY_CHECKPOINT and self.machine.state == State.REPLICATING:
             log(f"the secondary asks for an early checkpoint ({body.get('reason', 'store filling')})")
             self.checkpoint("early request")
+        elif kind == Kind.EARLY_CHECKPOINT:
+            log(f"WARNING: the secondary's store is filling ({body.get('reason')}) while {self.machine.state}: "
+                "no checkpoint before the resync is done (S's view must stay at the last one)")
 
     def heartbeat(self, now: float) -> None:
-        if self.machine.state != State.REPLICATING or self.session is None:
+        if self.machine.state not in (State.REPLICATING, State.RESYNCING) or self.session is None:
             return
         silent = now - self.last_answer
         limit = self.cfg.heartbeat_interval_s * self.cfg.heartbeat_misses
@@ -229,9 +304,9 @@ class PrimaryDaemon:
             self.lost(Event.LINK_ERROR, f"the control link broke: {e}")
 
     def watch_mirror(self) -> None:
-        if self.machine.state != State.REPLICATING:
+        if self.machine.state not in (State.REPLICATING, State.RESYNCING):
             return
-        health = self.pri.kernel_status().get("mirror_health", "")
+        health = self.pri.kernel_status().get("mirror_health") or ""
         if len(health) > 1 and health[1] != "A":
             self.lost(Event.LEG_FAILED, f"the mirror marked the NBD leg failed (health {health})")
 
@@ -242,7 +317,7 @@ class PrimaryDaemon:
     def _checkpoint(self, why: str) -> dict:
         session = self.session
         try:
-            st, pause, peer_pause = self.pri.checkpoint(lambda n: peer.remote_checkpoint(session, n))
+            st, pause, peer_pause = self.pri.checkpoint(lambda n: peer.remote_checkpoint(session, n, self.silence_s))
         except (FrameError, OSError) as e:
             self.lost(Event.LINK_ERROR, f"the control link broke during a checkpoint: {e}")
             raise DmreplError(f"checkpoint failed: the control link broke ({e})",
@@ -335,6 +410,7 @@ def status_reply(d: "PrimaryDaemon", pri: Primary) -> dict:
             "device": pri.top_path, "nbd": d.nbd.path if d.nbd else None,
             "nbd_connections": d.nbd.connections if d.nbd else None,
             "nbd_dead_connections": d.dead_sockets,
+            "resync": d.resync.status() if d.resync else None, "last_resync": d.last_resync,
             "secondary": f"{d.peer_cfg.link_host}:{d.peer_cfg.link_port}",
             "checkpoint_interval_s": d.cfg.checkpoint_interval_s,
             "devices": pri.devices(), **pri.kernel_status(),

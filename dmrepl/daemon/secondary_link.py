@@ -5,13 +5,22 @@ start error, not a silent thread death).  A peer that fails the key handshake,
 sends garbage or another resource id is logged and dropped; the next one is
 accepted.  Checkpoints run through the secondary's own policy (its lock, its
 one switch) with a device-mapper handle of this thread's own.
+
+What it knows of the primary -- connected, or lost and why (the link ended,
+or no frame for the primary's heartbeat timeout) -- goes to
+STATE_DIR/NAME/peer.json, which `dmrepl status NAME` shows; a lost primary is
+logged as "PRIMARY LOST".  Failing over stays the admin's (or a cluster
+manager's) decision: nothing here acts on the loss.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import socket
 import threading
+import time
 from typing import Callable
 
 from dmrepl.config import SecondaryConfig
@@ -20,10 +29,32 @@ from dmrepl.kernel import blockdev
 from dmrepl.link import auth
 from dmrepl.link.frames import FrameError, Kind
 from dmrepl.link.session import Listener, Session
+from dmrepl.roles import digests
 from dmrepl.roles.hello import Hello
 from dmrepl.roles.secondary import Secondary
 
 log = logging.getLogger(__name__)
+PEER_FILE = "peer.json"
+
+
+def peer_path(cfg: SecondaryConfig) -> str:
+    return os.path.join(cfg.resource_state_dir, PEER_FILE)
+
+
+def read_peer(cfg: SecondaryConfig) -> dict | None:
+    """What the link server last recorded of the primary (None: it never ran)."""
+    try:
+        with open(peer_path(cfg)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _record_peer(cfg: SecondaryConfig, primary: str, peer: str, reason: str) -> None:
+    tmp = peer_path(cfg) + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"primary": primary, "peer": peer, "since": time.time(), "reason": reason}, f)
+    os.replace(tmp, peer_path(cfg))
 
 
 class LinkServer:
@@ -42,6 +73,9 @@ class LinkServer:
         if self.session is not None:
             self.session.close()
         self._thread.join(timeout=5)
+        peer = read_peer(self.cfg)
+        if peer is not None and peer["primary"] == "connected":
+            _record_peer(self.cfg, "disconnected", peer["peer"], "this daemon stopped")
 
     def request_early_checkpoint(self, reason: str) -> bool:
         """Ask the connected primary for a checkpoint now; False if none is connected."""
@@ -76,11 +110,24 @@ class LinkServer:
                     return  # the listener was closed: the daemon stops
                 log.info("control link: %s authenticated", session.peer)
                 self.session = session
+                connected = []
+                origin = sec.origin_device()
+
+                def on_hello(_theirs, who=str(session.peer)):
+                    connected.append(who)
+                    _record_peer(self.cfg, "connected", who, "hello agreed")
+
                 try:
-                    peer.serve(session, lambda theirs: self._hello(sec, theirs),
-                               lambda n: sec.checkpoint(number=n)[1])
+                    why = peer.serve(session, lambda theirs: self._hello(sec, theirs),
+                                     lambda n: sec.checkpoint(number=n)[1],
+                                     hash_s=lambda off, n, piece: digests.of(origin, off, n, piece),
+                                     on_hello=on_hello)
                 except (FrameError, OSError) as e:
-                    log.info("control link: %s: %s", session.peer, e)
+                    why = f"the control link broke: {e}"
                 finally:
                     self.session = None
                     session.close()
+                if connected and not self.stopping():
+                    log.warning("PRIMARY LOST: %s (%s); the active view stays at the last checkpoint; "
+                                "`dmrepl failover %s` takes over there", connected[0], why, self.cfg.name)
+                    _record_peer(self.cfg, "lost", connected[0], why)

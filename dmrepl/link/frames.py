@@ -40,6 +40,8 @@ class Kind(IntEnum):
     STATUS_REPLY = 31
     HEARTBEAT = 40
     EARLY_CHECKPOINT = 50  # secondary -> primary: the hidden store is filling, checkpoint soon
+    DIGESTS = 60         # primary -> secondary: digests of S's pieces in [offset, offset + length)
+    DIGESTS_REPLY = 61   # secondary -> primary: those digests (base64), or the reason it cannot
 
 
 HANDSHAKE_KINDS = {Kind.CHALLENGE, Kind.PROOF, Kind.PROOF_REPLY}

@@ -19,6 +19,7 @@ class Hello:
     era_block_sectors: int    # the primary's change-tracking block (the secondary echoes it)
     checkpoints: list[int] = field(default_factory=list)  # checkpoint numbers this host holds, oldest first
     store_bytes: int = 0      # the secondary's smaller hidden store (0: not said): bounds a sync segment
+    heartbeat_timeout_s: float = 0.0  # the primary's: silence longer than this means it is lost (0: never)
 
     def to_wire(self) -> dict:
         return asdict(self)
@@ -30,7 +31,8 @@ class Hello:
                        size_bytes=int(body["size_bytes"]), chunk_sectors=int(body["chunk_sectors"]),
                        era_block_sectors=int(body["era_block_sectors"]),
                        checkpoints=[int(n) for n in body.get("checkpoints", [])],
-                       store_bytes=int(body.get("store_bytes", 0)))
+                       store_bytes=int(body.get("store_bytes", 0)),
+                       heartbeat_timeout_s=float(body.get("heartbeat_timeout_s", 0)))
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"hello without a valid {e}") from None
 

@@ -11,10 +11,12 @@ from __future__ import annotations
 import os
 import shutil
 
+import daemons_lab
 import pytest
 import sweep
 
 from dmrepl.kernel import dm, loop
+from dmrepl.lab import Lab
 from dmrepl.names import UUID_PREFIX
 
 MiB = 1 << 20
@@ -154,3 +156,24 @@ def nl():
             except netlink.NBDNetlinkError:
                 pass
             poll.wait_for(lambda: n.is_connected(index), f"/dev/nbd{index} to disconnect", ok=lambda v: not v)
+
+
+LOGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                    "build", "test-logs")
+
+
+@pytest.fixture
+def hosts(tmp_path, request):
+    # The daemons' logs go to the project's build/test-logs/TEST/{p,s}.log: they outlive the
+    # guest's /tmp and can be followed from the host while the test runs.
+    logs = os.path.join(LOGS, request.node.name)
+    shutil.rmtree(logs, ignore_errors=True)
+    os.makedirs(logs)
+    with Lab(sweep.lab_tag()) as lab:
+        h = daemons_lab.Hosts(tmp_path, lab, logs)
+        try:
+            yield h
+        finally:
+            h.stop()
+
+

@@ -10,10 +10,10 @@ def test_start_with_sync_then_replicate_then_lose_the_link():
     assert m.fire(Event.CONNECTED, "hello ok") and m.state == State.SYNCING
     assert m.fire(Event.SYNCED, "verified") and m.state == State.REPLICATING
     assert not m.fire(Event.CHECKPOINT_FAILED, "peer refused") and m.state == State.REPLICATING
-    assert m.fire(Event.HEARTBEAT_MISSED, "3 heartbeats unanswered") and m.state == State.DISCONNECTED
+    assert m.fire(Event.HEARTBEAT_MISSED, "3 heartbeats unanswered") and m.state == State.DEGRADED
     # The kernel's LINK_DEAD that follows keeps the first reason: that is what happened first.
     assert not m.fire(Event.LINK_DEAD, "nbd0 link dead")
-    assert (m.state, m.reason) == (State.DISCONNECTED, "3 heartbeats unanswered")
+    assert (m.state, m.reason) == (State.DEGRADED, "3 heartbeats unanswered")
     assert m.fire(Event.STOP, "SIGTERM") and m.state == State.STOPPING
     assert [h[1] for h in m.history] == ["connected", "synced", "checkpoint-failed", "heartbeat-missed", "stop"]
 
@@ -27,7 +27,7 @@ def test_a_start_in_sync_skips_the_copy():
 @pytest.mark.parametrize("state,event", [
     (State.CONNECTING, Event.SYNCED),
     (State.SYNCING, Event.CHECKPOINT_FAILED),
-    (State.DISCONNECTED, Event.SYNCED),
+    (State.DEGRADED, Event.SYNCED),
     (State.STOPPING, Event.LINK_DEAD),
     (State.FAILED, Event.CONNECTED),
 ])
@@ -39,10 +39,10 @@ def test_events_outside_the_table_are_refused(state, event):
 
 def test_checkpoints_only_while_replicating():
     assert [s for s in State if allows(s, "checkpoint")] == [State.REPLICATING]
-    m = Machine(state=State.DISCONNECTED, reason="link dead")
+    m = Machine(state=State.DEGRADED, reason="link dead")
     with pytest.raises(InvalidEvent) as e:
         m.refuse_unless("checkpoint", "vm1")
-    assert "resource vm1 is disconnected (link dead): cannot checkpoint (invalid state: must be replicating)" \
+    assert "resource vm1 is degraded (link dead): cannot checkpoint (invalid state: must be replicating)" \
         in str(e.value)
 
 

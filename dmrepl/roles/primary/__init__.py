@@ -3,11 +3,13 @@
     consumer -> dmrepl-NAME        = era M <mirror> <block>     (what changed in which era)
              -> dmrepl-NAME-mirror = mirror core P /dev/nbdX    (reads from P; the NBD leg is S)
 
-stack.py builds and tears down the two devices and takes the primary's half of
-a checkpoint (suspend with flush: every acknowledged write is on P and S);
-sync.py is the initial full copy.  `Primary` ties them to the resource's state
-file: the checkpoint number and the era each checkpoint began, which a delta
-resync will start from.  It returns values; the daemon and the CLI make text.
+stack.py builds and tears down the two devices, takes the primary's half of
+a checkpoint (suspend with flush: every acknowledged write is on P and S) and
+swaps the mirror's table when the secondary is lost or back; sync.py is the
+initial full copy, resync.py finds what a delta resync copies.  `Primary` ties
+them to the resource's state file: the checkpoint number and the era each
+checkpoint began, from which a delta resync starts.  It returns values; the
+daemon and the CLI make text.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ from typing import Callable, Iterator
 
 from dmrepl.config import PrimaryConfig
 from dmrepl.errors import DmreplError
-from dmrepl.kernel import blockdev, dm, loop
+from dmrepl.kernel import blockdev, dm, era, loop, mirrorlog
 from dmrepl.kernel.errors import KernelError
 from dmrepl.roles.backing import check_unused, kind
+from dmrepl.roles.primary import resync
 from dmrepl.roles.primary.stack import PRIMARY_PARTS, PrimaryLayout, PrimaryStack
 from dmrepl.roles.transitions import Role
 from dmrepl.state import ResourceState, StateStore
@@ -30,6 +33,7 @@ from dmrepl.state import ResourceState, StateStore
 MiB = 1 << 20
 MIN_ERA_METADATA_BYTES = 1 * MiB
 ERA_HEADER_BYTES = 4096   # dm-era formats metadata whose superblock is zeroes (dm-era-target.c)
+RESYNC_LOG_FILE = "resync-log.img"
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,21 @@ class Devices:
     disk: str
     era_metadata: str
     loops: tuple[str, ...]
+    resync_log: str = ""      # the mirror's disk log during a resync (a loop over a state-dir file)
+
+
+@dataclass(frozen=True)
+class ResyncBase:
+    """Where a delta resync starts: the newest checkpoint both hosts hold and the era it began
+    (era None: no usable history, every piece of the disk is compared)."""
+
+    checkpoint: int | None
+    era: int | None
+
+    def describe(self) -> str:
+        if self.era is None:
+            return "no common checkpoint in this host's history: every piece compared"
+        return f"written since checkpoint {self.checkpoint} (era {self.era})"
 
 
 class Primary:
@@ -86,6 +105,10 @@ class Primary:
         if size < MiB or size % era_block_bytes:
             raise DmreplError(f"disk {self.cfg.disk} is {size} bytes: it must be at least 1 MiB and a multiple "
                               f"of the era block ({era_block_bytes} bytes)", "or choose a smaller era_block_kib")
+        piece = resync.region_sectors(size) * 512
+        if size % piece:
+            raise DmreplError(f"disk {self.cfg.disk} is {size} bytes: it must be a multiple of {piece} bytes "
+                              "(the piece a resync compares and copies)", "round the disk's size to that")
         if blockdev.size_bytes(self.cfg.era_metadata) < MIN_ERA_METADATA_BYTES:
             raise DmreplError(f"era metadata {self.cfg.era_metadata} is smaller than 1 MiB")
         st = self.states.load()
@@ -97,11 +120,20 @@ class Primary:
             raise DmreplError(f"state in {self.states.path} is a {st.role}'s", "this host's config says primary")
         return st
 
+    @property
+    def resync_log_path(self) -> str:
+        return os.path.join(self.cfg.resource_state_dir, RESYNC_LOG_FILE)
+
     def attach(self) -> Devices:
-        """Block devices for the configured paths: themselves, or new loop devices over files."""
+        """Block devices for the configured paths (themselves, or new loop devices over files) and
+        a loop device for the resync's mirror log (a small file in the state directory)."""
         devs, loops = [], []
+        regions = resync.regions(self.size_bytes(), resync.region_sectors(self.size_bytes()))
+        os.makedirs(self.cfg.resource_state_dir, mode=0o700, exist_ok=True)
+        with open(self.resync_log_path, "ab") as f:
+            f.truncate(mirrorlog.device_bytes(regions))
         try:
-            for _what, path in self.paths():
+            for path in [p for _w, p in self.paths()] + [self.resync_log_path]:
                 if os.path.isfile(path):
                     devs.append(loop.attach(path))
                     loops.append(devs[-1])
@@ -110,10 +142,11 @@ class Primary:
         except BaseException:
             self.detach(loops)
             raise
-        return Devices(devs[0], devs[1], tuple(loops))
+        return Devices(devs[0], devs[1], tuple(loops), devs[2])
 
-    def up(self, devs: Devices, nbd_path: str) -> ResourceState:
-        """Build mirror and era over P and the NBD leg; a first start formats the era metadata."""
+    def up(self, devs: Devices, nbd_path: str | None) -> ResourceState:
+        """Build mirror and era over P and the NBD leg (None: without it, degraded); a first start
+        formats the era metadata."""
         with self.states.locked():
             st = self.states.load()
             if st is None:
@@ -138,7 +171,8 @@ class Primary:
             raise DmreplError(f"{self.top_path} is open ({self.ctl.info(top).open_count} opener(s))",
                               "stop the consumer first")
         done = self.stack.teardown()
-        loops = list(devs.loops) if devs else [d for _w, p in self.paths() if os.path.isfile(p) for d in loop.find(p)]
+        files = [p for _w, p in self.paths() if os.path.isfile(p)] + [self.resync_log_path]
+        loops = list(devs.loops) if devs else [d for p in files if os.path.isfile(p) for d in loop.find(p)]
         done += self.detach(loops)
         return done
 
@@ -191,6 +225,44 @@ class Primary:
             pause = self.stack.checkpoint(peer, commit)
         return st, pause, peer_pause[0] if peer_pause else 0.0
 
+    # -- losing the secondary, and resync ---------------------------------------------
+
+    def drop_leg(self, devs: Devices) -> None:
+        self.stack.drop_leg(devs.disk)
+
+    def add_leg(self, devs: Devices, nbd_path: str) -> None:
+        self.stack.add_leg(devs.disk, nbd_path)
+
+    def resync_base(self, their_checkpoints: list[int]) -> ResyncBase:
+        """The newest checkpoint both hold (the older of the two hosts' numbers: a secondary one
+        ahead took a checkpoint this host did not record, which changes nothing it holds) and the
+        earliest era this host recorded for it."""
+        st = self.state()
+        if st is None or not their_checkpoints:
+            return ResyncBase(None, None)
+        common = min(st.checkpoint, max(their_checkpoints))
+        eras = [h["era"] for h in st.history if h.get("checkpoint") == common and isinstance(h.get("era"), int)]
+        return ResyncBase(common, min(eras)) if eras else ResyncBase(common, None)
+
+    def resync_candidates(self, devs: Devices, base: ResyncBase) -> tuple[int, list[tuple[int, int]]]:
+        """(region sectors, region ranges) to compare: the era blocks written since the base's era."""
+        size = self.size_bytes()
+        region = resync.region_sectors(size)
+        if base.era is None:
+            return region, [(0, resync.regions(size, region))]
+        blocks = era.written_since(self.ctl, self.stack.dm("top"), devs.era_metadata, base.era)
+        return region, resync.regions_of_blocks(blocks, self.cfg.era_block_sectors, region, size)
+
+    def start_recovery(self, devs: Devices, nbd_path: str, region: int, differing: list[int]) -> tuple[int, int]:
+        """Let the kernel copy the differing regions; returns (event counter to wait on, regions)."""
+        regions = resync.regions(self.size_bytes(), region)
+        event_nr = self.stack.start_recovery(devs.disk, nbd_path, devs.resync_log,
+                                             mirrorlog.Bitmap.with_zeros(regions, differing), region)
+        return event_nr, regions
+
+    def finish_recovery(self, devs: Devices, nbd_path: str, regions: int) -> frozenset[int]:
+        return self.stack.finish_recovery(devs.disk, nbd_path, devs.resync_log, regions)
+
     # -- status -------------------------------------------------------------------
 
     def devices(self) -> dict:
@@ -212,7 +284,10 @@ class Primary:
             infos[part] = self.ctl.info(name) if self.ctl.exists(name) else None
             if infos[part] is None or not infos[part].live_table:
                 return {}   # not built yet (or being torn down): nothing to say
-        out = {"mirror_health": self.stack.mirror().health}
+        m = self.stack.mirror()
+        out: dict = {"mirror_health": m.health if m else None, "nbd_leg": "attached" if m else "dropped"}
+        if m is not None and m.log_args[:1] == ("disk",):
+            out["recovery"] = {"regions_in_sync": m.in_sync_regions, "regions": m.total_regions}
         if not infos["top"].suspended:
             out["era"] = self.stack.era().current_era
         return out

@@ -6,18 +6,31 @@ dead secondary stalls the consumer for at most the NBD timeout instead of
 holding writes until userspace suspends the mirror (DESIGN.md section 3).
 Reads go to the first leg, P.  The initial sync is done by dmrepl before the
 mirror is built, so the mirror starts "nosync".
+
+The "mirror" device changes its table, never its name or device number (era
+above it holds that number), with the link's fate:
+
+    replicating   mirror core <R> nosync P nbd     every write on both legs
+    degraded      linear P                          the NBD leg dropped; era records the writes
+    resyncing     mirror disk <L> <Rr> P nbd        the kernel copies the regions L marks
+                                                    (region locks: never an older copy over a
+                                                    newer write), then core nosync again
+
+Each change is one suspend/load/resume of the mirror alone: era's bios wait in
+dm core meanwhile, era itself stays live (its messages and status need that).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dmrepl.kernel import blockdev, dm, switch
+from dmrepl.kernel import blockdev, dm, mirrorlog, switch
 from dmrepl.kernel.status import EraStatus, MirrorStatus
-from dmrepl.kernel.tables import Era, Mirror
+from dmrepl.kernel.tables import Era, Linear, Mirror
 from dmrepl.names import StackNames
 
 SECTOR = 512
+REGION_SECTORS = 1024         # the replicating mirror's region (512 KiB)
 PRIMARY_PARTS = ("mirror", "top")
 
 
@@ -26,10 +39,10 @@ class PrimaryLayout:
     """What the primary's stack is built from (block devices) and how."""
 
     disk: str                 # P
-    nbd: str                  # /dev/nbdN: the secondary's disk S over NBD
+    nbd: str | None           # /dev/nbdN: the secondary's disk S over NBD (None: start degraded)
     era_metadata: str         # a small device for dm-era's metadata
     era_block_sectors: int    # change-tracking granularity
-    region_sectors: int = 1024  # dm-mirror region (512 KiB)
+    region_sectors: int = REGION_SECTORS
 
 
 class PrimaryStack:
@@ -53,7 +66,7 @@ class PrimaryStack:
         self.ctl.create(mirror, self.names.uuid("mirror"))
         created.append(mirror)
         self.ctl.load(mirror, [Mirror(0, sectors, "core", (str(lay.region_sectors), "nosync"),
-                                      ((lay.disk, 0), (lay.nbd, 0)))])
+                                      ((lay.disk, 0), (lay.nbd, 0))) if lay.nbd else Linear(0, sectors, lay.disk, 0)])
         info = self.ctl.resume(mirror)
         self.ctl.create(top, self.names.uuid("top"))
         created.append(top)
@@ -66,8 +79,63 @@ class PrimaryStack:
     def era(self) -> EraStatus:
         return EraStatus.parse(self.ctl.status(self.dm("top"))[0].text)
 
-    def mirror(self) -> MirrorStatus:
-        return MirrorStatus.parse(self.ctl.status(self.dm("mirror"))[0].text)
+    def mirror(self) -> MirrorStatus | None:
+        """The mirror's status; None while the NBD leg is dropped (a linear table)."""
+        (spec,) = self.ctl.status(self.dm("mirror"))
+        return MirrorStatus.parse(spec.text) if spec.target_type == "mirror" else None
+
+    def _swap(self, target) -> dm.DeviceInfo:
+        name = self.dm("mirror")
+        self.ctl.suspend(name)
+        try:
+            self.ctl.load(name, [target])
+        finally:
+            info = self.ctl.resume(name)
+        return info
+
+    def drop_leg(self, disk: str) -> None:
+        """Writes to P only from now on (the suspend waits for the NBD leg's in-flight writes:
+        at most the NBD timeout, after which the kernel fails them)."""
+        self._swap(Linear(0, blockdev.size_bytes(disk) // SECTOR, disk, 0))
+
+    @staticmethod
+    def _replicating(disk: str, nbd: str) -> Mirror:
+        return Mirror(0, blockdev.size_bytes(disk) // SECTOR, "core", (str(REGION_SECTORS), "nosync"),
+                      ((disk, 0), (nbd, 0)))
+
+    def add_leg(self, disk: str, nbd: str) -> None:
+        """Every write on both legs again; what differs from before is the resync's to copy."""
+        self._swap(self._replicating(disk, nbd))
+
+    def start_recovery(self, disk: str, nbd: str, log_dev: str, bitmap: mirrorlog.Bitmap,
+                       region_sectors: int) -> int:
+        """Load a disk-log mirror whose log marks the regions to copy; returns the event counter
+        to wait on (the kernel raises one event when the last region is in sync)."""
+        name = self.dm("mirror")
+        self.ctl.suspend(name)
+        try:
+            mirrorlog.write(log_dev, bitmap)
+            self.ctl.load(name, [Mirror(0, blockdev.size_bytes(disk) // SECTOR, "disk",
+                                        (log_dev, str(region_sectors)), ((disk, 0), (nbd, 0)))])
+            event_nr = self.ctl.info(name).event_nr
+        finally:
+            self.ctl.resume(name)
+        return event_nr
+
+    def finish_recovery(self, disk: str, nbd: str, log_dev: str, regions: int) -> frozenset[int]:
+        """Back to core nosync once the log says every region was copied.  Returns the regions the
+        log still marks (empty: done).  The log is read after the suspend and again after the resume
+        that destroyed the disk-log table (its last flush may come that late:
+        docs/resync-research.md, late-write rule); a leg flush that failed clears every bit."""
+        name = self.dm("mirror")
+        self.ctl.suspend(name)
+        try:
+            zeros = mirrorlog.read(log_dev, regions).out_of_sync
+            if not zeros:
+                self.ctl.load(name, [self._replicating(disk, nbd)])
+        finally:
+            self.ctl.resume(name)
+        return zeros or mirrorlog.read(log_dev, regions).out_of_sync
 
     def checkpoint(self, peer_checkpoint, commit) -> float:
         """The primary's half of a checkpoint: quiesce the top device (flush: every acknowledged

@@ -1,0 +1,123 @@
+"""One delta resync, as the primary's daemon drives it from its loop.
+
+    begin():  (the NBD leg is back: every write reaches both legs)
+              era blocks written since the common checkpoint -> pieces -> digests of P and of S
+              compared -> the differing pieces handed to the kernel's mirror recovery
+    poll():   until the mirror has copied them; then the log is checked (a copy that failed leaves
+              its bit: never trust "in sync" alone) and the mirror goes back to core nosync
+    status(): what `dmrepl status` shows: phase, pieces compared and differing, bytes sent
+
+The daemon then takes a checkpoint, which makes S's view P's again.  Until
+then S's view stays at the last checkpoint (its hidden store keeps a copy of
+every piece the resync overwrites): the standby is consistent throughout.
+"""
+
+from __future__ import annotations
+
+import time
+
+from dmrepl.daemon import peer
+from dmrepl.daemon.progress import log
+from dmrepl.errors import DmreplError
+from dmrepl.link.session import Session
+from dmrepl.roles.primary import Devices, Primary, ResyncBase, resync
+from dmrepl.roles.primary.resync import Comparison
+
+
+class ResyncFailed(DmreplError):
+    pass
+
+
+class Resync:
+    def __init__(self, pri: Primary, devs: Devices, nbd_path: str, session: Session, base: ResyncBase,
+                 timeout_s: float):
+        self.pri, self.devs, self.nbd_path, self.session, self.base = pri, devs, nbd_path, session, base
+        self.timeout_s = timeout_s
+        self.phase = "comparing"
+        self.started = time.time()
+        self.region = 0
+        self.regions = 0
+        self.cmp = Comparison()
+        self.compared = 0
+        self.copied_regions = 0
+        self.copy_region = 0
+        self.to_copy: list[int] = []
+        self.finished: float | None = None
+        self._shown = -1
+
+    @property
+    def piece(self) -> int:
+        return self.region * 512
+
+    def _progress(self, what: str, done: int, total: int) -> None:
+        pct = 100 * done // max(total, 1)
+        if pct // 25 != self._shown // 25 or done >= total:
+            log(f"resync: {what} {pct}% ({done} of {total} pieces of {self.piece // 1024} KiB)")
+        self._shown = -1 if done >= total else pct
+
+    def begin(self) -> None:
+        """Compare and start the copy (blocking: digests travel for every candidate piece)."""
+        self.region, ranges = self.pri.resync_candidates(self.devs, self.base)
+        log(f"resync: {self.base.describe()}: {sum(b - a for a, b in ranges)} piece(s) of "
+            f"{self.piece // 1024} KiB to compare")
+
+        def progress(done, total):
+            self.compared = done
+            self._progress("compared", done, total)
+
+        self.cmp = resync.compare(self.devs.disk, ranges, self.region,
+                                  lambda off, n: peer.remote_digests(self.session, off, n, self.piece,
+                                                                     timeout=self.timeout_s),
+                                  progress)
+        if not self.cmp.differing:
+            self.phase = "copied"
+            return
+        self.copy_region, self.to_copy = resync.coarsen(self.cmp.differing, self.region, self.pri.size_bytes())
+        self.event_nr, self.regions = self.pri.start_recovery(self.devs, self.nbd_path, self.copy_region,
+                                                              self.to_copy)
+        self.phase = "copying"
+        log(f"resync: {len(self.cmp.differing)} piece(s) differ ({self.differing_bytes >> 10} KiB): the kernel "
+            f"copies them as {len(self.to_copy)} region(s) of {self.copy_region // 2} KiB under its region locks")
+
+    def poll(self) -> bool:
+        """True once every differing piece is on S and the mirror replicates plainly again."""
+        if self.phase == "copied":
+            return True
+        rec = self.pri.kernel_status().get("recovery")
+        if rec is None:
+            return False
+        missing = rec["regions"] - rec["regions_in_sync"]
+        self.copied_regions = len(self.to_copy) - missing
+        self._progress("copied", self.copied_regions, len(self.to_copy))
+        if missing:
+            return False
+        left = self.pri.finish_recovery(self.devs, self.nbd_path, self.regions)
+        if left:
+            raise ResyncFailed(f"{len(left)} piece(s) were not copied although the mirror said in sync "
+                               "(a write to S failed during the copy)", "the next reconnection copies them")
+        self.phase = "copied"
+        self.finished = time.time()
+        return True
+
+    @property
+    def differing_bytes(self) -> int:
+        return len(self.cmp.differing) * self.piece
+
+    @property
+    def copy_bytes(self) -> int:
+        return len(self.to_copy) * self.copy_region * 512
+
+    def status(self) -> dict:
+        return {"phase": self.phase, "since": self.base.describe(), "started": self.started,
+                "piece_bytes": self.piece, "candidate_bytes": self.cmp.candidate_pieces * self.piece,
+                "compared_bytes": self.compared * self.piece, "differing_bytes": self.differing_bytes,
+                "copy_region_bytes": self.copy_region * 512, "copy_bytes": self.copy_bytes,
+                "copied_bytes": self.copy_bytes if self.phase == "copied" else self.copied_regions * self.copy_region * 512,
+                "digest_bytes": self.cmp.digest_bytes, "sent_bytes": self.copy_bytes + self.cmp.digest_bytes}
+
+    def summary(self) -> str:
+        s = self.status()
+        took = (self.finished or time.time()) - self.started
+        return (f"resync done in {took:.1f} s: {s['candidate_bytes'] >> 10} KiB compared, "
+                f"{s['differing_bytes'] >> 10} KiB differed, {s['copy_bytes'] >> 10} KiB copied, "
+                f"{s['digest_bytes'] >> 10} KiB of digests")

@@ -1,0 +1,109 @@
+"""Delta resync: which pieces of S differ from P, from the era's written set and piece digests.
+
+    era blocks written since the common checkpoint's era  (era_invalidate, coarse: 1 MiB)
+      -> pieces of the resync region size (4 KiB on disks up to 16 GiB)
+      -> digests of P and of S compared piece by piece (only digests travel)
+      -> the pieces that differ: the bitmap the kernel's mirror recovery copies
+
+The comparison runs while the mirror already writes both legs (core nosync):
+a piece equal at its comparison stays equal, since every later write reaches
+both legs.  A write racing the comparison can only make a piece look
+different (copied once more, harmless), never make a differing one look equal:
+the copy itself is the kernel's, under its region lock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+from dmrepl.roles import digests
+
+SECTOR = 512
+MIN_REGION_SECTORS = 8          # 4 KiB: the page, the smallest piece worth a digest
+MAX_REGIONS = 1 << 22           # bitset 512 KiB, kernel bitsets 1.5 MiB: region grows beyond 16 GiB
+
+
+def region_sectors(size_bytes: int) -> int:
+    """The resync's region (and digest piece) size in sectors: 4 KiB, doubled until the disk has at
+    most MAX_REGIONS of them."""
+    r = MIN_REGION_SECTORS
+    while size_bytes // SECTOR > r * MAX_REGIONS:
+        r *= 2
+    return r
+
+
+def regions(size_bytes: int, region: int) -> int:
+    """How many regions of `region` sectors the kernel counts (the last one may be short)."""
+    return -(-size_bytes // (region * SECTOR))
+
+
+def regions_of_blocks(blocks: Iterable[tuple[int, int]], era_block_sectors: int, region: int,
+                      size_bytes: int) -> list[tuple[int, int]]:
+    """Era block ranges [b, e) as merged region ranges [r0, r1) of `region` sectors, clipped to the disk."""
+    total = regions(size_bytes, region)
+    out: list[tuple[int, int]] = []
+    for b, e in blocks:
+        r0 = b * era_block_sectors // region
+        r1 = min(total, -(-e * era_block_sectors // region))
+        if r0 >= r1:
+            continue
+        if out and r0 <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], r1))
+        else:
+            out.append((r0, r1))
+    return out
+
+
+@dataclass
+class Comparison:
+    """What the comparison found: counted for `status` and the closing log line."""
+
+    candidate_pieces: int = 0
+    differing: list[int] = field(default_factory=list)
+    digest_bytes: int = 0        # bytes of digests that travelled (the secondary's replies)
+
+
+def compare(disk: str, ranges: list[tuple[int, int]], region: int,
+            remote: Callable[[int, int], bytes], progress: Callable[[int, int], None] | None = None) -> Comparison:
+    """Pieces in `ranges` (region indexes) whose digests differ between P (`disk`) and S (`remote`)."""
+    piece = region * SECTOR
+    step = max(1, digests.MAX_REQUEST_BYTES // piece)
+    total = sum(r1 - r0 for r0, r1 in ranges)
+    out = Comparison(candidate_pieces=total)
+    done = 0
+    for r0, r1 in ranges:
+        for first in range(r0, r1, step):
+            n = min(step, r1 - first)
+            theirs = remote(first * piece, n * piece)
+            mine = digests.of(disk, first * piece, n * piece, piece)
+            out.digest_bytes += len(theirs)
+            d = digests.DIGEST_BYTES
+            out.differing += [first + i for i in range(n) if mine[i * d:(i + 1) * d] != theirs[i * d:(i + 1) * d]]
+            done += n
+            if progress:
+                progress(done, total)
+    return out
+
+
+def coarsen(differing: list[int], region: int, size_bytes: int, budget: float = 1.05,
+            max_region: int = 1024) -> tuple[int, list[int]]:
+    """The largest region (a power-of-two multiple of `region`, at most `max_region` sectors) whose
+    copy of `differing` sends at most `budget` times the differing bytes; with its region indexes.
+
+    The kernel's recovery pays a log write and a flush of both legs per region
+    (docs/kernel-notes.md): clustered changes are copied in fewer, larger regions,
+    scattered ones stay at the piece size."""
+    if not differing:
+        return region, []
+    want = len(differing) * budget
+    best, best_set = region, sorted(set(differing))
+    r = region * 2
+    while r <= max_region and size_bytes % (r * SECTOR) == 0:
+        k = r // region
+        coarse = sorted({d // k for d in differing})
+        if len(coarse) * k > want:
+            break
+        best, best_set = r, coarse
+        r *= 2
+    return best, best_set

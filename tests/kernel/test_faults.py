@@ -1,0 +1,160 @@
+"""Losing the secondary and getting it back: bounded stalls, degraded state, delta resync (kernel tier, e2e).
+
+Every test writes through the primary's device with a writer whose every write
+has a hard deadline: a write that misses it fails the test (a write hung in D
+state would otherwise hang the test).  After the resync, P and S are compared
+byte for byte and the bytes the resync sent are checked against the bytes that
+changed.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+import time
+
+from daemons_lab import ACTIVE, DISK, TOP, MiB, image
+
+from dmrepl import poll
+from dmrepl.kernel import blockdev
+
+KiB = 1024
+DEADLINE_S = 10.0       # no write may take longer, whatever the fault (TCG: generous, measured below)
+
+
+class Writer:
+    """4 KiB writes to the primary's device in a thread, each stamped (block, sequence) and timed."""
+
+    def __init__(self, blocks: list[int], pause_s: float = 0.01):
+        self.blocks, self.pause_s = blocks, pause_s
+        self.last: dict[int, bytes] = {}
+        self.latencies: list[tuple[float, float]] = []   # (start time, seconds)
+        self.seq = 0
+        self.started: float | None = None
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.rnd = random.Random(7)
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            blk = self.rnd.choice(self.blocks)
+            self.seq += 1
+            data = f"{blk}:{self.seq}:".encode().ljust(4 * KiB, b"w")
+            self.started = time.monotonic()
+            blockdev.write_at(TOP, blk * 4 * KiB, data)
+            self.latencies.append((self.started, time.monotonic() - self.started))
+            self.started = None
+            self.last[blk] = data
+            time.sleep(self.pause_s)
+
+    def __enter__(self) -> "Writer":
+        self.thread.start()
+        return self
+
+    def check_deadline(self) -> None:
+        started = self.started
+        assert started is None or time.monotonic() - started < DEADLINE_S, "a write missed its deadline"
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join(timeout=DEADLINE_S)
+        assert not self.thread.is_alive(), "a write hung past its deadline"
+
+    def stall_after(self, t: float) -> float:
+        """The longest a write that started after `t` took (or was waiting at the end)."""
+        return max([s for start, s in self.latencies if start >= t - DEADLINE_S and start + s >= t] or [0.0])
+
+
+def _wait(hosts, writer: Writer, what: str, ok, timeout: float = 120):
+    def probe():
+        writer.check_deadline()
+        return hosts.status()
+    return poll.wait_for(probe, what, ok=ok, timeout=timeout)
+
+
+def _file(path, offset=0, n=DISK) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(n)
+
+
+def _equal_disks(hosts) -> None:
+    image(hosts.dir / "s.img", DISK, b"\x11")   # S as the initial sync would leave it
+
+
+def test_secondary_killed_then_back_copies_only_what_changed(hosts):
+    _equal_disks(hosts)
+    hosts.start_secondary()
+    hosts.start_primary("--assume-clean")
+    hot = [b for b in range(0, DISK // (4 * KiB), 97)]          # scattered 4 KiB blocks, 84 of them
+    with Writer(hot) as w:
+        time.sleep(1)
+        t_kill = time.monotonic()
+        os.kill(hosts.procs["s"].pid, signal.SIGKILL)            # the secondary's daemon dies (kill -9)
+        s = _wait(hosts, w, "the primary to drop the secondary",
+                  ok=lambda s: s["state"] == "degraded" and s["nbd_leg"] == "dropped")
+        noticed = time.monotonic() - t_kill
+        assert s["nbd"] is None and any(w in s["reason"] for w in ("control link", "leg", "NBD")), s
+        time.sleep(1)
+        assert w.stall_after(t_kill) < 5.0, w.stall_after(t_kill)
+        # While degraded: 1 MiB written at 8 MiB, beside the writer's scattered blocks.
+        blockdev.write_at(TOP, 8 * MiB, os.urandom(MiB))
+        changed = set(w.last) | {b for b in range(8 * MiB // (4 * KiB), 9 * MiB // (4 * KiB))}
+        hosts.procs["s"].wait()
+        hosts.start_secondary()                                   # back; the writer goes on meanwhile
+        s = _wait(hosts, w, "the resync to finish", ok=lambda s: s["state"] == "replicating", timeout=300)
+    r = s["last_resync"]
+    # Only blocks written since the common checkpoint were candidates; those that differ were copied.
+    assert r["phase"] == "copied", r
+    assert r["differing_bytes"] <= len(changed | set(w.last)) * 4 * KiB, (r, len(changed))
+    assert r["differing_bytes"] >= MiB, r
+    assert r["sent_bytes"] <= 1.05 * r["differing_bytes"], r
+    p = _file(hosts.dir / "p.img")
+    assert p == _file(hosts.dir / "s.img")
+    assert hosts.cli("p", "checkpoint").returncode == 0   # the writer has stopped: S's view becomes P
+    assert blockdev.read_at(ACTIVE, 0, DISK) == p
+    for blk, data in w.last.items():                     # every block holds its last write
+        assert p[blk * 4 * KiB:(blk + 1) * 4 * KiB] == data, blk
+    print(f"\nkill -9 of the secondary's daemon: noticed in {noticed:.2f} s, longest write {w.stall_after(t_kill):.2f} s;"
+          f" resync compared {r['candidate_bytes'] >> 10} KiB, {r['differing_bytes'] >> 10} KiB differed,"
+          f" sent {r['sent_bytes'] >> 10} KiB ({r['sent_bytes'] / r['differing_bytes']:.3f}x)")
+
+
+def test_a_cut_link_degrades_within_the_bound_and_heals_with_a_delta(hosts):
+    hosts.nbd_timeout_s = 2
+    hosts.write_configs(primary="reconnect_interval_s = 1\n")
+    _equal_disks(hosts)
+    hosts.start_secondary()
+    hosts.start_primary("--assume-clean")
+    with Writer([b for b in range(0, DISK // (4 * KiB), 31)]) as w:
+        time.sleep(1)
+        t_cut = time.monotonic()
+        hosts.lab.link_down("s")
+        s = _wait(hosts, w, "the primary to degrade", ok=lambda s: s["state"] == "degraded", timeout=30)
+        noticed = time.monotonic() - t_cut
+        # The secondary notices too: no frame for the primary's heartbeat timeout.
+        peer = poll.wait_for(lambda: _secondary_peer(hosts), "the secondary to report the primary lost",
+                             ok=lambda p: p and p["primary"] == "lost", timeout=30)
+        assert "heartbeat timeout" in peer["reason"] or "ended" in peer["reason"], peer
+        time.sleep(2)
+        stall = w.stall_after(t_cut)
+        hosts.lab.link_up("s")
+        s = _wait(hosts, w, "the resync to finish", ok=lambda s: s["state"] == "replicating", timeout=300)
+    assert noticed < 5.0 and stall < 5.0, (noticed, stall)
+    assert "PRIMARY LOST" in hosts.log("s")
+    r = s["last_resync"]
+    assert r["sent_bytes"] <= 1.05 * max(r["differing_bytes"], 1) + r["digest_bytes"], r
+    p = _file(hosts.dir / "p.img")
+    assert p == _file(hosts.dir / "s.img")
+    assert hosts.cli("p", "checkpoint").returncode == 0
+    assert blockdev.read_at(ACTIVE, 0, DISK) == p
+    print(f"\nlink down: noticed in {noticed:.2f} s, longest write {stall:.2f} s; "
+          f"resync {r['differing_bytes'] >> 10} KiB differed, sent {r['sent_bytes'] >> 10} KiB")
+
+
+def _secondary_peer(hosts) -> dict | None:
+    import json
+    r = hosts.cli("s", "status", "--json")
+    return json.loads(r.stdout).get("primary") if r.returncode == 0 else None
