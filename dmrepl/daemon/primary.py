@@ -33,17 +33,16 @@ from pyroute2 import netns
 from dmrepl.config import PrimaryConfig
 from dmrepl.daemon import control, peer
 from dmrepl.daemon.machine import Event, Machine, State
-from dmrepl.daemon.primary_resync import Resync
-from dmrepl.daemon.progress import Progress, log
+from dmrepl.daemon.primary_link import Lost, SecondaryLink
+from dmrepl.daemon.primary_resync import Resync, initial_sync
+from dmrepl.daemon.progress import log
 from dmrepl.errors import DmreplError
 from dmrepl.kernel import modules
-from dmrepl.link import auth
 from dmrepl.link.frames import FrameError, Kind
-from dmrepl.link.session import Session
 from dmrepl.nbd import netlink
-from dmrepl.nbd.attach import Attached, AttachError, attach
+from dmrepl.nbd.attach import AttachError
 from dmrepl.roles.hello import Hello
-from dmrepl.roles.primary import Devices, Primary, sync
+from dmrepl.roles.primary import Devices, Primary
 
 REQUEST_TIMEOUT = 60.0
 
@@ -53,55 +52,19 @@ class PrimaryDaemon:
         self.cfg, self.pri, self.nl, self.events = cfg, pri, nl, events
         self.peer_cfg = cfg.secondaries[0]
         self.machine = Machine()
-        self.session: Session | None = None
-        self.nbd: Attached | None = None
+        self.link = SecondaryLink(cfg, pri, nl)
         self.devs: Devices | None = None
         self.requests: queue.Queue = queue.Queue()
         self.wake_r, self.wake_w = socket.socketpair()
         self.stopping = False
-        self.last_answer = time.monotonic()
         self.last_checkpoint: dict = {}
         self.built = False
-        self.dead_sockets = 0   # NBD connections the kernel reported dead (LINK_DEAD)
         self.resync: Resync | None = None
         self.last_resync: dict = {}
         self.next_reconnect = 0.0
         self.reconnect_error = ""
 
     # -- start ------------------------------------------------------------------
-
-    def hello(self) -> Hello:
-        st = self.pri.state()
-        return Hello(resource_id=self.cfg.resource_id, role="primary", size_bytes=self.pri.size_bytes(),
-                     chunk_sectors=self.cfg.chunk_sectors, era_block_sectors=self.cfg.era_block_sectors,
-                     checkpoints=[st.checkpoint] if st else [], heartbeat_timeout_s=self.silence_s)
-
-    @property
-    def silence_s(self) -> float:
-        """How long the secondary may stay silent before it is lost (heartbeats, checkpoint answers)."""
-        return max(2.0, self.cfg.heartbeat_interval_s * self.cfg.heartbeat_misses)
-
-    def connect(self) -> Hello:
-        """Control link, hello and NBD attach; raises whatever fails (nothing is left open)."""
-        p = self.peer_cfg
-        try:
-            self.session = Session.connect(p.link_host, p.link_port, auth.load_key(self.cfg.key_file))
-        except (OSError, FrameError) as e:
-            raise DmreplError(f"the secondary's control link at {p.link_host}:{p.link_port}: {e}",
-                              "is the secondary up (`dmrepl up NAME` there) with the same key file?") from None
-        try:
-            theirs = peer.exchange_hello(self.session, self.hello())
-            self.nbd = attach(self.nl, p.nbd_host, p.nbd_port, self.cfg.resource_id,
-                              expected_size_bytes=self.pri.size_bytes(), connections=self.cfg.nbd_connections,
-                              timeout_s=self.cfg.nbd_timeout_s)
-        except BaseException:
-            self.session.close()
-            self.session = None
-            raise
-        self.dead_sockets = 0
-        log(f"hello: the secondary at {self.session.peer} agrees (its checkpoints {theirs.checkpoints}); "
-            f"NBD: {self.nbd.path} attached to {p.nbd_host}:{p.nbd_port} ({self.nbd.connections} connection(s))")
-        return theirs
 
     def start(self, assume_clean: bool) -> None:
         for module in ("nbd", "dm-mirror", "dm-era"):
@@ -110,7 +73,7 @@ class PrimaryDaemon:
                 raise DmreplError(f"kernel module {module} cannot be loaded: {why}", "`dmrepl doctor` checks this host")
         st = self.pri.check()
         try:
-            theirs = self.connect()
+            theirs = self.link.connect()
         except (DmreplError, AttachError, FrameError, OSError) as e:
             if st is None or isinstance(e, peer.PeerRefused):
                 raise
@@ -125,21 +88,14 @@ class PrimaryDaemon:
         self.devs = self.pri.attach()
         if st is None and not assume_clean:
             self.machine.fire(Event.CONNECTED, "first start: S gets a full copy of P")
-            log("initial sync: copying P to S, then comparing digests")
-            # Half the secondary's store per segment, a checkpoint (number 0 again: S is not yet a
-            # copy of P, no view is worth keeping) between segments to empty it.
-            session = self.session
-            res = sync.initial_sync(self.devs.disk, self.nbd.path, progress=Progress(lambda: self.stopping),
-                                    segment_bytes=theirs.store_bytes // 2 or None,
-                                    between=lambda: peer.remote_checkpoint(session, 0))
-            log(f"initial sync: {res.copied_bytes >> 20} MiB copied in {res.copy_seconds:.1f} s "
-                f"({res.copy_mb_s:.1f} MB/s), verified in {res.verify_seconds:.1f} s")
+            initial_sync(self.devs.disk, self.link.nbd.path, self.link.session, theirs.store_bytes,
+                         lambda: self.stopping)
             event, why = Event.SYNCED, "initial sync verified"
         elif assume_clean:
             event, why = Event.CONNECTED_IN_SYNC, "--assume-clean"
         else:
             event = None
-        self.pri.up(self.devs, self.nbd.path)
+        self.pri.up(self.devs, self.link.nbd.path)
         self.built = True
         log(f"up: {self.pri.top_path} replicates to the secondary")
         if event is None:
@@ -157,27 +113,29 @@ class PrimaryDaemon:
         hb = self.cfg.heartbeat_interval_s
         next_cp = time.monotonic() + interval if interval else float("inf")
         next_hb = time.monotonic() + hb
-        self.last_answer = time.monotonic()
         while not self.stopping:
             now = time.monotonic()
             timeout = max(0.0, min(next_cp, next_hb) - now)
             if self.machine.state in (State.RESYNCING, State.DEGRADED):
                 timeout = min(timeout, 0.2)
-            fds = [self.events.fileno(), self.wake_r.fileno()]
-            if self.session is not None:
-                fds.append(self.session.sock.fileno())
+            session = self.link.session
+            fds = [self.events.fileno(), self.wake_r.fileno()] + ([session.sock.fileno()] if session else [])
             ready, _, _ = select.select(fds, [], [], timeout)
             if self.wake_r.fileno() in ready:
                 self.wake_r.recv(4096)
             self.serve_requests()
-            if self.events.fileno() in ready:
-                self.on_link_events()
-            if self.session is not None and self.session.sock.fileno() in ready:
-                self.on_peer_frame()
-            now = time.monotonic()
-            if now >= next_hb:
-                self.heartbeat(now)
-                next_hb = now + hb
+            try:
+                if self.events.fileno() in ready:
+                    self.link.on_link_events(self.events)
+                if session is not None and session is self.link.session and session.sock.fileno() in ready:
+                    self.on_peer_frame()
+                now = time.monotonic()
+                if now >= next_hb:
+                    next_hb = now + hb
+                    if self.machine.state in (State.REPLICATING, State.RESYNCING):
+                        self.link.heartbeat(now)
+            except Lost as e:
+                self.lost(e.event, e.reason)
             self.watch_mirror()
             self.step_resync()
             if now >= next_cp:
@@ -188,52 +146,37 @@ class PrimaryDaemon:
     def lost(self, event: Event, reason: str) -> None:
         if self.machine.fire(event, reason):
             log(f"DEGRADED: {reason}; the NBD leg is dropped, writes reach P only (era records them)")
-        self.drop_secondary()
         self.next_reconnect = time.monotonic() + self.cfg.reconnect_interval_s
-
-    def drop_secondary(self) -> None:
-        """Disconnect NBD first (the kernel fails the leg's in-flight requests: no write waits for
-        a dead secondary), then replace the mirror by P alone."""
-        if self.session is not None:
-            self.session.close()
-            self.session = None
         if self.resync is not None:
             self.last_resync = {**self.resync.status(), "phase": "interrupted"}
             self.resync = None
-        nbd, self.nbd = self.nbd, None
-        if nbd is not None:
-            if self.nl.is_connected(nbd.index):
-                self.nl.disconnect(nbd.index)
-            if self.built:
-                self.pri.drop_leg(self.devs)
-            log(f"NBD: {nbd.path} disconnected and dropped from the mirror")
+        self.link.drop((lambda: self.pri.drop_leg(self.devs)) if self.built else None)
 
     def try_reconnect(self) -> None:
         if self.machine.state != State.DEGRADED or time.monotonic() < self.next_reconnect:
             return
         self.next_reconnect = time.monotonic() + self.cfg.reconnect_interval_s
         try:
-            theirs = self.connect()
+            theirs = self.link.connect()
         except (DmreplError, AttachError, FrameError, OSError) as e:
             if str(e) != self.reconnect_error:
                 log(f"reconnect: {e}; trying again every {self.cfg.reconnect_interval_s:g} s")
                 self.reconnect_error = str(e)
             return
         self.reconnect_error = ""
-        self.pri.add_leg(self.devs, self.nbd.path)
+        self.pri.add_leg(self.devs, self.link.nbd.path)
         self.begin_resync(theirs)
 
     def begin_resync(self, theirs: Hello) -> None:
         base = self.pri.resync_base(theirs.checkpoints)
         self.machine.fire(Event.RECONNECTED, f"resync: {base.describe()}")
-        self.resync = Resync(self.pri, self.devs, self.nbd.path, self.session, base, self.silence_s)
+        self.resync = Resync(self.pri, self.devs, self.link.nbd.path, self.link.session, base, self.link.silence_s)
         try:
             self.resync.begin()
         except (FrameError, OSError) as e:
             self.lost(Event.LINK_ERROR, f"the control link broke during the resync's comparison: {e}")
         except DmreplError as e:
             self.lost(Event.RESYNC_FAILED, f"resync failed: {e}")
-        self.last_answer = time.monotonic()
 
     def step_resync(self) -> None:
         self.try_reconnect()
@@ -257,51 +200,14 @@ class PrimaryDaemon:
         self.machine.fire(Event.RESYNCED, summary)
         log(f"{summary}; replicating")
 
-    def on_link_events(self) -> None:
-        """LINK_DEAD is per socket: a socket that broke, or a request that outlived the NBD timeout
-        (nbd.c: nbd_xmit_timeout marks that socket dead and requeues the request on another one).
-        With several connections the device goes on with the others: the link is dead only when
-        every one has been reported (or the mirror fails the leg, or heartbeats go unanswered)."""
-        for ev in self.events.wait(0):
-            if self.nbd is None or ev.cmd != netlink.Cmd.LINK_DEAD or ev.index != self.nbd.index:
-                continue
-            self.dead_sockets += 1
-            total = self.nbd.connections
-            if self.dead_sockets >= total:
-                self.lost(Event.LINK_DEAD, f"the kernel NBD client reported all {total} connection(s) of "
-                          f"{self.nbd.path} dead")
-            else:
-                log(f"WARNING: the kernel NBD client reported a connection of {self.nbd.path} dead "
-                    f"({self.dead_sockets} of {total}): a request outlived nbd_timeout_s "
-                    f"({self.cfg.nbd_timeout_s} s) or its socket broke; the others carry on")
-
     def on_peer_frame(self) -> None:
-        try:
-            kind, body = self.session.recv(timeout=5.0)
-        except (FrameError, OSError) as e:
-            self.lost(Event.LINK_ERROR, f"the control link broke: {e}")
-            return
-        self.last_answer = time.monotonic()
+        kind, body = self.link.recv()
         if kind == Kind.EARLY_CHECKPOINT and self.machine.state == State.REPLICATING:
             log(f"the secondary asks for an early checkpoint ({body.get('reason', 'store filling')})")
             self.checkpoint("early request")
         elif kind == Kind.EARLY_CHECKPOINT:
             log(f"WARNING: the secondary's store is filling ({body.get('reason')}) while {self.machine.state}: "
                 "no checkpoint before the resync is done (S's view must stay at the last one)")
-
-    def heartbeat(self, now: float) -> None:
-        if self.machine.state not in (State.REPLICATING, State.RESYNCING) or self.session is None:
-            return
-        silent = now - self.last_answer
-        limit = self.cfg.heartbeat_interval_s * self.cfg.heartbeat_misses
-        if silent > limit:
-            self.lost(Event.HEARTBEAT_MISSED, f"the secondary answered no heartbeat for {silent:.1f} s "
-                      f"({self.cfg.heartbeat_misses} missed)")
-            return
-        try:
-            self.session.send(Kind.HEARTBEAT, {"t": time.time()})
-        except OSError as e:
-            self.lost(Event.LINK_ERROR, f"the control link broke: {e}")
 
     def watch_mirror(self) -> None:
         if self.machine.state not in (State.REPLICATING, State.RESYNCING):
@@ -315,11 +221,12 @@ class PrimaryDaemon:
         return self._checkpoint(why)
 
     def _checkpoint(self, why: str) -> dict:
-        session = self.session
+        session = self.link.session
         try:
-            st, pause, peer_pause = self.pri.checkpoint(lambda n: peer.remote_checkpoint(session, n, self.silence_s))
+            st, pause, peer_pause = self.pri.checkpoint(lambda n: peer.remote_checkpoint(session, n, self.link.silence_s))
         except (FrameError, OSError) as e:
-            self.lost(Event.LINK_ERROR, f"the control link broke during a checkpoint: {e}")
+            if self.machine.state in (State.REPLICATING, State.RESYNCING):
+                self.lost(Event.LINK_ERROR, f"the control link broke during a checkpoint: {e}")
             raise DmreplError(f"checkpoint failed: the control link broke ({e})",
                               "both hosts stay at the previous checkpoint") from None
         except DmreplError as e:
@@ -327,7 +234,6 @@ class PrimaryDaemon:
                 self.machine.fire(Event.CHECKPOINT_FAILED, str(e))
             log(f"checkpoint failed ({why}): {e}")
             raise
-        self.last_answer = time.monotonic()
         self.last_checkpoint = {"checkpoint": st.checkpoint, "pause_ms": round(pause * 1000, 3),
                                 "secondary_pause_ms": round(peer_pause * 1000, 3), "time": time.time(),
                                 "why": why}
@@ -348,7 +254,7 @@ class PrimaryDaemon:
                 return status_reply(self, pri)
         if op == "stop":
             with Primary.open(self.cfg) as pri:
-                self.refuse_stop_while_open(pri)
+                pri.refuse_while_open()
             self.stopping = True
             self.wake_w.send(b"x")
             return {"stopping": True}
@@ -372,19 +278,13 @@ class PrimaryDaemon:
             except Exception as e:  # noqa: BLE001 -- handed to the caller, who reports it
                 fut.set_exception(e)
 
-    def refuse_stop_while_open(self, pri: Primary) -> None:
-        top = pri.devices().get("top")
-        if top and top["open_count"]:
-            raise DmreplError(f"{pri.top_path} is open ({top['open_count']} opener(s))",
-                              "stop the consumer first; replication goes on meanwhile")
-
     # -- stop -----------------------------------------------------------------------
 
     def teardown(self) -> None:
         """Undo what this daemon made (never a stack another one built)."""
         if self.built:
             try:
-                self.refuse_stop_while_open(self.pri)
+                self.pri.refuse_while_open()
             except DmreplError:
                 log(f"{self.pri.top_path} is still open: its devices are kept; writes reach P "
                     "(and S while the NBD link lives) but no checkpoint is taken")
@@ -393,11 +293,7 @@ class PrimaryDaemon:
                 log(f"removed {line}")
         elif self.devs is not None:
             Primary.detach(list(self.devs.loops))
-        if self.nbd is not None and self.nl.is_connected(self.nbd.index):
-            self.nl.disconnect(self.nbd.index)
-            log(f"NBD: {self.nbd.path} disconnected")
-        if self.session is not None:
-            self.session.close()
+        self.link.drop(None)
 
 
 def status_reply(d: "PrimaryDaemon", pri: Primary) -> dict:
@@ -407,9 +303,9 @@ def status_reply(d: "PrimaryDaemon", pri: Primary) -> dict:
     return {"name": d.cfg.name, "resource_id": d.cfg.resource_id, "role": "primary",
             "state": str(m.state), "reason": m.reason, "since": m.since, "pid": os.getpid(),
             "checkpoint": st.checkpoint if st else None, "last_checkpoint": d.last_checkpoint,
-            "device": pri.top_path, "nbd": d.nbd.path if d.nbd else None,
-            "nbd_connections": d.nbd.connections if d.nbd else None,
-            "nbd_dead_connections": d.dead_sockets,
+            "device": pri.top_path, "nbd": d.link.nbd.path if d.link.nbd else None,
+            "nbd_connections": d.link.nbd.connections if d.link.nbd else None,
+            "nbd_dead_connections": d.link.dead_sockets,
             "resync": d.resync.status() if d.resync else None, "last_resync": d.last_resync,
             "secondary": f"{d.peer_cfg.link_host}:{d.peer_cfg.link_port}",
             "checkpoint_interval_s": d.cfg.checkpoint_interval_s,

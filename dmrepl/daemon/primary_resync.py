@@ -1,4 +1,4 @@
-"""One delta resync, as the primary's daemon drives it from its loop.
+"""The copies the primary's daemon drives: the initial full copy, and a delta resync from its loop.
 
     begin():  (the NBD leg is back: every write reaches both legs)
               era blocks written since the common checkpoint -> pieces -> digests of P and of S
@@ -17,15 +17,26 @@ from __future__ import annotations
 import time
 
 from dmrepl.daemon import peer
-from dmrepl.daemon.progress import log
+from dmrepl.daemon.progress import Progress, log
 from dmrepl.errors import DmreplError
 from dmrepl.link.session import Session
-from dmrepl.roles.primary import Devices, Primary, ResyncBase, resync
+from dmrepl.roles.primary import Devices, Primary, ResyncBase, resync, sync
 from dmrepl.roles.primary.resync import Comparison
 
 
 class ResyncFailed(DmreplError):
     pass
+
+
+def initial_sync(disk: str, nbd_path: str, session: Session, store_bytes: int, stopping) -> None:
+    """The first start's full copy of P to S, verified by digests.  Half the secondary's store per
+    segment, with a checkpoint (number 0 again: S is not yet a copy of P, no view is worth keeping)
+    between segments to empty it."""
+    log("initial sync: copying P to S, then comparing digests")
+    res = sync.initial_sync(disk, nbd_path, progress=Progress(stopping), segment_bytes=store_bytes // 2 or None,
+                            between=lambda: peer.remote_checkpoint(session, 0))
+    log(f"initial sync: {res.copied_bytes >> 20} MiB copied in {res.copy_seconds:.1f} s "
+        f"({res.copy_mb_s:.1f} MB/s), verified in {res.verify_seconds:.1f} s")
 
 
 class Resync:

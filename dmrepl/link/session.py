@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 
 from dmrepl.link import auth, frames
 from dmrepl.link.frames import FrameError, Kind
@@ -28,6 +29,7 @@ class Session:
         self._recv_seq = 0
         self._send_lock = threading.Lock()   # the secondary's watch sends EARLY_CHECKPOINT beside serve()
         self.peer = peer
+        self.last_recv = time.monotonic()    # when the peer last sent a frame (liveness, whoever read it)
 
     @classmethod
     def connect(cls, host: str, port: int, psk: bytes, *, timeout: float = HANDSHAKE_TIMEOUT) -> "Session":
@@ -58,6 +60,7 @@ class Session:
             self.close()
             raise
         self._recv_seq += 1
+        self.last_recv = time.monotonic()
         return kind, body
 
     def close(self) -> None:

@@ -164,12 +164,15 @@ class Primary:
                 raise
         return st
 
-    def down(self, devs: Devices | None = None) -> list[str]:
-        """Remove the devices (refused while the top device is open) and detach our loop devices."""
+    def refuse_while_open(self) -> None:
         top = self.stack.dm("top")
         if self.ctl.exists(top) and self.ctl.info(top).open_count:
             raise DmreplError(f"{self.top_path} is open ({self.ctl.info(top).open_count} opener(s))",
-                              "stop the consumer first")
+                              "stop the consumer first; replication goes on meanwhile")
+
+    def down(self, devs: Devices | None = None) -> list[str]:
+        """Remove the devices (refused while the top device is open) and detach our loop devices."""
+        self.refuse_while_open()
         done = self.stack.teardown()
         files = [p for _w, p in self.paths() if os.path.isfile(p)] + [self.resync_log_path]
         loops = list(devs.loops) if devs else [d for p in files if os.path.isfile(p) for d in loop.find(p)]

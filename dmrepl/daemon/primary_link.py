@@ -1,0 +1,141 @@
+"""The primary's connection to its secondary: the control session and the NBD device, and the signs
+that the secondary is lost.
+
+    connect()   control link (key handshake), hello, NBD attach: all or nothing
+    drop()      NBD disconnected first (the kernel fails the leg's in-flight requests, so no
+                write waits for a dead secondary), then the mirror's leg dropped
+    signs       LINK_DEAD for every NBD connection, a broken or silent control link, heartbeats
+                unanswered for heartbeat_interval_s * heartbeat_misses: raised as `Lost`
+    keepalive   a thread sends a heartbeat every heartbeat_interval_s while the session lives,
+                also while the daemon's loop is busy (an initial sync, a resync's comparison):
+                the secondary takes a silence longer than its timeout for a lost primary
+
+The daemon owns the state machine; this class only says what happened.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from dmrepl.config import PrimaryConfig
+from dmrepl.daemon import peer
+from dmrepl.daemon.machine import Event
+from dmrepl.daemon.progress import log
+from dmrepl.errors import DmreplError
+from dmrepl.link import auth
+from dmrepl.link.frames import FrameError, Kind
+from dmrepl.link.session import Session
+from dmrepl.nbd import netlink
+from dmrepl.nbd.attach import Attached, attach
+from dmrepl.roles.hello import Hello
+from dmrepl.roles.primary import Primary
+
+FRAME_TIMEOUT = 5.0
+
+
+class Lost(Exception):
+    """A sign that the secondary is lost: the event for the state machine and the reason."""
+
+    def __init__(self, event: Event, reason: str):
+        super().__init__(reason)
+        self.event, self.reason = event, reason
+
+
+class SecondaryLink:
+    def __init__(self, cfg: PrimaryConfig, pri: Primary, nl: netlink.NBDNetlink):
+        self.cfg, self.pri, self.nl = cfg, pri, nl
+        self.peer_cfg = cfg.secondaries[0]
+        self.session: Session | None = None
+        self.nbd: Attached | None = None
+        self.dead_sockets = 0   # NBD connections the kernel reported dead (LINK_DEAD)
+
+    @property
+    def silence_s(self) -> float:
+        """How long the secondary may stay silent before it is lost (heartbeats, checkpoint answers)."""
+        return max(2.0, self.cfg.heartbeat_interval_s * self.cfg.heartbeat_misses)
+
+    def hello(self) -> Hello:
+        st = self.pri.state()
+        return Hello(resource_id=self.cfg.resource_id, role="primary", size_bytes=self.pri.size_bytes(),
+                     chunk_sectors=self.cfg.chunk_sectors, era_block_sectors=self.cfg.era_block_sectors,
+                     checkpoints=[st.checkpoint] if st else [], heartbeat_timeout_s=self.silence_s)
+
+    def connect(self) -> Hello:
+        """Control link, hello and NBD attach; raises whatever fails (nothing is left open)."""
+        p = self.peer_cfg
+        try:
+            self.session = Session.connect(p.link_host, p.link_port, auth.load_key(self.cfg.key_file))
+        except (OSError, FrameError) as e:
+            raise DmreplError(f"the secondary's control link at {p.link_host}:{p.link_port}: {e}",
+                              "is the secondary up (`dmrepl up NAME` there) with the same key file?") from None
+        try:
+            theirs = peer.exchange_hello(self.session, self.hello())
+            self.nbd = attach(self.nl, p.nbd_host, p.nbd_port, self.cfg.resource_id,
+                              expected_size_bytes=self.pri.size_bytes(), connections=self.cfg.nbd_connections,
+                              timeout_s=self.cfg.nbd_timeout_s)
+        except BaseException:
+            self.session.close()
+            self.session = None
+            raise
+        self.dead_sockets = 0
+        threading.Thread(target=self._keepalive, args=(self.session,), name="keepalive", daemon=True).start()
+        log(f"hello: the secondary at {self.session.peer} agrees (its checkpoints {theirs.checkpoints}); "
+            f"NBD: {self.nbd.path} attached to {p.nbd_host}:{p.nbd_port} ({self.nbd.connections} connection(s))")
+        return theirs
+
+    def _keepalive(self, session: Session) -> None:
+        while self.session is session:
+            try:
+                session.send(Kind.HEARTBEAT, {"t": time.time()})
+            except OSError:
+                return   # the loop notices the broken session itself
+            time.sleep(self.cfg.heartbeat_interval_s)
+
+    def drop(self, drop_leg) -> None:
+        """Close the session, disconnect NBD, then `drop_leg()` (None: no stack built yet)."""
+        if self.session is not None:
+            self.session.close()
+            self.session = None
+        nbd, self.nbd = self.nbd, None
+        if nbd is None:
+            return
+        if self.nl.is_connected(nbd.index):
+            self.nl.disconnect(nbd.index)
+        if drop_leg is not None:
+            drop_leg()
+            log(f"NBD: {nbd.path} disconnected and dropped from the mirror")
+        else:
+            log(f"NBD: {nbd.path} disconnected")
+
+    def on_link_events(self, events: netlink.LinkEvents) -> None:
+        """LINK_DEAD is per socket: a socket that broke, or a request that outlived the NBD timeout
+        (nbd.c: nbd_xmit_timeout marks that socket dead and requeues the request on another one).
+        With several connections the device goes on with the others: the link is dead only when
+        every one has been reported (or the mirror fails the leg, or heartbeats go unanswered)."""
+        for ev in events.wait(0):
+            if self.nbd is None or ev.cmd != netlink.Cmd.LINK_DEAD or ev.index != self.nbd.index:
+                continue
+            self.dead_sockets += 1
+            total = self.nbd.connections
+            if self.dead_sockets >= total:
+                raise Lost(Event.LINK_DEAD, f"the kernel NBD client reported all {total} connection(s) of "
+                           f"{self.nbd.path} dead")
+            log(f"WARNING: the kernel NBD client reported a connection of {self.nbd.path} dead "
+                f"({self.dead_sockets} of {total}): a request outlived nbd_timeout_s "
+                f"({self.cfg.nbd_timeout_s} s) or its socket broke; the others carry on")
+
+    def recv(self) -> tuple[Kind, dict]:
+        try:
+            kind, body = self.session.recv(timeout=FRAME_TIMEOUT)
+        except (FrameError, OSError) as e:
+            raise Lost(Event.LINK_ERROR, f"the control link broke: {e}") from None
+        return kind, body
+
+    def heartbeat(self, now: float) -> None:
+        """Raise Lost if the secondary answered nothing for too long (the keepalive thread sends)."""
+        session = self.session
+        silent = now - session.last_recv if session is not None else 0.0
+        if session is not None and silent > self.cfg.heartbeat_interval_s * self.cfg.heartbeat_misses:
+            raise Lost(Event.HEARTBEAT_MISSED, f"the secondary answered no heartbeat for {silent:.1f} s "
+                       f"({self.cfg.heartbeat_misses} missed)")
