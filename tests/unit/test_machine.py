@@ -49,3 +49,22 @@ def test_checkpoints_only_while_replicating():
 def test_every_state_but_the_ends_can_stop():
     for s in State:
         assert ((s, Event.STOP) in TRANSITIONS) == (s not in (State.STOPPING, State.FAILED))
+
+
+def test_degraded_reconnects_resyncs_and_replicates_again():
+    m = Machine(state=State.REPLICATING)
+    assert m.fire(Event.LINK_ERROR, "control link broke") and m.state == State.DEGRADED
+    assert m.fire(Event.RECONNECTED, "resync: written since checkpoint 4") and m.state == State.RESYNCING
+    assert not allows(m.state, "checkpoint")     # S's view must stay at the last checkpoint meanwhile
+    assert m.fire(Event.LEG_FAILED, "health AD") and m.state == State.DEGRADED
+    m.fire(Event.RECONNECTED, "again")
+    assert m.fire(Event.RESYNC_FAILED, "3 pieces not copied") and m.state == State.DEGRADED
+    m.fire(Event.RECONNECTED, "again")
+    assert m.fire(Event.RESYNCED, "done") and m.state == State.REPLICATING
+
+
+def test_a_restart_without_the_secondary_comes_up_degraded():
+    m = Machine()
+    assert m.fire(Event.START_DEGRADED, "no route to host") and m.state == State.DEGRADED
+    with pytest.raises(InvalidEvent):
+        next_state(State.REPLICATING, Event.RESYNCED)

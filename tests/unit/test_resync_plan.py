@@ -1,0 +1,85 @@
+"""What a delta resync copies: the mirror log's on-disk bitmap, era blocks to pieces, coarsening (unit tier)."""
+
+import struct
+
+import pytest
+
+from dmrepl.kernel import mirrorlog
+from dmrepl.kernel.mirrorlog import Bitmap, LogFormatError
+from dmrepl.roles.hello import Hello
+from dmrepl.roles.primary import resync
+
+GiB = 1 << 30
+
+
+def test_the_bitmap_has_the_kernels_layout():
+    data = Bitmap.with_zeros(40, [0, 9, 39]).encode()
+    assert struct.unpack_from("<IIQ", data) == (0x4D695272, 2, 40)
+    assert len(data) == 4096                                  # 1 KiB header + 8 bytes, rounded to the block
+    bits = data[1024:1032]
+    assert bits[0] == 0xFE and bits[1] == 0xFD and bits[4] == 0x7F   # regions 0, 9 and 39 are zero
+    assert bits[2] == bits[3] == 0xFF and bits[5:8] == b"\xff\xff\xff"
+    assert Bitmap.decode(data) == Bitmap(40, frozenset({0, 9, 39}))
+
+
+def test_a_bitmap_read_back_ignores_pad_bits_and_refuses_garbage():
+    data = bytearray(Bitmap.with_zeros(40, []).encode())
+    data[1024 + 5] = 0                                        # pad bits past region 39: the kernel clears them
+    assert Bitmap.decode(bytes(data)).all_in_sync
+    with pytest.raises(LogFormatError, match="magic"):
+        Bitmap.decode(b"\0" * 4096)
+    with pytest.raises(LogFormatError, match="version 3"):
+        Bitmap.decode(struct.pack("<IIQ", 0x4D695272, 3, 40).ljust(4096, b"\0"))
+    with pytest.raises(ValueError, match="outside"):
+        Bitmap.with_zeros(40, [40])
+    assert mirrorlog.device_bytes(1 << 18) == 1024 + (1 << 15) + 3072   # 1 GiB of 4 KiB regions: 36 KiB
+
+
+def test_the_piece_is_4_kib_up_to_16_gib_then_grows():
+    assert resync.region_sectors(1 * GiB) == 8
+    assert resync.region_sectors(16 * GiB) == 8
+    assert resync.region_sectors(17 * GiB) == 16
+    assert resync.region_sectors(1024 * GiB) == 512
+    assert resync.regions(10 * 4096 + 512, 8) == 11
+
+
+def test_era_blocks_become_merged_piece_ranges_clipped_to_the_disk():
+    # 64 KiB era blocks (128 sectors), 4 KiB pieces (8 sectors): 16 pieces per block.
+    assert resync.regions_of_blocks([(0, 1), (1, 2), (5, 7)], 128, 8, 1 << 20) == [(0, 32), (80, 112)]
+    assert resync.regions_of_blocks([(15, 17)], 128, 8, 1 << 20) == [(240, 256)]   # past the end: clipped
+
+
+def test_the_comparison_sends_digests_and_finds_exactly_the_differing_pieces(tmp_path):
+    p, s = tmp_path / "p", tmp_path / "s"
+    data = bytearray(b"\x11" * (1 << 20))
+    p.write_bytes(bytes(data))
+    data[5 * 4096 + 7] = 0x22
+    data[200 * 4096] = 0x33
+    s.write_bytes(bytes(data))
+    from dmrepl.roles import digests
+    asked = []
+
+    def remote(off, n):
+        asked.append((off, n))
+        return digests.of(str(s), off, n, 4096)
+
+    cmp = resync.compare(str(p), [(0, 16), (196, 256)], 8, remote)
+    assert cmp.differing == [5, 200] and cmp.candidate_pieces == 76
+    assert cmp.digest_bytes == 76 * digests.DIGEST_BYTES and asked == [(0, 65536), (196 * 4096, 60 * 4096)]
+
+
+def test_coarsening_keeps_scattered_pieces_small_and_joins_clustered_ones():
+    scattered = list(range(0, 4096, 97))
+    assert resync.coarsen(scattered, 8, 1 << 30) == (8, scattered)
+    clustered = list(range(256, 512))                        # [1 MiB, 2 MiB) in 4 KiB pieces
+    assert resync.coarsen(clustered, 8, 1 << 30) == (1024, [2, 3])   # two regions of 512 KiB
+    # One stray piece beside them: 32 KiB regions copy 264 pieces for 257 (1.03x), 64 KiB would be 1.06x.
+    assert resync.coarsen(clustered + [5000], 8, 1 << 30)[0] == 64
+    assert resync.coarsen([], 8, 1 << 30) == (8, [])
+
+
+def test_hello_carries_the_primarys_heartbeat_timeout():
+    h = Hello("id", "primary", 1 << 20, 8, 2048, [3], heartbeat_timeout_s=2.5)
+    assert Hello.from_wire(h.to_wire()).heartbeat_timeout_s == 2.5
+    older = {k: v for k, v in h.to_wire().items() if k != "heartbeat_timeout_s"}
+    assert Hello.from_wire(older).heartbeat_timeout_s == 0   # a peer that does not say: no timeout
