@@ -78,6 +78,13 @@ class Lab:
         with NetNS(h.netns) as ns:
             ns.link("set", index=ns.link_lookup(ifname=h.ifname)[0], state="up")
 
+    def loss(self, host: str = "s", percent: int = 100) -> None:
+        """Drop `percent` % of the packets `host` sends (tc netem); 0 removes the rule."""
+        h = self.hosts[host]
+        argv = (["tc", "qdisc", "replace", "dev", h.ifname, "root", "netem", "loss", f"{percent}%"] if percent
+                else ["tc", "qdisc", "del", "dev", h.ifname, "root"])
+        subprocess.run(self.argv(host, argv), check=True, capture_output=True)
+
     @contextlib.contextmanager
     def inside(self, host: str):
         """Sockets this thread makes inside are `host`'s (setns on the calling thread); the kernel

@@ -158,3 +158,83 @@ def _secondary_peer(hosts) -> dict | None:
     import json
     r = hosts.cli("s", "status", "--json")
     return json.loads(r.stdout).get("primary") if r.returncode == 0 else None
+
+
+def test_nbdkit_killed_packet_loss_and_power_loss_each_heal_with_a_delta(hosts):
+    hosts.write_configs(primary="reconnect_interval_s = 1\n")
+    _equal_disks(hosts)
+    hosts.start_secondary()
+    hosts.start_primary("--assume-clean")
+    figures = []
+
+    def nbdkit_killed():
+        pid = int((hosts.dir / "s-state" / "r5" / "export.pid").read_text())
+        os.kill(pid, signal.SIGKILL)               # the daemon restarts it; the primary's connections die
+
+    def loss_100():
+        hosts.lab.loss("s", 100)
+
+    def loss_over():
+        hosts.lab.loss("s", 0)
+
+    def power_loss():
+        os.kill(hosts.procs["s"].pid, signal.SIGKILL)
+        hosts.procs["s"].wait()
+        assert hosts.cli("s", "down", "--force").returncode == 0   # its devices vanish, its disks stay
+
+    def power_back():
+        hosts.start_secondary()
+
+    for what, fault, repair in (("nbdkit killed", nbdkit_killed, None), ("100% packet loss", loss_100, loss_over),
+                                ("power loss", power_loss, power_back)):
+        done_before = _resyncs(hosts.status())
+        with Writer([b for b in range(0, DISK // (4 * KiB), 53)]) as w:
+            time.sleep(0.5)
+            t = time.monotonic()
+            fault()
+            t_done = time.monotonic()           # a power loss takes its time (the devices' removal)
+            _wait(hosts, w, f"the primary to degrade ({what})", timeout=60,
+                  ok=lambda s: s["state"] == "degraded" or _resyncs(s) > done_before)
+            noticed = time.monotonic() - t_done
+            blockdev.write_at(TOP, 12 * MiB, os.urandom(256 * KiB))   # written while degraded
+            time.sleep(1.5)
+            stall = w.stall_after(t)
+            if repair:
+                repair()
+            s = _wait(hosts, w, f"the resync after {what}", timeout=300,
+                      ok=lambda s: s["state"] == "replicating" and _resyncs(s) > done_before)
+        r = s["last_resync"]
+        assert noticed < 5.0 and stall < 5.0, (what, noticed, stall)
+        assert r["sent_bytes"] <= 1.05 * r["differing_bytes"] + r["digest_bytes"], (what, r)
+        assert _file(hosts.dir / "p.img") == _file(hosts.dir / "s.img"), what
+        figures.append(f"{what}: noticed {noticed:.2f} s, longest write {stall:.2f} s, "
+                       f"{r['differing_bytes'] >> 10} KiB differed, sent {r['sent_bytes'] >> 10} KiB")
+    assert hosts.cli("p", "checkpoint").returncode == 0
+    assert blockdev.read_at(ACTIVE, 0, DISK) == _file(hosts.dir / "p.img")
+    print("\n" + "\n".join(figures))
+
+
+def test_a_primary_restarted_without_its_secondary_comes_up_degraded_then_resyncs(hosts):
+    hosts.write_configs(primary="reconnect_interval_s = 1\n")
+    _equal_disks(hosts)
+    hosts.start_secondary()
+    hosts.start_primary("--assume-clean")
+    assert hosts.cli("s", "down", "--force").returncode == 0
+    hosts.procs["s"].wait(timeout=60)
+    poll.wait_for(hosts.status, "the primary to degrade", ok=lambda s: s["state"] == "degraded", timeout=60)
+    assert hosts.cli("p", "down").returncode == 0
+    hosts.procs["p"].wait(timeout=60)
+    hosts.start("p")                                           # no secondary: up degraded, at once
+    s = poll.wait_for(hosts.status, "the primary to come up degraded", timeout=120,
+                      ok=lambda s: s is not None and s["state"] == "degraded")
+    assert "not reachable" in s["reason"] and s["nbd_leg"] == "dropped", s
+    blockdev.write_at(TOP, 3 * MiB, b"\x66" * (64 * KiB))      # the consumer works meanwhile
+    hosts.start_secondary()
+    s = poll.wait_for(hosts.status, "the resync", timeout=300, ok=lambda s: s["state"] == "replicating")
+    r = s["last_resync"]
+    assert r["differing_bytes"] == 64 * KiB and r["copy_bytes"] == 64 * KiB, r
+    assert _file(hosts.dir / "p.img") == _file(hosts.dir / "s.img")
+
+
+def _resyncs(s: dict) -> int:
+    return sum(1 for h in s["history"] if h["event"] == "resynced")
