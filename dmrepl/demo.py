@@ -105,9 +105,9 @@ class Pair:
     def dmrepl(self, host: str, *argv: str) -> list[str]:
         return [sys.executable, "-m", "dmrepl.cli", *argv, NAME, "--config", self.config(host)]
 
-    def start(self, host: str) -> None:
+    def start(self, host: str, *extra: str) -> None:
         with open(self.log(host), "ab") as log:
-            argv = self.dmrepl(host, "up")
+            argv = self.dmrepl(host, "up", *extra)
             # The secondary runs inside its namespace; the primary moves its link sockets there itself
             # (its config's netns: the kernel's nbd netlink family lives in the initial namespace only).
             self.procs[host] = subprocess.Popen(self.lab.argv(host, argv) if host == "s" else argv,

@@ -1,4 +1,4 @@
-"""`dmrepl up|down|status|checkpoint|failover NAME`: one set of commands for either role.
+"""`dmrepl up|down|status|checkpoint|failover|verify NAME`: one set of commands for either role.
 
 The config's section says the role.  On the primary, `up` is the daemon in
 the foreground (systemd's ExecStart) and the other commands talk to it over
@@ -23,7 +23,8 @@ HELPS = {"up": "start this host's role for NAME (foreground daemon; systemd runs
          "down": "stop the daemon and remove the stack (refuses while the consumer has it open)",
          "status": "role, replication state and its reason, checkpoint, devices",
          "checkpoint": "take a checkpoint now (on the primary: on both hosts)",
-         "failover": "on the secondary: fence the primary and take over at the last checkpoint"}
+         "failover": "on the secondary: fence the primary and take over at the last checkpoint",
+         "verify": "on the primary: compare P and S by digests (only digests travel); exit 1 if they differ"}
 
 
 def add_parsers(sub, run) -> None:
@@ -40,6 +41,8 @@ def add_parsers(sub, run) -> None:
                            help="secondary: remove even while the active device is open")
         if action == "failover":
             a.add_argument("--no-wait", action="store_true", help="return after the switch; the merge goes on")
+        if action == "verify":
+            a.add_argument("--repair", action="store_true", help="copy the differing pieces from P to S")
         a.set_defaults(func=run, action=action)
 
 
@@ -73,6 +76,9 @@ def _secondary(cfg, args) -> int:
             return 0
         supervisor.configure_logging()
         return supervisor.run_secondary(cfg)
+    if args.action == "verify":
+        raise DmreplError(f"{cfg.name} is the secondary on this host: verify runs on the primary, which "
+                          "compares both disks", f"on the primary host: `dmrepl verify {cfg.name}`")
     return secondary.command(args)
 
 
@@ -149,10 +155,28 @@ def _p_checkpoint(cfg: PrimaryConfig, args) -> int:
     return 0
 
 
+def _p_verify(cfg: PrimaryConfig, args) -> int:
+    r = control.request(_sock(cfg), "verify", timeout=None, repair=args.repair)
+    r.pop("ok", None)
+    if args.json:
+        print_json({"name": cfg.name, **r})
+    else:
+        print(f"{cfg.name}: {r['compared_bytes'] >> 20} MiB compared in {r['seconds']:.1f} s "
+              f"({r['digest_bytes'] >> 10} KiB of digests): "
+              + (f"{len(r['differing'])} range(s) differ" if r["differing"] else "P and S are equal"))
+        for off, n in r["differing"][:20]:
+            print(f"  differ: bytes [{off}, {off + n}) ({n >> 10} KiB)")
+        if len(r["differing"]) > 20:
+            print(f"  ... and {len(r['differing']) - 20} more (--json lists all)")
+        if r.get("repair"):
+            print(f"  repair {r['repair']}")
+    return 1 if r["differing"] and not r.get("repair") else 0
+
+
 def _p_failover(cfg: PrimaryConfig, args) -> int:
     raise DmreplError(f"{cfg.name} is the primary on this host: failover runs on the secondary, which takes over",
                       f"on the secondary host: `dmrepl failover {cfg.name}`")
 
 
 PRIMARY = {"up": _p_up, "down": _p_down, "status": _p_status, "checkpoint": _p_checkpoint,
-           "failover": _p_failover}
+           "failover": _p_failover, "verify": _p_verify}

@@ -39,6 +39,7 @@ class Event(str, Enum):
     RESYNCED = "resynced"                 # every differing piece copied; a checkpoint joined the hosts
     START_DEGRADED = "start-degraded"     # a restart without the secondary: the stack is up without it
     RESYNC_FAILED = "resync-failed"       # the comparison or the copy failed: the leg is dropped again
+    REPAIR = "repair"                     # verify --repair found differing pieces: they are resynced
     CHECKPOINT_FAILED = "checkpoint-failed"  # both hosts stay at n-1; replication goes on
     LINK_DEAD = "link-dead"               # the kernel NBD client announced NBD_CMD_LINK_DEAD
     LEG_FAILED = "leg-failed"             # the mirror marked the NBD leg failed
@@ -62,6 +63,7 @@ TRANSITIONS: dict[tuple[State, Event], State] = {
     (State.RESYNCING, Event.RESYNCED): State.REPLICATING,
     (State.RESYNCING, Event.STOP): State.STOPPING,
     (State.RESYNCING, Event.RESYNC_FAILED): State.DEGRADED,
+    (State.REPLICATING, Event.REPAIR): State.RESYNCING,
     (State.CONNECTING, Event.START_FAILED): State.FAILED,
     (State.CONNECTING, Event.STOP): State.STOPPING,
     (State.SYNCING, Event.SYNCED): State.REPLICATING,
@@ -79,6 +81,7 @@ TRANSITIONS: dict[tuple[State, Event], State] = {
 # What a request from the CLI needs, by request.
 REQUIRES: dict[str, tuple[State, ...]] = {
     "checkpoint": (State.REPLICATING,),
+    "verify": (State.REPLICATING,),
     "status": tuple(State),
     "stop": tuple(State),
 }

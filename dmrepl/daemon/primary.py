@@ -34,7 +34,7 @@ from dmrepl.config import PrimaryConfig
 from dmrepl.daemon import control, peer
 from dmrepl.daemon.machine import Event, Machine, State
 from dmrepl.daemon.primary_link import Lost, SecondaryLink
-from dmrepl.daemon.primary_resync import Resync, initial_sync
+from dmrepl.daemon.primary_resync import Resync, initial_sync, verify
 from dmrepl.daemon.progress import log
 from dmrepl.errors import DmreplError
 from dmrepl.kernel import modules
@@ -42,7 +42,7 @@ from dmrepl.link.frames import FrameError, Kind
 from dmrepl.nbd import netlink
 from dmrepl.nbd.attach import AttachError
 from dmrepl.roles.hello import Hello
-from dmrepl.roles.primary import Devices, Primary
+from dmrepl.roles.primary import Devices, Primary, ResyncBase
 
 REQUEST_TIMEOUT = 60.0
 
@@ -50,7 +50,6 @@ REQUEST_TIMEOUT = 60.0
 class PrimaryDaemon:
     def __init__(self, cfg: PrimaryConfig, pri: Primary, nl: netlink.NBDNetlink, events: netlink.LinkEvents):
         self.cfg, self.pri, self.nl, self.events = cfg, pri, nl, events
-        self.peer_cfg = cfg.secondaries[0]
         self.machine = Machine()
         self.link = SecondaryLink(cfg, pri, nl)
         self.devs: Devices | None = None
@@ -61,16 +60,11 @@ class PrimaryDaemon:
         self.built = False
         self.resync: Resync | None = None
         self.last_resync: dict = {}
-        self.next_reconnect = 0.0
-        self.reconnect_error = ""
 
     # -- start ------------------------------------------------------------------
 
     def start(self, assume_clean: bool) -> None:
-        for module in ("nbd", "dm-mirror", "dm-era"):
-            why = modules.load(module)
-            if why is not None:
-                raise DmreplError(f"kernel module {module} cannot be loaded: {why}", "`dmrepl doctor` checks this host")
+        load_modules()
         st = self.pri.check()
         try:
             theirs = self.link.connect()
@@ -146,26 +140,17 @@ class PrimaryDaemon:
     def lost(self, event: Event, reason: str) -> None:
         if self.machine.fire(event, reason):
             log(f"DEGRADED: {reason}; the NBD leg is dropped, writes reach P only (era records them)")
-        self.next_reconnect = time.monotonic() + self.cfg.reconnect_interval_s
+        self.link.next_attempt = time.monotonic() + self.cfg.reconnect_interval_s
         if self.resync is not None:
             self.last_resync = {**self.resync.status(), "phase": "interrupted"}
             self.resync = None
         self.link.drop((lambda: self.pri.drop_leg(self.devs)) if self.built else None)
 
     def try_reconnect(self) -> None:
-        if self.machine.state != State.DEGRADED or time.monotonic() < self.next_reconnect:
-            return
-        self.next_reconnect = time.monotonic() + self.cfg.reconnect_interval_s
-        try:
-            theirs = self.link.connect()
-        except (DmreplError, AttachError, FrameError, OSError) as e:
-            if str(e) != self.reconnect_error:
-                log(f"reconnect: {e}; trying again every {self.cfg.reconnect_interval_s:g} s")
-                self.reconnect_error = str(e)
-            return
-        self.reconnect_error = ""
-        self.pri.add_leg(self.devs, self.link.nbd.path)
-        self.begin_resync(theirs)
+        theirs = self.link.reconnect() if self.machine.state == State.DEGRADED else None
+        if theirs is not None:
+            self.pri.add_leg(self.devs, self.link.nbd.path)
+            self.begin_resync(theirs)
 
     def begin_resync(self, theirs: Hello) -> None:
         base = self.pri.resync_base(theirs.checkpoints)
@@ -258,25 +243,41 @@ class PrimaryDaemon:
             self.stopping = True
             self.wake_w.send(b"x")
             return {"stopping": True}
-        if op != "checkpoint":
-            raise DmreplError(f"unknown request {op!r}", "the daemon answers status, checkpoint, stop")
-        if self.machine.state != State.REPLICATING:
-            self.machine.refuse_unless("checkpoint", self.cfg.name)
+        if op not in ("checkpoint", "verify"):
+            raise DmreplError(f"unknown request {op!r}", "the daemon answers status, checkpoint, verify, stop")
+        self.machine.refuse_unless(op, self.cfg.name)
         fut: Future = Future()
         self.requests.put((request, fut))
         self.wake_w.send(b"x")
-        return fut.result(timeout=REQUEST_TIMEOUT)
+        return fut.result(timeout=REQUEST_TIMEOUT if op == "checkpoint" else None)
 
     def serve_requests(self) -> None:
         while True:
             try:
-                _request, fut = self.requests.get_nowait()
+                request, fut = self.requests.get_nowait()
             except queue.Empty:
                 return
             try:
-                fut.set_result(self.checkpoint("on demand"))
+                self.machine.refuse_unless(request["op"], self.cfg.name)
+                fut.set_result(self.checkpoint("on demand") if request["op"] == "checkpoint"
+                               else self.verify(bool(request.get("repair"))))
             except Exception as e:  # noqa: BLE001 -- handed to the caller, who reports it
                 fut.set_exception(e)
+
+    def verify(self, repair: bool) -> dict:
+        """Compare all of P and S by digests; with `repair`, resync the pieces that differ."""
+        try:
+            report, pieces, region = verify(self.pri, self.devs, self.link.session, self.link.silence_s)
+        except (FrameError, OSError) as e:
+            self.lost(Event.LINK_ERROR, f"the control link broke during verify: {e}")
+            raise DmreplError(f"verify stopped: the control link broke ({e})") from None
+        if repair and pieces:
+            self.machine.fire(Event.REPAIR, f"verify --repair: {len(pieces)} piece(s) differ")
+            self.resync = Resync(self.pri, self.devs, self.link.nbd.path, self.link.session,
+                                 ResyncBase(None, None), self.link.silence_s)
+            self.resync.begin(known=(region, pieces))
+            report["repair"] = "started: `dmrepl status` shows the resync"
+        return report
 
     # -- stop -----------------------------------------------------------------------
 
@@ -296,6 +297,13 @@ class PrimaryDaemon:
         self.link.drop(None)
 
 
+def load_modules() -> None:
+    for module in ("nbd", "dm-mirror", "dm-era"):
+        why = modules.load(module)
+        if why is not None:
+            raise DmreplError(f"kernel module {module} cannot be loaded: {why}", "`dmrepl doctor` checks this host")
+
+
 def status_reply(d: "PrimaryDaemon", pri: Primary) -> dict:
     """What `dmrepl status NAME` shows: the daemon's state and reason, the state file, the kernel."""
     st = pri.state()
@@ -307,7 +315,7 @@ def status_reply(d: "PrimaryDaemon", pri: Primary) -> dict:
             "nbd_connections": d.link.nbd.connections if d.link.nbd else None,
             "nbd_dead_connections": d.link.dead_sockets,
             "resync": d.resync.status() if d.resync else None, "last_resync": d.last_resync,
-            "secondary": f"{d.peer_cfg.link_host}:{d.peer_cfg.link_port}",
+            "secondary": f"{d.link.peer_cfg.link_host}:{d.link.peer_cfg.link_port}",
             "checkpoint_interval_s": d.cfg.checkpoint_interval_s,
             "devices": pri.devices(), **pri.kernel_status(),
             "history": [{"time": t, "event": e, "state": s, "reason": r} for t, e, s, r in m.history]}

@@ -27,7 +27,7 @@ from dmrepl.link import auth
 from dmrepl.link.frames import FrameError, Kind
 from dmrepl.link.session import Session
 from dmrepl.nbd import netlink
-from dmrepl.nbd.attach import Attached, attach
+from dmrepl.nbd.attach import Attached, AttachError, attach
 from dmrepl.roles.hello import Hello
 from dmrepl.roles.primary import Primary
 
@@ -49,6 +49,8 @@ class SecondaryLink:
         self.session: Session | None = None
         self.nbd: Attached | None = None
         self.dead_sockets = 0   # NBD connections the kernel reported dead (LINK_DEAD)
+        self.next_attempt = 0.0  # degraded: when to try the secondary again
+        self.last_error = ""
 
     @property
     def silence_s(self) -> float:
@@ -82,6 +84,22 @@ class SecondaryLink:
         threading.Thread(target=self._keepalive, args=(self.session,), name="keepalive", daemon=True).start()
         log(f"hello: the secondary at {self.session.peer} agrees (its checkpoints {theirs.checkpoints}); "
             f"NBD: {self.nbd.path} attached to {p.nbd_host}:{p.nbd_port} ({self.nbd.connections} connection(s))")
+        return theirs
+
+    def reconnect(self) -> Hello | None:
+        """Degraded: every reconnect_interval_s, connect(); the Hello once it works (each new
+        reason it does not is logged once)."""
+        if time.monotonic() < self.next_attempt:
+            return None
+        self.next_attempt = time.monotonic() + self.cfg.reconnect_interval_s
+        try:
+            theirs = self.connect()
+        except (DmreplError, AttachError, FrameError, OSError) as e:
+            if str(e) != self.last_error:
+                log(f"reconnect: {e}; trying again every {self.cfg.reconnect_interval_s:g} s")
+                self.last_error = str(e)
+            return None
+        self.last_error = ""
         return theirs
 
     def _keepalive(self, session: Session) -> None:

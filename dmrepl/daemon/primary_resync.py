@@ -28,6 +28,46 @@ class ResyncFailed(DmreplError):
     pass
 
 
+VERIFY_PASSES = 3   # a piece must differ this many times in a row: a write in flight is not a difference
+
+
+def verify(pri: Primary, devs: Devices, session: Session, timeout_s: float) -> tuple[dict, list[int], int]:
+    """All of P against all of S by digests while replication runs; returns (report, differing
+    pieces, piece sectors).  Pieces that differ are compared again: a write between the two
+    reads of a piece makes it differ once, a real difference every time."""
+    size = pri.size_bytes()
+    region = resync.region_sectors(size)
+    piece = region * 512
+    t0 = time.time()
+    remote = lambda off, n: peer.remote_digests(session, off, n, piece, timeout=timeout_s)  # noqa: E731
+    shown = [-1]
+
+    def progress(done, total):
+        pct = 100 * done // max(total, 1)
+        if pct // 25 != shown[0] // 25:
+            log(f"verify: {pct}% ({done} of {total} pieces of {piece // 1024} KiB)")
+            shown[0] = pct
+
+    cmp = resync.compare(devs.disk, [(0, resync.regions(size, region))], region, remote, progress)
+    differing, digest_bytes = cmp.differing, cmp.digest_bytes
+    for _ in range(VERIFY_PASSES - 1):
+        if not differing:
+            break
+        again = resync.compare(devs.disk, [(d, d + 1) for d in differing], region, remote)
+        differing, digest_bytes = again.differing, digest_bytes + again.digest_bytes
+    ranges: list[list[int]] = []
+    for d in differing:
+        if ranges and ranges[-1][0] + ranges[-1][1] == d * piece:
+            ranges[-1][1] += piece
+        else:
+            ranges.append([d * piece, piece])
+    report = {"compared_bytes": size, "piece_bytes": piece, "differing_bytes": len(differing) * piece,
+              "differing": ranges, "digest_bytes": digest_bytes, "seconds": round(time.time() - t0, 3)}
+    log(f"verify: {len(differing)} piece(s) differ in {len(ranges)} range(s) "
+        f"({report['seconds']:.1f} s, {digest_bytes >> 10} KiB of digests)")
+    return report, differing, region
+
+
 def initial_sync(disk: str, nbd_path: str, session: Session, store_bytes: int, stopping) -> None:
     """The first start's full copy of P to S, verified by digests.  Half the secondary's store per
     segment, with a checkpoint (number 0 again: S is not yet a copy of P, no view is worth keeping)
@@ -66,20 +106,25 @@ class Resync:
             log(f"resync: {what} {pct}% ({done} of {total} pieces of {self.piece // 1024} KiB)")
         self._shown = -1 if done >= total else pct
 
-    def begin(self) -> None:
-        """Compare and start the copy (blocking: digests travel for every candidate piece)."""
-        self.region, ranges = self.pri.resync_candidates(self.devs, self.base)
-        log(f"resync: {self.base.describe()}: {sum(b - a for a, b in ranges)} piece(s) of "
-            f"{self.piece // 1024} KiB to compare")
+    def begin(self, known: tuple[int, list[int]] | None = None) -> None:
+        """Compare and start the copy (blocking: digests travel for every candidate piece);
+        `known` = (region, pieces) already found to differ (verify --repair) skips the comparison."""
+        if known is not None:
+            self.region, pieces = known
+            self.cmp = Comparison(candidate_pieces=len(pieces), differing=list(pieces))
+        else:
+            self.region, ranges = self.pri.resync_candidates(self.devs, self.base)
+            log(f"resync: {self.base.describe()}: {sum(b - a for a, b in ranges)} piece(s) of "
+                f"{self.piece // 1024} KiB to compare")
 
-        def progress(done, total):
-            self.compared = done
-            self._progress("compared", done, total)
+            def progress(done, total):
+                self.compared = done
+                self._progress("compared", done, total)
 
-        self.cmp = resync.compare(self.devs.disk, ranges, self.region,
-                                  lambda off, n: peer.remote_digests(self.session, off, n, self.piece,
-                                                                     timeout=self.timeout_s),
-                                  progress)
+            self.cmp = resync.compare(self.devs.disk, ranges, self.region,
+                                      lambda off, n: peer.remote_digests(self.session, off, n, self.piece,
+                                                                         timeout=self.timeout_s),
+                                      progress)
         if not self.cmp.differing:
             self.phase = "copied"
             return
