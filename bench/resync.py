@@ -159,13 +159,14 @@ def drbd_round(path: str, disk_bytes: int, pattern: str, seed: int) -> dict:
     here, there = f"ipv4:{HOST}:{DRBD_PORTS[0]}", f"ipv4:{HOST}:{DRBD_PORTS[1]}"
     drbdsetup("disconnect", here, there)         # 8.4: a connection is named by its two endpoints
     written = write_pattern(path, disk_bytes, pattern, seed)
-    sent0 = drbd_sent_kib(minor)
     say(f"drbd {pattern}: {written >> 20} MiB written while disconnected; {drbd_minors()[minor].strip()}")
     t0 = time.monotonic()
     drbdsetup("connect", res, here, there, "--protocol=C")
     poll.wait_for(lambda: drbd_minors()[minor], "DRBD in sync", timeout=300, interval=0.05,
                   ok=lambda line: "cs:Connected" in line and "ds:UpToDate/UpToDate" in line)
-    return {"written": written, "seconds": time.monotonic() - t0, "sent": (drbd_sent_kib(minor) - sent0) * KiB}
+    # DRBD zeroes its counters when a connection is established: ns: now counts the resync alone
+    # (seen as negative deltas in the first run), so the value read now is what the resync sent.
+    return {"written": written, "seconds": time.monotonic() - t0, "sent": drbd_sent_kib(minor) * KiB}
 
 
 def main() -> int:
