@@ -138,9 +138,14 @@ def _p_status(cfg: PrimaryConfig, args) -> int:
     if s.get("nbd"):
         print(f"  nbd     {s['nbd']} -> secondary {s['secondary']}, mirror legs {s.get('mirror_health', '?')}"
               f", era {s.get('era', '?')}")
-        if s.get("nbd_dead_connections"):
-            print(f"  WARNING {s['nbd_dead_connections']} of {s['nbd_connections']} NBD connections reported dead "
-                  "(a request outlived nbd_timeout_s, or the socket broke)")
+    elif s.get("nbd_leg") == "dropped":
+        print(f"  nbd     none: the leg to {s['secondary']} is dropped, writes reach P only (era {s.get('era', '?')})")
+    for key, label in (("resync", "resync"), ("last_resync", "last resync")):
+        r = s.get(key)
+        if r:
+            print(f"  {label}: {r['phase']}, {r['since']}; compared {r['compared_bytes'] >> 10} of "
+                  f"{r['candidate_bytes'] >> 10} KiB, {r['differing_bytes'] >> 10} KiB differ, copied "
+                  f"{r['copied_bytes'] >> 10} of {r['copy_bytes'] >> 10} KiB, {r['digest_bytes'] >> 10} KiB of digests")
     return 0
 
 

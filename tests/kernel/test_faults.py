@@ -113,6 +113,7 @@ def test_secondary_killed_then_back_copies_only_what_changed(hosts):
     assert r["sent_bytes"] <= 1.05 * r["differing_bytes"], r
     p = _file(hosts.dir / "p.img")
     assert p == _file(hosts.dir / "s.img")
+    assert "last resync: copied, written since checkpoint 1" in hosts.cli("p", "status").stdout
     assert hosts.cli("p", "checkpoint").returncode == 0   # the writer has stopped: S's view becomes P
     assert blockdev.read_at(ACTIVE, 0, DISK) == p
     for blk, data in w.last.items():                     # every block holds its last write
