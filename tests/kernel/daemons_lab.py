@@ -11,16 +11,20 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import subprocess
 import sys
+import threading
+import time
 
 from dmrepl import poll
 from dmrepl.daemon import control
 from dmrepl.daemon.export import port_accepts
+from dmrepl.kernel import blockdev
 from dmrepl.lab import Lab
 from dmrepl.names import StackNames
 
-MiB = 1 << 20
+KiB, MiB = 1 << 10, 1 << 20
 DISK = 32 * MiB
 NBD_PORT, LINK_PORT = 10809, 10810
 NAME = "r5"
@@ -132,3 +136,49 @@ def image(path, size: int, fill: bytes | None) -> None:
             f.truncate(size)
         else:
             f.write(fill * size)
+
+
+DEADLINE_S = 10.0       # no write may take longer, whatever the fault (TCG: generous)
+
+
+class Writer:
+    """4 KiB writes to the primary's device in a thread, each stamped (block, sequence) and timed."""
+
+    def __init__(self, blocks: list[int], pause_s: float = 0.01):
+        self.blocks, self.pause_s = blocks, pause_s
+        self.last: dict[int, bytes] = {}
+        self.latencies: list[tuple[float, float]] = []   # (start time, seconds)
+        self.seq = 0
+        self.started: float | None = None
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.rnd = random.Random(7)
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            blk = self.rnd.choice(self.blocks)
+            self.seq += 1
+            data = f"{blk}:{self.seq}:".encode().ljust(4 * KiB, b"w")
+            self.started = time.monotonic()
+            blockdev.write_at(TOP, blk * 4 * KiB, data)
+            self.latencies.append((self.started, time.monotonic() - self.started))
+            self.started = None
+            self.last[blk] = data
+            time.sleep(self.pause_s)
+
+    def __enter__(self) -> "Writer":
+        self.thread.start()
+        return self
+
+    def check_deadline(self) -> None:
+        started = self.started
+        assert started is None or time.monotonic() - started < DEADLINE_S, "a write missed its deadline"
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join(timeout=DEADLINE_S)
+        assert not self.thread.is_alive(), "a write hung past its deadline"
+
+    def stall_after(self, t: float) -> float:
+        """The longest a write that started after `t` took (or was waiting at the end)."""
+        return max([s for start, s in self.latencies if start >= t - DEADLINE_S and start + s >= t] or [0.0])

@@ -10,61 +10,15 @@ changed.
 from __future__ import annotations
 
 import os
-import random
 import signal
-import threading
 import time
 
-from daemons_lab import ACTIVE, DISK, TOP, MiB, image
+from daemons_lab import ACTIVE, DISK, TOP, MiB, Writer, image
 
 from dmrepl import poll
 from dmrepl.kernel import blockdev
 
 KiB = 1024
-DEADLINE_S = 10.0       # no write may take longer, whatever the fault (TCG: generous, measured below)
-
-
-class Writer:
-    """4 KiB writes to the primary's device in a thread, each stamped (block, sequence) and timed."""
-
-    def __init__(self, blocks: list[int], pause_s: float = 0.01):
-        self.blocks, self.pause_s = blocks, pause_s
-        self.last: dict[int, bytes] = {}
-        self.latencies: list[tuple[float, float]] = []   # (start time, seconds)
-        self.seq = 0
-        self.started: float | None = None
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.rnd = random.Random(7)
-
-    def _run(self) -> None:
-        while not self.stop.is_set():
-            blk = self.rnd.choice(self.blocks)
-            self.seq += 1
-            data = f"{blk}:{self.seq}:".encode().ljust(4 * KiB, b"w")
-            self.started = time.monotonic()
-            blockdev.write_at(TOP, blk * 4 * KiB, data)
-            self.latencies.append((self.started, time.monotonic() - self.started))
-            self.started = None
-            self.last[blk] = data
-            time.sleep(self.pause_s)
-
-    def __enter__(self) -> "Writer":
-        self.thread.start()
-        return self
-
-    def check_deadline(self) -> None:
-        started = self.started
-        assert started is None or time.monotonic() - started < DEADLINE_S, "a write missed its deadline"
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        self.thread.join(timeout=DEADLINE_S)
-        assert not self.thread.is_alive(), "a write hung past its deadline"
-
-    def stall_after(self, t: float) -> float:
-        """The longest a write that started after `t` took (or was waiting at the end)."""
-        return max([s for start, s in self.latencies if start >= t - DEADLINE_S and start + s >= t] or [0.0])
 
 
 def _wait(hosts, writer: Writer, what: str, ok, timeout: float = 120):
