@@ -39,7 +39,7 @@ def verify(pri: Primary, devs: Devices, session: Session, timeout_s: float) -> t
     region = resync.region_sectors(size)
     piece = region * 512
     t0 = time.time()
-    remote = lambda off, n: peer.remote_digests(session, off, n, piece, timeout=timeout_s)  # noqa: E731
+    remote = lambda off, n, p: peer.remote_digests(session, off, n, p, timeout=timeout_s)  # noqa: E731
     shown = [-1]
 
     def progress(done, total):
@@ -122,8 +122,8 @@ class Resync:
                 self._progress("compared", done, total)
 
             self.cmp = resync.compare(self.devs.disk, ranges, self.region,
-                                      lambda off, n: peer.remote_digests(self.session, off, n, self.piece,
-                                                                         timeout=self.timeout_s),
+                                      lambda off, n, piece: peer.remote_digests(self.session, off, n, piece,
+                                                                                timeout=self.timeout_s),
                                       progress)
         if not self.cmp.differing:
             self.phase = "copied"

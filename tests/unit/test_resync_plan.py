@@ -59,13 +59,19 @@ def test_the_comparison_sends_digests_and_finds_exactly_the_differing_pieces(tmp
     from dmrepl.roles import digests
     asked = []
 
-    def remote(off, n):
-        asked.append((off, n))
-        return digests.of(str(s), off, n, 4096)
+    def remote(off, n, piece):
+        asked.append((off, n, piece))
+        return digests.of(str(s), off, n, piece)
 
-    cmp = resync.compare(str(p), [(0, 16), (196, 256)], 8, remote)
+    cmp = resync.compare(str(p), [(0, 16), (196, 256)], 8, remote, fanout=8)
     assert cmp.differing == [5, 200] and cmp.candidate_pieces == 76
-    assert cmp.digest_bytes == 76 * digests.DIGEST_BYTES and asked == [(0, 65536), (196 * 4096, 60 * 4096)]
+    # First a digest per 32 KiB for the whole groups, then per 4 KiB: the ragged start of the second
+    # range (196-199) and the two groups that differ (0-7 and 200-207).
+    K = 4096
+    assert asked == [(0, 16 * K, 8 * K), (200 * K, 56 * K, 8 * K), (196 * K, 4 * K, K), (0, 8 * K, K), (200 * K, 8 * K, K)]
+    assert cmp.digest_bytes == (2 + 7 + 4 + 8 + 8) * digests.DIGEST_BYTES
+    flat = resync.compare(str(p), [(0, 16), (196, 256)], 8, remote, fanout=1)
+    assert flat.differing == [5, 200] and flat.digest_bytes == 76 * digests.DIGEST_BYTES
 
 
 def test_coarsening_keeps_scattered_pieces_small_and_joins_clustered_ones():

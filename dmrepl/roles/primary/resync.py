@@ -64,25 +64,69 @@ class Comparison:
     digest_bytes: int = 0        # bytes of digests that travelled (the secondary's replies)
 
 
-def compare(disk: str, ranges: list[tuple[int, int]], region: int,
-            remote: Callable[[int, int], bytes], progress: Callable[[int, int], None] | None = None) -> Comparison:
-    """Pieces in `ranges` (region indexes) whose digests differ between P (`disk`) and S (`remote`)."""
-    piece = region * SECTOR
+FANOUT = 8   # pieces under one first-level digest
+
+
+def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for a, b in sorted(ranges):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def _level(disk: str, ranges: list[tuple[int, int]], piece: int, remote, out: "Comparison",
+           tick: Callable[[int], None] | None = None) -> list[int]:
+    """Indexes (in pieces of `piece` bytes) within `ranges` whose digests differ."""
     step = max(1, digests.MAX_REQUEST_BYTES // piece)
-    total = sum(r1 - r0 for r0, r1 in ranges)
-    out = Comparison(candidate_pieces=total)
-    done = 0
+    d = digests.DIGEST_BYTES
+    found: list[int] = []
     for r0, r1 in ranges:
         for first in range(r0, r1, step):
             n = min(step, r1 - first)
-            theirs = remote(first * piece, n * piece)
+            theirs = remote(first * piece, n * piece, piece)
             mine = digests.of(disk, first * piece, n * piece, piece)
             out.digest_bytes += len(theirs)
-            d = digests.DIGEST_BYTES
-            out.differing += [first + i for i in range(n) if mine[i * d:(i + 1) * d] != theirs[i * d:(i + 1) * d]]
-            done += n
-            if progress:
-                progress(done, total)
+            found += [first + i for i in range(n) if mine[i * d:(i + 1) * d] != theirs[i * d:(i + 1) * d]]
+            if tick:
+                tick(n)
+    return found
+
+
+def compare(disk: str, ranges: list[tuple[int, int]], region: int, remote: Callable[[int, int, int], bytes],
+            progress: Callable[[int, int], None] | None = None, fanout: int = FANOUT) -> Comparison:
+    """Pieces in `ranges` (region indexes) whose digests differ between P (`disk`) and S
+    (`remote(offset, length, piece)`), in two levels: a digest per `fanout` pieces first, then
+    a digest per piece inside the groups that differ.  Digests then cost 16 bytes per 8 pieces
+    compared plus 8 per changed piece: within 5 % of the changed bytes while at least one piece in
+    38 compared changed (the benchmark's scattered writes: one in 32).  A lone 4 KiB change in a
+    1 MiB era block still costs 40 digests (16 %): a smaller era block is the remedy there."""
+    total = sum(r1 - r0 for r0, r1 in ranges)
+    out = Comparison(candidate_pieces=total)
+    done = [0]
+
+    def tick(pieces: int) -> None:
+        done[0] += pieces
+        if progress:
+            progress(done[0], total)
+
+    if fanout == 1:
+        out.differing = _level(disk, _merge(ranges), region * SECTOR, remote, out, tick)
+        return out
+    groups, fine = [], []
+    for r0, r1 in ranges:
+        g0, g1 = -(-r0 // fanout), r1 // fanout
+        if g0 >= g1:
+            fine.append((r0, r1))
+            continue
+        groups.append((g0, g1))
+        fine += [r for r in ((r0, g0 * fanout), (g1 * fanout, r1)) if r[0] < r[1]]
+    coarse = _level(disk, groups, region * SECTOR * fanout, remote, out, lambda n: tick(n * fanout))
+    out.differing = sorted(set(
+        _level(disk, _merge(fine), region * SECTOR, remote, out, tick)
+        + _level(disk, _merge([(g * fanout, (g + 1) * fanout) for g in coarse]), region * SECTOR, remote, out)))
     return out
 
 
