@@ -77,7 +77,7 @@ def remote_checkpoint(session: Session, n: int, timeout: float = CHECKPOINT_TIME
         kind, body = session.recv(timeout=timeout)
         if kind == Kind.CHECKPOINT_DONE and body.get("n") == n:
             break
-        if kind in (Kind.HEARTBEAT, Kind.EARLY_CHECKPOINT):
+        if kind in (Kind.HEARTBEAT, Kind.EARLY_CHECKPOINT, Kind.EXPORT_RESTARTED):
             continue  # not an answer; the checkpoint answers next
         raise FrameError(f"expected CHECKPOINT_DONE for {n}, received {kind.name} {body}")
     if not body.get("ok"):
@@ -93,7 +93,7 @@ def remote_digests(session: Session, offset: int, length: int, piece: int, timeo
         kind, body = session.recv(timeout=timeout)
         if kind == Kind.DIGESTS_REPLY and body.get("offset") == offset:
             break
-        if kind in (Kind.HEARTBEAT, Kind.EARLY_CHECKPOINT):
+        if kind in (Kind.HEARTBEAT, Kind.EARLY_CHECKPOINT, Kind.EXPORT_RESTARTED):
             continue
         raise FrameError(f"expected DIGESTS_REPLY for {offset}, received {kind.name}")
     if "error" in body:

@@ -4,8 +4,9 @@ that the secondary is lost.
     connect()   control link (key handshake), hello, NBD attach: all or nothing
     drop()      NBD disconnected first (the kernel fails the leg's in-flight requests, so no
                 write waits for a dead secondary), then the mirror's leg dropped
-    signs       LINK_DEAD for an NBD connection, a broken or silent control link, heartbeats
-                unanswered for heartbeat_interval_s * heartbeat_misses: raised as `Lost`
+    signs       LINK_DEAD for an NBD connection, the secondary saying its nbdkit was restarted, a
+                broken or silent control link, heartbeats unanswered for
+                heartbeat_interval_s * heartbeat_misses: raised as `Lost`
     keepalive   a thread sends a heartbeat every heartbeat_interval_s while the session lives,
                 also while the daemon's loop is busy (an initial sync, a resync's comparison):
                 the secondary takes a silence longer than its timeout for a lost primary
@@ -146,6 +147,9 @@ class SecondaryLink:
             kind, body = self.session.recv(timeout=FRAME_TIMEOUT)
         except (FrameError, OSError) as e:
             raise Lost(Event.LINK_ERROR, f"the control link broke: {e}") from None
+        if kind == Kind.EXPORT_RESTARTED:
+            raise Lost(Event.LINK_DEAD, f"the secondary's nbdkit died ({body.get('reason')}): "
+                       "its NBD connections are gone")
         return kind, body
 
     def heartbeat(self, now: float) -> None:

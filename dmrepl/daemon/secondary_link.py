@@ -88,6 +88,18 @@ class LinkServer:
         except OSError:
             return False
 
+    def export_restarted(self, why: str) -> bool:
+        """Tell the connected primary that its NBD connections died with nbdkit: the kernel client
+        does not always notice a closed connection before its timeout (docs/kernel-notes.md)."""
+        session = self.session
+        if session is None:
+            return False
+        try:
+            session.send(Kind.EXPORT_RESTARTED, {"reason": why})
+            return True
+        except OSError:
+            return False
+
     def _hello(self, sec: Secondary, theirs: Hello) -> Hello:
         st = sec.state()
         stores = sec.stack.backing().stores

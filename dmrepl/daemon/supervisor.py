@@ -185,7 +185,8 @@ def _supervise(cfg: SecondaryConfig, sec: Secondary, export: Export, stopping, l
                 return 1
             try:
                 _start_export(cfg, export)
-                _log(f"nbdkit restarted (pid {export.proc.pid})")
+                told = link is not None and link.export_restarted(f"nbdkit exited with status {export.proc.returncode}")
+                _log(f"nbdkit restarted (pid {export.proc.pid})" + ("; the primary was told" if told else ""))
             except ExportError as e:
                 _log(f"restart failed: {e}")
         _state, health = sec.watch_store()

@@ -122,6 +122,7 @@ def test_fault_campaign(hosts):
     n = int(os.environ.get("DMREPL_CAMPAIGN_N", "20"))
     seed = int(os.environ.get("DMREPL_CAMPAIGN_SEED", str(int(time.time()))))
     print(f"\ncampaign: {n} scenarios, seed {seed} (DMREPL_CAMPAIGN_SEED={seed} repeats it)")
+    hosts.nbd_timeout_s = 5                 # the default: bounds a stall the signs above miss
     hosts.write_configs(primary="reconnect_interval_s = 0.5\n")
     image(hosts.dir / "s.img", DISK, b"\x11")
     hosts.start_secondary()
