@@ -8,7 +8,7 @@ that repairs the previous fault.  Then:
   - while the secondary is away or resyncing, its view equals the last checkpoint's image;
   - once repaired and resynced, with the writer stopped, P == S byte for byte;
   - no write took 5 s or more; at the end, nothing is left (the kernel tier's sweep).
-CI runs DMREPL_CAMPAIGN_N (default 20) scenarios; docs/ records longer runs with their seed.
+CI runs DMREPL_CAMPAIGN_N (default 20) scenarios of one seed; docs/campaign.md records runs with theirs.
 """
 
 from __future__ import annotations
@@ -98,10 +98,13 @@ class Campaign:
             time.sleep(self.rnd.uniform(0.1, 1.0))
             self.repair(kind)
             if second is not None:
-                self.wait(w, f"{kind}: resync", lambda s: s["state"] in ("resyncing", "replicating"))
+                s = self.wait(w, f"{kind}: resync", lambda s: s["state"] in ("resyncing", "replicating"))
+                # A resync that already ended took its checkpoint: the view moved to a P the writer changed.
+                view_known = s["state"] == "resyncing"
                 self.fault(second)
-                self.wait(w, f"{second} during the resync: degraded", lambda s: s["state"] == "degraded")
-                self.check_view(f"after {second} during the resync")
+                s = self.wait(w, f"{second} during the resync: degraded", lambda s: s["state"] == "degraded")
+                if view_known and not any(h["event"] == "resynced" for h in s["history"][-3:]):
+                    self.check_view(f"after {second} during the resync")
                 self.repair(second)
             s = self.wait(w, "replicating again", lambda s: s["state"] == "replicating")
         p = _p(self.hosts)
@@ -120,7 +123,9 @@ class Campaign:
 
 def test_fault_campaign(hosts):
     n = int(os.environ.get("DMREPL_CAMPAIGN_N", "20"))
-    seed = int(os.environ.get("DMREPL_CAMPAIGN_SEED", str(int(time.time()))))
+    # CI replays one seed (scripts/campaign picks a new one each run): a landing should not depend
+    # on the draw; new seeds are for the long runs recorded in docs/campaign.md.
+    seed = int(os.environ.get("DMREPL_CAMPAIGN_SEED", "1795730550"))
     print(f"\ncampaign: {n} scenarios, seed {seed} (DMREPL_CAMPAIGN_SEED={seed} repeats it)")
     hosts.nbd_timeout_s = 5                 # the default: bounds a stall the signs above miss
     hosts.write_configs(primary="reconnect_interval_s = 0.5\n")
