@@ -77,28 +77,25 @@ class LinkServer:
         if peer is not None and peer["primary"] == "connected":
             _record_peer(self.cfg, "disconnected", peer["peer"], "this daemon stopped")
 
-    def request_early_checkpoint(self, reason: str) -> bool:
-        """Ask the connected primary for a checkpoint now; False if none is connected."""
+    def _tell(self, kind: Kind, reason: str) -> bool:
+        """Send the connected primary `kind` with a reason; False if none is connected (or the send failed)."""
         session = self.session
         if session is None:
             return False
         try:
-            session.send(Kind.EARLY_CHECKPOINT, {"reason": reason})
+            session.send(kind, {"reason": reason})
             return True
         except OSError:
             return False
 
+    def request_early_checkpoint(self, reason: str) -> bool:
+        """Ask the connected primary for a checkpoint now."""
+        return self._tell(Kind.EARLY_CHECKPOINT, reason)
+
     def export_restarted(self, why: str) -> bool:
         """Tell the connected primary that its NBD connections died with nbdkit: the kernel client
         does not always notice a closed connection before its timeout (docs/kernel-notes.md)."""
-        session = self.session
-        if session is None:
-            return False
-        try:
-            session.send(Kind.EXPORT_RESTARTED, {"reason": why})
-            return True
-        except OSError:
-            return False
+        return self._tell(Kind.EXPORT_RESTARTED, why)
 
     def _hello(self, sec: Secondary, theirs: Hello) -> Hello:
         st = sec.state()
