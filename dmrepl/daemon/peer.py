@@ -47,6 +47,18 @@ class PeerCheckpointFailed(DmreplError):
     pass
 
 
+class ExportRestarted(FrameError):
+    """The secondary restarted nbdkit while the primary waited for an answer: the NBD connections
+    are gone, whatever the answer would have been."""
+
+
+def _skip_or_raise(kind: Kind, body: dict) -> None:
+    """Frames that are no answer: heartbeats and early-checkpoint requests are skipped; a restarted
+    export ends the wait (the primary must drop the leg now, not after its own exchange)."""
+    if kind == Kind.EXPORT_RESTARTED:
+        raise ExportRestarted(f"the secondary's nbdkit died ({body.get('reason')}): its NBD connections are gone")
+
+
 def exchange_hello(session: Session, mine: Hello, timeout: float = 10.0) -> Hello:
     """The primary's side: send our Hello, check the answer; raises PeerRefused with every reason."""
     session.send(Kind.HELLO, mine.to_wire())
@@ -77,7 +89,8 @@ def remote_checkpoint(session: Session, n: int, timeout: float = CHECKPOINT_TIME
         kind, body = session.recv(timeout=timeout)
         if kind == Kind.CHECKPOINT_DONE and body.get("n") == n:
             break
-        if kind in (Kind.HEARTBEAT, Kind.EARLY_CHECKPOINT, Kind.EXPORT_RESTARTED):
+        _skip_or_raise(kind, body)
+        if kind in (Kind.HEARTBEAT, Kind.EARLY_CHECKPOINT):
             continue  # not an answer; the checkpoint answers next
         raise FrameError(f"expected CHECKPOINT_DONE for {n}, received {kind.name} {body}")
     if not body.get("ok"):
@@ -93,7 +106,8 @@ def remote_digests(session: Session, offset: int, length: int, piece: int, timeo
         kind, body = session.recv(timeout=timeout)
         if kind == Kind.DIGESTS_REPLY and body.get("offset") == offset:
             break
-        if kind in (Kind.HEARTBEAT, Kind.EARLY_CHECKPOINT, Kind.EXPORT_RESTARTED):
+        _skip_or_raise(kind, body)
+        if kind in (Kind.HEARTBEAT, Kind.EARLY_CHECKPOINT):
             continue
         raise FrameError(f"expected DIGESTS_REPLY for {offset}, received {kind.name}")
     if "error" in body:

@@ -158,8 +158,9 @@ class PrimaryDaemon:
         self.resync = Resync(self.pri, self.devs, self.link.nbd.path, self.link.session, base, self.link.silence_s)
         try:
             self.resync.begin()
-        except (FrameError, OSError) as e:
-            self.lost(Event.LINK_ERROR, f"the control link broke during the resync's comparison: {e}")
+        except (FrameError, OSError) as e:   # ExportRestarted: the NBD connections died with nbdkit
+            event = Event.LINK_DEAD if isinstance(e, peer.ExportRestarted) else Event.LINK_ERROR
+            self.lost(event, f"the resync's comparison stopped: {e}")
         except DmreplError as e:
             self.lost(Event.RESYNC_FAILED, f"resync failed: {e}")
 
