@@ -14,7 +14,7 @@
     link_listen = "127.0.0.1:10810"   # the control link from the primary (default: listen's port + 1)
     key_file = "/etc/dmrepl/vm1.key"  # its pre-shared key (0600); without it, no control link
 
-    # or, on the primary host (one role per host and resource):
+    # or, on the primary host:
     [primary]
     disk = "/srv/vm1/disk.img"        # the local disk P
     era_metadata = "/srv/vm1/era.img" # dm-era's metadata (a few MiB)
@@ -32,16 +32,24 @@
     nbd = "10.77.0.2:10809"
     link = "10.77.0.2:10810"
 
+A host that is to change roles (failover, then failback: the old secondary
+replicates back to the old primary) has both sections over the same disk, and
+`start_as = "primary"` or `"secondary"` at the top: the role of its first start.
+From then on the resource's state file says which role the host plays
+(`config.role_of`).  With both sections, the secondary's failover starts dm-era
+on [primary]'s era_metadata, so that the failback copies only what changed.
+
 Unknown keys and wrong types are errors that name the file and the key.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 CONFIG_DIR = "/etc/dmrepl"
 DEFAULT_STATE_DIR = "/var/lib/dmrepl"
@@ -78,6 +86,8 @@ class SecondaryConfig:
     link_host: str | None = None      # the control link; None: no link (checkpoints by CLI only)
     link_port: int | None = None
     key_file: str | None = None
+    era_metadata: str | None = None   # [primary]'s, when this host has both: the failover tracks writes there
+    era_block_sectors: int = 2048
     role = "secondary"
 
     @property
@@ -264,20 +274,40 @@ def _primary(doc: dict, common: dict, source: str) -> PrimaryConfig:
         reconnect_interval_s=_number(pri, "reconnect_interval_s", float, where, 5.0, 0.1, 3600.0), **common)
 
 
-def parse(text: str, *, source: str, default_name: str | None = None) -> SecondaryConfig | PrimaryConfig:
-    """The config of either role: the section present ([primary] or [secondary]) says which."""
+ROLES = ("primary", "secondary")
+
+
+def parse(text: str, *, source: str, default_name: str | None = None, role: str | None = None
+          ) -> SecondaryConfig | PrimaryConfig:
+    """The config of one role: the section present says which; with both sections, `role`
+    (the state file's, see `role_of`) or else the file's `start_as`."""
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{source}: not valid TOML: {e}") from None
-    _check_keys(doc, {"name", "resource_id", "state_dir", "secondary", "primary"}, source)
-    if "primary" in doc and "secondary" in doc:
-        raise ConfigError(f"{source}: both [primary] and [secondary]: a host has one role per resource "
-                          "(write one file on each host)")
+    _check_keys(doc, {"name", "resource_id", "state_dir", "secondary", "primary", "start_as"}, source)
     name = check_name(_expect(doc, "name", str, source, default_name, required=default_name is None))
     common = dict(name=name, resource_id=_expect(doc, "resource_id", str, source, name),
                   state_dir=os.path.abspath(_expect(doc, "state_dir", str, source, DEFAULT_STATE_DIR)),
                   source=source)
+    start_as = _expect(doc, "start_as", str, source)
+    if start_as is not None and start_as not in ROLES:
+        raise ConfigError(f"{source}: 'start_as' must be \"primary\" or \"secondary\", got {start_as!r}")
+    if "primary" in doc and "secondary" in doc:
+        if start_as is None:
+            raise ConfigError(f"{source}: both [primary] and [secondary]: say which role this host starts "
+                              "in with start_as = \"primary\" or \"secondary\"")
+        pri, sec = _primary(doc, common, source), _secondary(doc, common, source)
+        if pri.disk != sec.disk:
+            raise ConfigError(f"{source}: [primary] disk {pri.disk} and [secondary] disk {sec.disk} differ: "
+                              "both roles of a host use the same disk")
+        if pri.era_metadata in sec.hidden_stores:
+            raise ConfigError(f"{source}: [primary] era_metadata is one of [secondary]'s hidden_stores")
+        if (role or start_as) == "primary":
+            return pri
+        return replace(sec, era_metadata=pri.era_metadata, era_block_sectors=pri.era_block_sectors)
+    if start_as is not None:
+        raise ConfigError(f"{source}: 'start_as' needs both [primary] and [secondary]")
     if "primary" in doc:
         return _primary(doc, common, source)
     if "secondary" not in doc:
@@ -287,7 +317,7 @@ def parse(text: str, *, source: str, default_name: str | None = None) -> Seconda
 
 
 def parse_secondary(text: str, *, source: str, default_name: str | None = None) -> SecondaryConfig:
-    cfg = parse(text, source=source, default_name=default_name)
+    cfg = parse(text, source=source, default_name=default_name, role="secondary")
     if not isinstance(cfg, SecondaryConfig):
         raise ConfigError(f"{source}: this is the primary's config ([primary]); "
                           "`dmrepl secondary` commands need a [secondary] section")
@@ -309,17 +339,34 @@ def _read(name: str | None, path: str | None) -> tuple[str, str, str]:
     return path, text, name or os.path.splitext(os.path.basename(path))[0]
 
 
-def load(name: str | None = None, path: str | None = None) -> SecondaryConfig | PrimaryConfig:
-    """Read the config of resource `name` (from /etc/dmrepl/NAME.toml) or from `path`."""
+def load(name: str | None = None, path: str | None = None, role: str | None = None
+         ) -> SecondaryConfig | PrimaryConfig:
+    """Read the config of resource `name` (from /etc/dmrepl/NAME.toml) or from `path`; with both
+    sections, as `role` (None: the state file's role, else start_as)."""
     path, text, default_name = _read(name, path)
-    cfg = parse(text, source=path, default_name=default_name)
+    cfg = parse(text, source=path, default_name=default_name, role=role)
+    if role is None:
+        held = role_of(cfg.resource_state_dir)
+        if held is not None and held != cfg.role:
+            cfg = parse(text, source=path, default_name=default_name, role=held)
     if name is not None and cfg.name != name:
         raise ConfigError(f"{path}: names resource {cfg.name!r}, not {name!r}")
     return cfg
 
 
+def role_of(resource_state_dir: str) -> str | None:
+    """The role the state file records: "primary" (from the start, or a failover finished), else
+    "secondary" (standby or merging); None before the first start."""
+    try:
+        with open(os.path.join(resource_state_dir, "state.json"), encoding="utf-8") as f:
+            raw = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return "primary" if raw.get("role") == "primary" else "secondary"
+
+
 def load_secondary(name: str | None = None, path: str | None = None) -> SecondaryConfig:
-    cfg = load(name, path)
+    cfg = load(name, path, role="secondary")
     if not isinstance(cfg, SecondaryConfig):
         raise ConfigError(f"{cfg.source}: this is the primary's config ([primary]); "
                           "`dmrepl secondary` commands need a [secondary] section")

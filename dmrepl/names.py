@@ -3,6 +3,7 @@
     dmrepl-NAME-origin  DMREPL-NAME-origin   secondary: snapshot-origin (or merge) over S
     dmrepl-NAME-hidden  DMREPL-NAME-hidden   secondary: snapshot S Hk (the hidden store)
     dmrepl-NAME-active  DMREPL-NAME-active   secondary: linear, what its consumer opens
+    dmrepl-NAME-era     DMREPL-NAME-era      secondary after a failover: era over origin, under active
     /dev/dmrepl/NAME/active                  udev's stable link (udev/56-dmrepl.rules)
     dmrepl-NAME         DMREPL-NAME-top      primary: era over the mirror, what its consumer opens
     dmrepl-NAME-mirror  DMREPL-NAME-mirror   primary: mirror of P and the NBD leg
@@ -24,7 +25,7 @@ UUID_PREFIX = "DMREPL-"
 NAME_PREFIX = "dmrepl-"
 LINK_DIR = "/dev/dmrepl"
 
-SECONDARY_PARTS = ("origin", "hidden", "active")
+SECONDARY_PARTS = ("origin", "hidden", "active", "era")
 
 
 def is_ours(uuid: str) -> bool:

@@ -36,6 +36,11 @@ class ResourceState:
     early_checkpoint_requested: bool = False
     format: int = FORMAT
     history: list = field(default_factory=list)  # last checkpoints/failovers, newest last
+    # What this host changed since the last checkpoint it shared with its peer that its era history
+    # does not tell, kept until a checkpoint joins the hosts again: after a failover, the chunks the
+    # merge rolled back or the consumer wrote ({"checkpoint", "era", "ranges"}); after `resolve
+    # --discard-my-data`, every byte this host wrote as primary since then ({"checkpoint", "ranges"}).
+    diverged: dict | None = None
 
     def evolve(self, **changes) -> "ResourceState":
         return replace(self, **changes)

@@ -1,6 +1,6 @@
-"""`dmrepl up|down|status|checkpoint|failover|verify NAME`: one set of commands for either role.
+"""`dmrepl up|down|status|checkpoint|failover|verify|resolve NAME`: one set of commands for either role.
 
-The config's section says the role.  On the primary, `up` is the daemon in
+The config's section says the role (with both sections: the state file's role).  On the primary, `up` is the daemon in
 the foreground (systemd's ExecStart) and the other commands talk to it over
 its control socket; on the secondary, `up` builds the stack and then runs
 the secondary's daemon in the same process, and the other
@@ -24,7 +24,9 @@ HELPS = {"up": "start this host's role for NAME (foreground daemon; systemd runs
          "status": "role, replication state and its reason, checkpoint, devices",
          "checkpoint": "take a checkpoint now (on the primary: on both hosts)",
          "failover": "on the secondary: fence the primary and take over at the last checkpoint",
-         "verify": "on the primary: compare P and S by digests (only digests travel); exit 1 if they differ"}
+         "verify": "on the primary: compare P and S by digests (only digests travel); exit 1 if they differ",
+         "resolve": "give up this host's writes since the last shared checkpoint and follow the other host "
+                    "as its secondary (failback, split brain); needs --discard-my-data"}
 
 
 def add_parsers(sub, run) -> None:
@@ -43,14 +45,65 @@ def add_parsers(sub, run) -> None:
             a.add_argument("--no-wait", action="store_true", help="return after the switch; the merge goes on")
         if action == "verify":
             a.add_argument("--repair", action="store_true", help="copy the differing pieces from P to S")
+        if action == "resolve":
+            a.add_argument("--discard-my-data", action="store_true",
+                           help="this host's writes since the last shared checkpoint are overwritten by the peer's")
         a.set_defaults(func=run, action=action)
 
 
 def command(args) -> int:
     cfg = load(args.name, args.config)
+    if args.action == "resolve":
+        return _resolve(args)
+    if isinstance(cfg, PrimaryConfig) and _took_over_here(cfg):
+        if args.action == "up":
+            raise DmreplError(f"{cfg.name} took over on this host (failover) and runs on the secondary's stack "
+                              "(its consumer opens dmrepl-NAME-active)".replace("NAME", cfg.name),
+                              f"to replicate back: the old primary runs `dmrepl resolve {cfg.name} --discard-my-data`"
+                              f" and `dmrepl up {cfg.name}`; here stop the consumer, `dmrepl down {cfg.name}`, "
+                              f"`dmrepl up {cfg.name}` (the consumer then opens /dev/mapper/dmrepl-{cfg.name})")
+        return _secondary(load(args.name, args.config, role="secondary"), args)
     if isinstance(cfg, PrimaryConfig):
         return PRIMARY[args.action](cfg, args)
     return _secondary(cfg, args)
+
+
+def _took_over_here(cfg: PrimaryConfig) -> bool:
+    """Whether this host failed over and still runs the secondary's stack: with both sections the
+    state says "primary" from the end of the merge on, while the stack stays the secondary's until
+    a `down` and an `up` as primary."""
+    from dmrepl.kernel import dm, loop
+    from dmrepl.names import StackNames
+    from dmrepl.state import StateStore
+
+    st = StateStore(cfg.resource_state_dir).load()
+    marks = [h for h in (st.history if st else []) if "failover_from_checkpoint" in h or h.get("event") == "up"]
+    if not marks or "failover_from_checkpoint" not in marks[-1]:
+        return False
+    # By the disk under the origin, not by names alone: two "hosts" in one test VM share them.
+    disks = {os.stat(d).st_rdev for d in ([cfg.disk] if not os.path.isfile(cfg.disk) else loop.find(cfg.disk))}
+    origin = StackNames(cfg.name).dm("origin")
+    with dm.Control() as ctl:
+        return ctl.exists(origin) and any(os.makedev(*dev) in disks for dev in ctl.deps(origin))
+
+
+def _resolve(args) -> int:
+    from dmrepl.kernel import dm
+    from dmrepl.roles.secondary.resolve import discard_my_data
+
+    if not args.discard_my_data:
+        raise DmreplError("resolve gives up this host's writes since the last checkpoint both hosts shared",
+                          f"say so: `dmrepl resolve {args.name} --discard-my-data` (on the host whose writes go)")
+    cfg = load(args.name, args.config, role="secondary")
+    with dm.Control() as ctl:
+        st = discard_my_data(cfg, ctl)
+    given_up = sum(n for _o, n in st.diverged["ranges"])
+    if args.json:
+        print_json({"name": cfg.name, "role": st.role, "checkpoint": st.checkpoint, "diverged": st.diverged})
+    else:
+        print(f"{cfg.name}: now the secondary at checkpoint {st.checkpoint}; {given_up >> 10} KiB written here "
+              f"since then are given up (the primary's resync overwrites them). Next: `dmrepl up {cfg.name}`")
+    return 0
 
 
 def _secondary(cfg, args) -> int:

@@ -153,7 +153,7 @@ class PrimaryDaemon:
             self.begin_resync(theirs)
 
     def begin_resync(self, theirs: Hello) -> None:
-        base = self.pri.resync_base(theirs.checkpoints)
+        base = self.pri.resync_base(theirs.checkpoints, theirs.diverged)
         self.machine.fire(Event.RECONNECTED, f"resync: {base.describe()}")
         self.resync = Resync(self.pri, self.devs, self.link.nbd.path, self.link.session, base, self.link.silence_s)
         try:

@@ -103,7 +103,8 @@ class LinkServer:
         return Hello(resource_id=self.cfg.resource_id, role="secondary",
                      size_bytes=blockdev.size_bytes(sec.origin_device()), chunk_sectors=self.cfg.chunk_sectors,
                      era_block_sectors=theirs.era_block_sectors, checkpoints=[st.checkpoint] if st else [],
-                     store_bytes=min(blockdev.size_bytes(d) for d in stores))
+                     store_bytes=min(blockdev.size_bytes(d) for d in stores),
+                     diverged=st.diverged["ranges"] if st and st.diverged else None)
 
     def _run(self) -> None:
         with Secondary.open(self.cfg) as sec:

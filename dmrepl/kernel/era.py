@@ -14,9 +14,17 @@ import subprocess
 import xml.etree.ElementTree as ET
 
 from dmrepl import tools
+from dmrepl.kernel import blockdev
 from dmrepl.kernel.dm import Control
 from dmrepl.kernel.errors import KernelError
 from dmrepl.kernel.status import EraStatus
+
+HEADER_BYTES = 4096   # dm-era formats metadata whose superblock is zeroes (dm-era-target.c)
+
+
+def format_metadata(metadata_dev: str) -> None:
+    """Make the next era table loaded over `metadata_dev` start a new history."""
+    blockdev.write_at(metadata_dev, 0, bytes(HEADER_BYTES))
 
 
 class EraToolError(KernelError):
@@ -59,22 +67,32 @@ def parse_blocks(xml_text: str) -> list[tuple[int, int]]:
     return merged
 
 
+def _invalidate(metadata_dev: str, era: int, snapshot: bool) -> list[tuple[int, int]]:
+    tool = tools.ERA_INVALIDATE.path()
+    if tool is None:
+        raise EraToolError(errno.ENOENT, tools.ERA_INVALIDATE.command, None,
+                           f"apt-get install {tools.ERA_INVALIDATE.package}")
+    proc = subprocess.run([tool, "--written-since", str(era), *(["--metadata-snapshot"] if snapshot else []),
+                           metadata_dev], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise EraToolError(errno.EIO, tools.ERA_INVALIDATE.command, metadata_dev, proc.stderr.strip())
+    return parse_blocks(proc.stdout)
+
+
 def written_since(ctl: Control, name: str, metadata_dev: str, era: int) -> list[tuple[int, int]]:
     """Era blocks written in `era` or later on the live era device `name`.
 
     Reads a metadata snapshot (take_metadata_snap / drop_metadata_snap) so that
     the device keeps running; the snapshot is dropped whatever happens.
     """
-    tool = tools.ERA_INVALIDATE.path()
-    if tool is None:
-        raise EraToolError(errno.ENOENT, tools.ERA_INVALIDATE.command, None,
-                           f"apt-get install {tools.ERA_INVALIDATE.package}")
     ctl.message(name, "take_metadata_snap")
     try:
-        proc = subprocess.run([tool, "--written-since", str(era), "--metadata-snapshot", metadata_dev],
-                              capture_output=True, text=True)
+        return _invalidate(metadata_dev, era, snapshot=True)
     finally:
         ctl.message(name, "drop_metadata_snap")
-    if proc.returncode != 0:
-        raise EraToolError(errno.EIO, tools.ERA_INVALIDATE.command, metadata_dev, proc.stderr.strip())
-    return parse_blocks(proc.stdout)
+
+
+def written_since_offline(metadata_dev: str, era: int) -> list[tuple[int, int]]:
+    """Era blocks written in `era` or later, from metadata no era device uses any more (its removal
+    suspended it, and the postsuspend archived the current era's writeset: dm-era-target.c)."""
+    return _invalidate(metadata_dev, era, snapshot=False)

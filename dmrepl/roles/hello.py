@@ -20,6 +20,9 @@ class Hello:
     checkpoints: list[int] = field(default_factory=list)  # checkpoint numbers this host holds, oldest first
     store_bytes: int = 0      # the secondary's smaller hidden store (0: not said): bounds a sync segment
     heartbeat_timeout_s: float = 0.0  # the primary's: silence longer than this means it is lost (0: never)
+    # The secondary's writes of its own since its checkpoint (it was primary, or took over, and ran
+    # `resolve --discard-my-data`): byte ranges [offset, length] the resync compares too.  None: none.
+    diverged: list[list[int]] | None = None
 
     def to_wire(self) -> dict:
         return asdict(self)
@@ -32,9 +35,19 @@ class Hello:
                        era_block_sectors=int(body["era_block_sectors"]),
                        checkpoints=[int(n) for n in body.get("checkpoints", [])],
                        store_bytes=int(body.get("store_bytes", 0)),
-                       heartbeat_timeout_s=float(body.get("heartbeat_timeout_s", 0)))
+                       heartbeat_timeout_s=float(body.get("heartbeat_timeout_s", 0)),
+                       diverged=_ranges(body.get("diverged")))
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"hello without a valid {e}") from None
+
+
+def _ranges(raw) -> list[list[int]] | None:
+    if raw is None:
+        return None
+    out = [[int(off), int(n)] for off, n in raw]
+    if any(off < 0 or n <= 0 for off, n in out):
+        raise ValueError("diverged ranges must be [offset >= 0, length > 0]")
+    return out
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,6 @@ from dmrepl.errors import DmreplError
 from dmrepl.kernel import blockdev, dm
 from dmrepl.kernel.errors import DMError
 from dmrepl.kernel.switch import SwitchError
-from dmrepl.names import SECONDARY_PARTS
 from dmrepl.roles.secondary import Secondary
 
 
@@ -58,7 +57,7 @@ def faulty():
 def _snapshot(sec: Secondary):
     """What must not change: tables, suspend flags, inactive tables, the state."""
     out = {}
-    for part in SECONDARY_PARTS:
+    for part in ("origin", "hidden", "active"):
         name = sec.stack.dm(part)
         info = sec.ctl.info(name)
         out[part] = (info.suspended, info.inactive_table,

@@ -45,7 +45,8 @@ def test_defaults_and_name_from_file():
     ('name = "vm1"\n[secondary\n', "not valid TOML"),
     ('name = "vm1"\nnmae = "x"\n[secondary]\ndisk = "/d"\nhidden_stores = ["/a", "/b"]\n', "unknown key 'nmae'"),
     ('name = "vm1"\n', "missing required key 'secondary'"),
-    (GOOD + '[primary]\ndisk = "/p"\n', "both [primary] and [secondary]: a host has one role"),
+    (GOOD + '[primary]\ndisk = "/p"\n', "both [primary] and [secondary]: say which role this host starts in"),
+    (GOOD.replace('name = "vm1"', 'name = "vm1"\nstart_as = "primary"'), "'start_as' needs both"),
     ('name = "vm1"\n[secondary]\ndisk = "/d"\nhidden_stores = ["/a", "/b"]\nlink_listen = "127.0.0.1:1"\n',
      "'link_listen' needs 'key_file'"),
     ('name = "vm1"\n[secondary]\ndisk = "/d"\nhidden_stores = ["/a", "/b"]\nkey_file = "/k"\n'
@@ -144,3 +145,37 @@ def test_secondary_commands_refuse_a_primary_config(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_secondary("vm1", str(p))
     assert "this is the primary's config" in str(e.value)
+
+
+BOTH = PRIMARY.replace('name = "vm1"', 'name = "vm1"\nstart_as = "secondary"') + '''
+[secondary]
+disk = "/srv/vm1/disk.img"
+hidden_stores = ["/srv/vm1/h0.img", "/srv/vm1/h1.img"]
+'''
+
+
+def test_both_sections_a_host_that_changes_roles(tmp_path):
+    sec = parse(BOTH, source="vm1.toml")
+    assert sec.role == "secondary" and sec.era_metadata == "/srv/vm1/era.img" and sec.era_block_sectors == 128
+    assert parse(BOTH, source="vm1.toml", role="primary").role == "primary"
+    assert parse(BOTH.replace('"secondary"\n', '"primary"\n', 1), source="vm1.toml").role == "primary"
+    # The state file's role rules once there is one.
+    p = tmp_path / "vm1.toml"
+    p.write_text(BOTH.replace('resource_id = "vm1-2026"', f'resource_id = "vm1-2026"\nstate_dir = "{tmp_path}"'))
+    assert load("vm1", str(p)).role == "secondary"
+    (tmp_path / "vm1").mkdir()
+    (tmp_path / "vm1" / "state.json").write_text('{"role": "primary"}')
+    assert load("vm1", str(p)).role == "primary" and load_secondary("vm1", str(p)).role == "secondary"
+    (tmp_path / "vm1" / "state.json").write_text('{"role": "merging"}')
+    assert load("vm1", str(p)).role == "secondary"
+
+
+@pytest.mark.parametrize("change,message", [
+    (('start_as = "secondary"', 'start_as = "both"'), "'start_as' must be \"primary\" or \"secondary\""),
+    (('disk = "/srv/vm1/disk.img"\nhidden', 'disk = "/srv/vm1/other.img"\nhidden'), "differ: both roles"),
+    (('"/srv/vm1/h1.img"]', '"/srv/vm1/era.img"]'), "era_metadata is one of [secondary]'s hidden_stores"),
+])
+def test_bad_both_sections(change, message):
+    with pytest.raises(ConfigError) as e:
+        parse(BOTH.replace(*change), source="vm1.toml")
+    assert message in str(e.value)

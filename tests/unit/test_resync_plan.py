@@ -89,3 +89,18 @@ def test_hello_carries_the_primarys_heartbeat_timeout():
     assert Hello.from_wire(h.to_wire()).heartbeat_timeout_s == 2.5
     older = {k: v for k, v in h.to_wire().items() if k != "heartbeat_timeout_s"}
     assert Hello.from_wire(older).heartbeat_timeout_s == 0   # a peer that does not say: no timeout
+
+
+def test_candidate_lists_join_into_one_sorted_merged_list():
+    # a failback's three sources: the new primary's era, the failover's rollback, the peer's diverged
+    assert resync.union([(10, 12), (40, 41)], [(0, 2), (11, 20)], [(20, 22), (2, 3)]) == [(0, 3), (10, 22), (40, 41)]
+    assert resync.union([], []) == []
+
+
+def test_a_hello_carries_the_diverged_ranges_and_refuses_bad_ones():
+    h = Hello("vm1", "secondary", 1 << 20, 8, 128, [2], diverged=[[0, 4096], [8192, 4096]])
+    assert Hello.from_wire(h.to_wire()).diverged == [[0, 4096], [8192, 4096]]
+    assert Hello.from_wire({**h.to_wire(), "diverged": None}).diverged is None
+    for bad in ([[0, 0]], [[-1, 5]], [["x", 1]], [[1]]):
+        with pytest.raises(ValueError):
+            Hello.from_wire({**h.to_wire(), "diverged": bad})

@@ -31,8 +31,8 @@ from dmrepl.roles.transitions import Role
 from dmrepl.state import ResourceState, StateStore
 
 MiB = 1 << 20
+SECTOR = 512
 MIN_ERA_METADATA_BYTES = 1 * MiB
-ERA_HEADER_BYTES = 4096   # dm-era formats metadata whose superblock is zeroes (dm-era-target.c)
 RESYNC_LOG_FILE = "resync-log.img"
 
 
@@ -47,15 +47,21 @@ class Devices:
 @dataclass(frozen=True)
 class ResyncBase:
     """Where a delta resync starts: the newest checkpoint both hosts hold and the era it began
-    (era None: no usable history, every piece of the disk is compared)."""
+    (era None: no usable history, every piece of the disk is compared), and byte ranges
+    [offset, length] compared besides: what a failover rolled back or the consumer wrote there,
+    and what the peer wrote of its own before it gave its writes up (`resolve --discard-my-data`)."""
 
     checkpoint: int | None
     era: int | None
+    extra: tuple[tuple[int, int], ...] = ()
 
     def describe(self) -> str:
         if self.era is None:
             return "no common checkpoint in this host's history: every piece compared"
-        return f"written since checkpoint {self.checkpoint} (era {self.era})"
+        what = f"written since checkpoint {self.checkpoint} (era {self.era})"
+        if self.extra:
+            what += f" and {sum(n for _o, n in self.extra) >> 10} KiB diverged on either host"
+        return what
 
 
 class Primary:
@@ -150,7 +156,7 @@ class Primary:
         with self.states.locked():
             st = self.states.load()
             if st is None:
-                blockdev.write_at(devs.era_metadata, 0, bytes(ERA_HEADER_BYTES))
+                era.format_metadata(devs.era_metadata)
                 st = ResourceState(name=self.cfg.name, resource_id=self.cfg.resource_id, role=Role.PRIMARY.value)
             created: list[str] = []
             try:
@@ -221,8 +227,9 @@ class Primary:
 
             def commit():
                 nonlocal st
-                st = st.evolve(checkpoint=n, history=st.history + [{"checkpoint": n, "era": era_before,
-                                                                    "time": time.time()}])
+                # A checkpoint joins the hosts: what diverged before it is in both now.
+                st = st.evolve(checkpoint=n, diverged=None,
+                               history=st.history + [{"checkpoint": n, "era": era_before, "time": time.time()}])
                 self.states.save(st)
 
             pause = self.stack.checkpoint(peer, commit)
@@ -236,25 +243,38 @@ class Primary:
     def add_leg(self, devs: Devices, nbd_path: str) -> None:
         self.stack.add_leg(devs.disk, nbd_path)
 
-    def resync_base(self, their_checkpoints: list[int]) -> ResyncBase:
+    def resync_base(self, their_checkpoints: list[int], their_diverged: list[list[int]] | None = None
+                    ) -> ResyncBase:
         """The newest checkpoint both hold (the older of the two hosts' numbers: a secondary one
         ahead took a checkpoint this host did not record, which changes nothing it holds) and the
-        earliest era this host recorded for it."""
+        earliest era this host recorded for it.
+
+        After a failover this host's history begins at the takeover: its writes since are era
+        `diverged["era"]` or later, the checkpoint's own differences are the failover's ranges, and
+        the peer (the old primary) must say what it wrote since its own last checkpoint: it does
+        once it gave its writes up (`their_diverged`).  Without that, every piece is compared."""
         st = self.state()
         if st is None or not their_checkpoints:
             return ResyncBase(None, None)
         common = min(st.checkpoint, max(their_checkpoints))
+        mine = st.diverged or {}
+        extra = tuple((int(o), int(n)) for o, n in [*(mine.get("ranges") or []), *(their_diverged or [])])
+        if mine.get("era") is not None:
+            return ResyncBase(common, mine["era"] if their_diverged is not None else None, extra)
         eras = [h["era"] for h in st.history if h.get("checkpoint") == common and isinstance(h.get("era"), int)]
-        return ResyncBase(common, min(eras)) if eras else ResyncBase(common, None)
+        return ResyncBase(common, min(eras) if eras else None, extra)
 
     def resync_candidates(self, devs: Devices, base: ResyncBase) -> tuple[int, list[tuple[int, int]]]:
-        """(region sectors, region ranges) to compare: the era blocks written since the base's era."""
+        """(region sectors, region ranges) to compare: the era blocks written since the base's era,
+        and the base's extra byte ranges."""
         size = self.size_bytes()
         region = resync.region_sectors(size)
         if base.era is None:
             return region, [(0, resync.regions(size, region))]
         blocks = era.written_since(self.ctl, self.stack.dm("top"), devs.era_metadata, base.era)
-        return region, resync.regions_of_blocks(blocks, self.cfg.era_block_sectors, region, size)
+        ranges = resync.regions_of_blocks(blocks, self.cfg.era_block_sectors, region, size)
+        extra = [(o // SECTOR, -(-(o + n) // SECTOR)) for o, n in base.extra]
+        return region, resync.union(ranges, resync.regions_of_blocks(sorted(extra), 1, region, size))
 
     def start_recovery(self, devs: Devices, nbd_path: str, region: int, differing: list[int]) -> tuple[int, int]:
         """Let the kernel copy the differing regions; returns (event counter to wait on, regions)."""

@@ -55,6 +55,17 @@ def regions_of_blocks(blocks: Iterable[tuple[int, int]], era_block_sectors: int,
     return out
 
 
+def union(*range_lists: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Region ranges [r0, r1) of several lists as one sorted, merged list."""
+    out: list[tuple[int, int]] = []
+    for r0, r1 in sorted(r for ranges in range_lists for r in ranges):
+        if out and r0 <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], r1))
+        else:
+            out.append((r0, r1))
+    return out
+
+
 @dataclass
 class Comparison:
     """What the comparison found: counted for `status` and the closing log line."""

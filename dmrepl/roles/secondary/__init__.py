@@ -159,7 +159,11 @@ class Secondary:
                     self.stack.zero_header(store)
                 st = ResourceState(name=self.cfg.name, resource_id=self.cfg.resource_id)
                 self.states.save(st)
-            self.stack.build(b, Role(st.role), st.current_store, created)
+            era_meta = None
+            if st.role != Role.SECONDARY and (st.diverged or {}).get("era") is not None \
+                    and self.cfg.era_metadata is not None:
+                era_meta = self.stack.era_metadata_device(attached)   # the failover's era goes on
+            self.stack.build(b, Role(st.role), st.current_store, created, era_meta)
         except BaseException:
             self.stack.remove(created, attached)
             raise

@@ -34,7 +34,7 @@ def checkpoint(stack: Stack, states: StateStore, st: ResourceState,
     b = stack.backing()
     k, nxt = st.current_store, 1 - st.current_store
     stack.zero_header(b.stores[nxt])
-    new = st.evolve(checkpoint=n, current_store=nxt, checkpoint_lost=False,
+    new = st.evolve(checkpoint=n, current_store=nxt, checkpoint_lost=False, diverged=None,
                     early_checkpoint_requested=False,
                     history=[*st.history, {"checkpoint": n, "time": time.time()}])
     active, hidden, origin = stack.dm("active"), stack.dm("hidden"), stack.dm("origin")

@@ -7,6 +7,13 @@ snapshot on that store exists, it takes over its exceptions at resume
 consumer's view does not change by a byte.  When the kernel reports the merge
 done (sectors_allocated == metadata_sectors), a second switch makes the origin
 linear over S and the store is discarded.
+
+For the failback (the old primary returns as secondary and gets only what
+differs): with era metadata configured, active is re-pointed to a new era
+device over the origin, so every write from the takeover on is recorded; and
+the store's exception table -- every chunk the merge rolls back to the
+checkpoint or the consumer wrote -- is read while the stack is suspended, before
+the merge consumes it, and kept in the state (`diverged`).
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from dmrepl.errors import DmreplError
-from dmrepl.kernel import switch
+from dmrepl.kernel import cowstore, dm, era, switch
 from dmrepl.kernel.status import SnapshotStatus
 from dmrepl.kernel.tables import Linear
 from dmrepl.roles.secondary import watch
@@ -53,19 +60,45 @@ def failover(stack: Stack, states: StateStore, st: ResourceState,
     b = stack.backing()
     active, hidden, origin = stack.dm("active"), stack.dm("hidden"), stack.dm("origin")
     status = SnapshotStatus.parse(stack.ctl.status(hidden)[0].text)
-    new = st.evolve(role=Role.MERGING.value, history=[*st.history, {
-        "failover_from_checkpoint": st.checkpoint, "time": time.time(),
-        "merge_bytes": status.data_sectors * SECTOR}])
-    switch.run(stack.ctl, switch.SwitchPlan(
-        suspend=[active, hidden, origin],
-        load={origin: stack.merge_table(b, st.current_store), active: stack.over("origin", b)},
-        resume=[origin, active],
-        resume_old=[hidden, origin, active],
-        commit=lambda: states.save(new),
-        revert=lambda: states.save(st)))
+    entry = {"failover_from_checkpoint": st.checkpoint, "time": time.time(),
+             "merge_bytes": status.data_sectors * SECTOR}
+    attached: list[str] = []
+    created: list[str] = []
+    lower = "origin"
+    if stack.cfg.era_metadata is not None:
+        try:
+            meta = stack.era_metadata_device(attached)
+            era.format_metadata(meta)     # a new history: the takeover's writes from era 1 on
+            entry["era"] = stack.create_era(b, meta, created)
+        except BaseException:
+            stack.remove(created, attached)
+            raise
+        lower = "era"
+
+    def commit():
+        # Suspended: the store's table is complete on disk and the merge has not begun.
+        table = cowstore.read(b.stores[st.current_store])
+        ranges = [list(r) for r in table.extents_bytes()] if table is not None else []
+        diverged = {"checkpoint": st.checkpoint, "ranges": ranges, **({"era": entry["era"]} if "era" in entry else {})}
+        new_state.append(st.evolve(role=Role.MERGING.value, history=[*st.history, entry], diverged=diverged))
+        states.save(new_state[-1])
+
+    new_state: list[ResourceState] = []
+    try:
+        switch.run(stack.ctl, switch.SwitchPlan(
+            suspend=[active, hidden, origin],
+            load={origin: stack.merge_table(b, st.current_store), active: stack.over(lower, b)},
+            resume=[origin, active],
+            resume_old=[hidden, origin, active],
+            commit=commit,
+            revert=lambda: states.save(st)))
+    except BaseException:
+        dm.remove_tree(stack.ctl, list(reversed(created)))
+        stack.remove([], attached)
+        raise
     # The old snapshot handed its store over and now fails all I/O; nobody uses it.
     stack.ctl.remove(hidden)
-    return new
+    return new_state[-1]
 
 
 def merge_progress(stack: Stack, st: ResourceState) -> MergeProgress | None:

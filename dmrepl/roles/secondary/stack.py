@@ -4,6 +4,10 @@
     role merging:    origin = snapshot-merge S Hk P chunk (a merge cut short by a crash goes on);  active -> origin
     role primary:    origin = linear S;  active -> origin
 
+With era metadata configured (a host with both roles' sections), the failover
+puts era over origin and active over era: every write of the host that took
+over is recorded from the first, so that the failback copies only what changed.
+
 Stacked tables name lower devices by MAJOR:MINOR: a /dev/mapper name is
 udev's to create and may lag behind (docs/kernel-notes.md).
 """
@@ -16,9 +20,9 @@ from dataclasses import dataclass
 
 from dmrepl.config import SecondaryConfig
 from dmrepl.errors import DmreplError
-from dmrepl.kernel import blockdev, dm, loop, procfs, udev
+from dmrepl.kernel import blockdev, dm, era, loop, procfs, udev
 from dmrepl.kernel.errors import BlockDeviceError, KernelError
-from dmrepl.kernel.tables import Error, Linear, Snapshot, SnapshotMerge, SnapshotOrigin
+from dmrepl.kernel.tables import Era, Error, Linear, Snapshot, SnapshotMerge, SnapshotOrigin
 from dmrepl.names import SECONDARY_PARTS, StackNames
 from dmrepl.roles.secondary import inputs
 from dmrepl.roles.transitions import Role
@@ -117,8 +121,29 @@ class Stack:
         return [SnapshotMerge(0, self.sectors(b.disk), b.disk, b.stores[store], "P", self.cfg.chunk_sectors)]
 
     def over(self, lower_part: str, b: Backing) -> list:
-        """The active device's table: linear over origin or hidden, by number."""
+        """The active device's table: linear over origin, hidden or era, by number."""
         return [Linear(0, self.sectors(b.disk), self.ctl.info(self.dm(lower_part)).devno, 0)]
+
+    def era_metadata_device(self, attached: list[str]) -> str:
+        """The era metadata's block device (a new loop device over a file, added to `attached`)."""
+        path = self.cfg.era_metadata
+        if not os.path.isfile(path):
+            return path
+        found = loop.find(path)
+        if found:
+            return found[0]
+        attached.append(loop.attach(path))
+        return attached[-1]
+
+    def create_era(self, b: Backing, metadata_dev: str, created: list[str]) -> int:
+        """era over origin (the taken-over host's writes); returns the era current from now on."""
+        name = self.dm("era")
+        self.ctl.create(name, self.names.uuid("era"))
+        created.append(name)
+        self.ctl.load(name, [Era(0, self.sectors(b.disk), metadata_dev, self.ctl.info(self.dm("origin")).devno,
+                                 self.cfg.era_block_sectors)])
+        self.ctl.resume(name)
+        return era.status(self.ctl, name).current_era
 
     @staticmethod
     def zero_header(store_dev: str) -> None:
@@ -147,8 +172,9 @@ class Stack:
                 devs.append(path)
         return Backing(devs[0], (devs[1], devs[2]))
 
-    def build(self, b: Backing, role: Role, store: int, created: list[str]) -> None:
-        """Create origin (and hidden) and active for `role`; names go to `created` as they appear."""
+    def build(self, b: Backing, role: Role, store: int, created: list[str], era_metadata: str | None = None) -> None:
+        """Create origin (and hidden, or era over a failover's `era_metadata`) and active for `role`;
+        names go to `created` as they appear."""
         sectors = self.sectors(b.disk)
 
         def create(part: str, table: list) -> None:
@@ -173,6 +199,9 @@ class Stack:
             create("origin", [Linear(0, sectors, b.disk, 0)])
             self.ctl.resume(self.dm("origin"))
             lower = "origin"
+        if role != Role.SECONDARY and era_metadata is not None:
+            self.create_era(b, era_metadata, created)
+            lower = "era"
         create("active", self.over(lower, b))
         info = self.ctl.resume(self.dm("active"))
         if udev.running() and udev.rules_installed():
@@ -212,7 +241,7 @@ class Stack:
         pending = self.deferred()
         done = [d.describe() for d in pending]
         skip = {d.name for d in pending}
-        top_down = [self.dm(p) for p in ("active", "hidden", "origin")]
+        top_down = [self.dm(p) for p in ("active", "era", "hidden", "origin")]
         done += dm.remove_tree(self.ctl, [n for n in top_down if n not in skip])
         for dev in loops:
             done.append(dev if loop.detach(dev) else f"{dev}: detach pending until its last opener closes it")
@@ -223,8 +252,9 @@ class Stack:
         tables use (a file renamed under a running stack is found by number, not by name)."""
         if not all(os.path.isfile(p) or not os.path.exists(p) for _w, p in inputs.backing_paths(self.cfg)):
             return []  # block devices: the admin's, never detached by us
-        found = [dev for _w, path in inputs.backing_paths(self.cfg) for dev in loop.find(path)]
-        for part in ("origin", "hidden"):
+        paths = [p for _w, p in inputs.backing_paths(self.cfg)] + [self.cfg.era_metadata or ""]
+        found = [dev for path in paths if os.path.isfile(path) for dev in loop.find(path)]
+        for part in ("origin", "hidden", "era"):
             name = self.dm(part)
             if self.ctl.exists(name) and self.ctl.info(name).live_table:
                 for major, minor in self.ctl.deps(name):
