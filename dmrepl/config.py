@@ -124,6 +124,9 @@ class PrimaryConfig:
     source: str = "<built>"
     netns: str | None = None
     reconnect_interval_s: float = 5.0
+    # With both sections: [secondary]'s link address, where this host, while primary, answers a
+    # hello from another primary (split brain: seen on both hosts).  None: nowhere.
+    hello_listen: tuple[str, int] | None = None
     role = "primary"
 
     @property
@@ -304,7 +307,7 @@ def parse(text: str, *, source: str, default_name: str | None = None, role: str 
         if pri.era_metadata in sec.hidden_stores:
             raise ConfigError(f"{source}: [primary] era_metadata is one of [secondary]'s hidden_stores")
         if (role or start_as) == "primary":
-            return pri
+            return replace(pri, hello_listen=(sec.link_host, sec.link_port) if sec.link_host else None)
         return replace(sec, era_metadata=pri.era_metadata, era_block_sectors=pri.era_block_sectors)
     if start_as is not None:
         raise ConfigError(f"{source}: 'start_as' needs both [primary] and [secondary]")

@@ -181,6 +181,8 @@ def _p_status(cfg: PrimaryConfig, args) -> int:
         print_json(s)
         return 0
     print(f"resource {s['name']} (id {s['resource_id']}): primary, {s['state'].upper()} ({s['reason']})")
+    if s.get("split_brain"):
+        print(f"  SPLIT BRAIN: {s['split_brain']}")
     if s.get("checkpoint") is not None:
         last = s.get("last_checkpoint") or {}
         extra = (f", last {time.time() - last['time']:.1f} s ago, pause {last['pause_ms']:.1f} ms"

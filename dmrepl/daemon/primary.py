@@ -36,6 +36,7 @@ from dmrepl.daemon.machine import Event, Machine, State
 from dmrepl.daemon.primary_link import Lost, SecondaryLink
 from dmrepl.daemon.primary_resync import Resync, initial_sync, verify
 from dmrepl.daemon.progress import log
+from dmrepl.daemon.split_brain import HelloResponder
 from dmrepl.errors import DmreplError
 from dmrepl.kernel import modules
 from dmrepl.link.frames import FrameError, Kind
@@ -69,7 +70,7 @@ class PrimaryDaemon:
         try:
             theirs = self.link.connect()
         except (DmreplError, AttachError, FrameError, OSError) as e:
-            if st is None or isinstance(e, peer.PeerRefused):
+            if st is None or isinstance(e, peer.PeerRefused) and self.link.split_brain is None:
                 raise
             # A restart without the secondary: the consumer gets its disk now; the secondary a delta later.
             self.devs = self.pri.attach()
@@ -314,7 +315,7 @@ def status_reply(d: "PrimaryDaemon", pri: Primary) -> dict:
             "checkpoint": st.checkpoint if st else None, "last_checkpoint": d.last_checkpoint,
             "device": pri.top_path, "nbd": d.link.nbd.path if d.link.nbd else None,
             "nbd_connections": d.link.nbd.connections if d.link.nbd else None,
-            "nbd_dead_connections": d.link.dead_sockets,
+            "nbd_dead_connections": d.link.dead_sockets, "split_brain": d.link.split_brain,
             "resync": d.resync.status() if d.resync else None, "last_resync": d.last_resync,
             "secondary": f"{d.link.peer_cfg.link_host}:{d.link.peer_cfg.link_port}",
             "checkpoint_interval_s": d.cfg.checkpoint_interval_s,
@@ -352,7 +353,10 @@ def run(cfg: PrimaryConfig, *, assume_clean: bool = False) -> int:
         signal.signal(signal.SIGTERM, on_term)
         signal.signal(signal.SIGINT, on_term)
         server = control.ControlServer(control.socket_path(cfg.resource_state_dir), d.submit, log)
+        responder = None
         try:
+            if cfg.hello_listen is not None:
+                responder = HelloResponder(*cfg.hello_listen, cfg.key_file, d.link.hello, d.link.saw_split_brain)
             try:
                 d.start(assume_clean)
             except (DmreplError, AttachError, FrameError, OSError) as e:
@@ -369,4 +373,6 @@ def run(cfg: PrimaryConfig, *, assume_clean: bool = False) -> int:
             d.teardown()
             return 0
         finally:
+            if responder is not None:
+                responder.close()
             server.close()

@@ -52,6 +52,7 @@ class SecondaryLink:
         self.dead_sockets = 0   # NBD connections the kernel reported dead (LINK_DEAD)
         self.next_attempt = 0.0  # degraded: when to try the secondary again
         self.last_error = ""
+        self.split_brain: str | None = None    # the other host is primary too (hello, either way)
 
     @property
     def silence_s(self) -> float:
@@ -73,7 +74,13 @@ class SecondaryLink:
             raise DmreplError(f"the secondary's control link at {p.link_host}:{p.link_port}: {e}",
                               "is the secondary up (`dmrepl up NAME` there) with the same key file?") from None
         try:
-            theirs = peer.exchange_hello(self.session, self.hello())
+            try:
+                theirs = peer.exchange_hello(self.session, self.hello())
+            except peer.PeerRefused as e:
+                if "SPLIT BRAIN" in str(e):
+                    self.saw_split_brain(str(e))
+                raise
+            self.split_brain = None
             self.nbd = attach(self.nl, p.nbd_host, p.nbd_port, self.cfg.resource_id,
                               expected_size_bytes=self.pri.size_bytes(), connections=self.cfg.nbd_connections,
                               timeout_s=self.cfg.nbd_timeout_s)
@@ -86,6 +93,12 @@ class SecondaryLink:
         log(f"hello: the secondary at {self.session.peer} agrees (its checkpoints {theirs.checkpoints}); "
             f"NBD: {self.nbd.path} attached to {p.nbd_host}:{p.nbd_port} ({self.nbd.connections} connection(s))")
         return theirs
+
+    def saw_split_brain(self, what: str) -> None:
+        """Both hosts are primary: said once in the log, kept for `status` until a hello agrees."""
+        if self.split_brain is None:
+            log(f"SPLIT BRAIN: {what}")
+        self.split_brain = what
 
     def reconnect(self) -> Hello | None:
         """Degraded: every reconnect_interval_s, connect(); the Hello once it works (each new

@@ -41,6 +41,10 @@ class Hello:
             raise ValueError(f"hello without a valid {e}") from None
 
 
+def _last(h: Hello) -> str:
+    return str(max(h.checkpoints)) if h.checkpoints else "none"
+
+
 def _ranges(raw) -> list[list[int]] | None:
     if raw is None:
         return None
@@ -61,7 +65,12 @@ def agree(mine: Hello, theirs: Hello) -> Agreement:
     reasons = []
     if mine.resource_id != theirs.resource_id:
         reasons.append(f"resource id: this host has {mine.resource_id!r}, the peer {theirs.resource_id!r}")
-    if {mine.role, theirs.role} != {"primary", "secondary"}:
+    if mine.role == theirs.role == "primary":
+        reasons.append(f"SPLIT BRAIN: both hosts are primary (this host at checkpoint {_last(mine)}, the peer at "
+                       f"{_last(theirs)}): each may hold writes the other lacks, and neither is overwritten "
+                       "on its own; on the host whose writes are to be given up: `dmrepl down NAME`, "
+                       "`dmrepl resolve NAME --discard-my-data`, `dmrepl up NAME`")
+    elif {mine.role, theirs.role} != {"primary", "secondary"}:
         reasons.append(f"roles: this host is {mine.role}, the peer is {theirs.role}: one of each is needed")
     if mine.size_bytes != theirs.size_bytes:
         reasons.append(f"disk size: this host's is {mine.size_bytes} bytes, the peer's {theirs.size_bytes}")

@@ -19,12 +19,19 @@ def test_matching_hosts_agree_on_the_newest_common_checkpoint():
     ({"size_bytes": 128 << 20}, f"disk size: this host's is {64 << 20} bytes, the peer's {128 << 20}"),
     ({"chunk_sectors": 32}, "chunk size: this host expects 4 KiB, the peer 16 KiB"),
     ({"era_block_sectors": 128}, "era block size: this host uses 1024 KiB, the peer 64 KiB"),
-    ({"role": "primary"}, "roles: this host is primary, the peer is primary: one of each is needed"),
+    ({"role": "primary", "checkpoints": [2]},
+     "SPLIT BRAIN: both hosts are primary (this host at checkpoint 3, the peer at 2): each may hold writes the "
+     "other lacks, and neither is overwritten on its own; on the host whose writes are to be given up: "
+     "`dmrepl down NAME`, `dmrepl resolve NAME --discard-my-data`, `dmrepl up NAME`"),
 ])
 def test_each_disagreement_is_named(change, reason):
     theirs = Hello(**{**S.to_wire(), **change})
     a = agree(P, theirs)
     assert not a.ok and a.reasons == [reason]
+
+
+def test_two_secondaries_are_told_one_of_each_is_needed():
+    assert agree(S, S).reasons == ["roles: this host is secondary, the peer is secondary: one of each is needed"]
 
 
 def test_no_common_checkpoint_and_wire_round_trip():
