@@ -115,7 +115,8 @@ def _secondary(cfg, args) -> int:
 
         with Secondary.open(cfg) as sec:
             st = sec.state()
-            if st is not None and sec.is_up() and all(sec.stack.present().values()) \
+            standby = [there for part, there in sec.stack.present().items() if part != "era"]
+            if st is not None and sec.is_up() and all(standby) \
                     and supervisor.running_pid(cfg) is None:
                 # Its daemon died (kill -9, a crash) and left the stack: serve it again as it is,
                 # after making sure no export of the dead daemon's still holds the port.

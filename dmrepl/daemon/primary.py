@@ -31,14 +31,13 @@ from concurrent.futures import Future
 from pyroute2 import netns
 
 from dmrepl.config import PrimaryConfig
-from dmrepl.daemon import control, peer
+from dmrepl.daemon import control, peer, primary_start
 from dmrepl.daemon.machine import Event, Machine, State
 from dmrepl.daemon.primary_link import Lost, SecondaryLink
-from dmrepl.daemon.primary_resync import Resync, initial_sync, verify
+from dmrepl.daemon.primary_resync import Resync, verify
 from dmrepl.daemon.progress import log
 from dmrepl.daemon.split_brain import HelloResponder
 from dmrepl.errors import DmreplError
-from dmrepl.kernel import modules
 from dmrepl.link.frames import FrameError, Kind
 from dmrepl.nbd import netlink
 from dmrepl.nbd.attach import AttachError
@@ -65,41 +64,7 @@ class PrimaryDaemon:
     # -- start ------------------------------------------------------------------
 
     def start(self, assume_clean: bool) -> None:
-        load_modules()
-        st = self.pri.check()
-        try:
-            theirs = self.link.connect()
-        except (DmreplError, AttachError, FrameError, OSError) as e:
-            if st is None or isinstance(e, peer.PeerRefused) and self.link.split_brain is None:
-                raise
-            # A restart without the secondary: the consumer gets its disk now; the secondary a delta later.
-            self.devs = self.pri.attach()
-            self.pri.up(self.devs, None)
-            self.built = True
-            self.machine.fire(Event.START_DEGRADED, f"the secondary is not reachable: {e}")
-            log(f"DEGRADED: up without the secondary ({e}); writes reach P only (era records them); "
-                f"trying again every {self.cfg.reconnect_interval_s:g} s")
-            return
-        self.devs = self.pri.attach()
-        if st is None and not assume_clean:
-            self.machine.fire(Event.CONNECTED, "first start: S gets a full copy of P")
-            initial_sync(self.devs.disk, self.link.nbd.path, self.link.session, theirs.store_bytes,
-                         lambda: self.stopping)
-            event, why = Event.SYNCED, "initial sync verified"
-        elif assume_clean:
-            event, why = Event.CONNECTED_IN_SYNC, "--assume-clean"
-        else:
-            event = None
-        self.pri.up(self.devs, self.link.nbd.path)
-        self.built = True
-        log(f"up: {self.pri.top_path} replicates to the secondary")
-        if event is None:
-            self.begin_resync(theirs)
-            return
-        # The first checkpoint makes the secondary's view P as it is now: before it, the view is
-        # whatever S held (before the sync, or at the last checkpoint).
-        self._checkpoint("start")
-        self.machine.fire(event, why)
+        primary_start.start(self, assume_clean)
 
     # -- the loop -----------------------------------------------------------------
 
@@ -297,13 +262,6 @@ class PrimaryDaemon:
         elif self.devs is not None:
             Primary.detach(list(self.devs.loops))
         self.link.drop(None)
-
-
-def load_modules() -> None:
-    for module in ("nbd", "dm-mirror", "dm-era"):
-        why = modules.load(module)
-        if why is not None:
-            raise DmreplError(f"kernel module {module} cannot be loaded: {why}", "`dmrepl doctor` checks this host")
 
 
 def status_reply(d: "PrimaryDaemon", pri: Primary) -> dict:

@@ -130,6 +130,69 @@ class Hosts:
                 proc.wait()
 
 
+# -- both hosts with both roles (failover, failback): A is host p (name r5), B host s (name r5b) --------
+# The two "hosts" share one kernel, so their dm names must differ; the resource id is the same.
+
+B_NAME = "r5b"
+
+
+def name_of(host: str) -> str:
+    return NAME if host == "p" else B_NAME
+
+
+def both_roles(hosts: Hosts) -> None:
+    """Configs where each host has both sections: A's hidden stores, B's era metadata; B named r5b."""
+    d, lab = hosts.dir, hosts.lab
+    p_addr = lab.hosts["p"].address
+    for name in ("ph0.img", "ph1.img"):
+        image(d / name, DISK // 2, None)
+    image(d / "s-era.img", 4 * MiB, None)
+    hosts.nbd_timeout_s = 5
+    hosts.write_configs(primary="reconnect_interval_s = 0.5\n")
+    p = (d / "p.toml").read_text().replace(f'name = "{NAME}"\n', f'name = "{NAME}"\nstart_as = "primary"\n', 1)
+    (d / "p.toml").write_text(
+        p + f'[secondary]\ndisk = "{d}/p.img"\nhidden_stores = ["{d}/ph0.img", "{d}/ph1.img"]\n'
+        f'listen = "{p_addr}:{NBD_PORT}"\nlink_listen = "{p_addr}:{LINK_PORT}"\nkey_file = "{hosts.key}"\n')
+    s = (d / "s.toml").read_text().replace(f'name = "{NAME}"\n', f'name = "{B_NAME}"\nstart_as = "secondary"\n', 1)
+    (d / "s.toml").write_text(
+        s + f'[primary]\ndisk = "{d}/s.img"\nera_metadata = "{d}/s-era.img"\nkey_file = "{hosts.key}"\n'
+        f'era_block_kib = 64\ncheckpoint_interval_s = 0\nheartbeat_interval_s = 0.2\nnbd_connections = 2\n'
+        f'nbd_timeout_s = 5\nreconnect_interval_s = 0.5\nnetns = "{lab.hosts["s"].netns}"\n'
+        f'[[primary.secondaries]]\nnbd = "{p_addr}:{NBD_PORT}"\nlink = "{p_addr}:{LINK_PORT}"\n')
+
+
+def cli_of(hosts: Hosts, host: str, *argv: str) -> subprocess.CompletedProcess:
+    """`dmrepl ACTION NAME --config HOST.toml ARGS` with the host's own resource name."""
+    return subprocess.run([sys.executable, "-m", "dmrepl.cli", argv[0], name_of(host), "--config",
+                           hosts.config(host), *argv[1:]], capture_output=True, text=True, timeout=180)
+
+
+def status_of(hosts: Hosts, host: str) -> dict | None:
+    """The primary daemon's status on `host` (None: no daemon answers)."""
+    try:
+        return control.request(control.socket_path(str(hosts.dir / f"{host}-state" / name_of(host))), "status",
+                               timeout=10)
+    except control.DaemonNotRunning:
+        return None
+
+
+def up_as(hosts: Hosts, host: str, role: str, *extra: str) -> subprocess.Popen:
+    """A secondary runs inside its namespace and returns once its control link listens; a primary
+    starts outside and enters its namespace itself (config netns)."""
+    log = open(os.path.join(hosts.logs, f"{host}-{role}.log"), "ab")
+    argv = [sys.executable, "-m", "dmrepl.cli", "up", name_of(host), "--config", hosts.config(host), *extra]
+    hosts.procs[host] = (hosts.lab.popen(host, argv, stdout=log, stderr=log) if role == "secondary"
+                         else subprocess.Popen(argv, stdout=log, stderr=log))
+    log.close()
+    if role == "secondary":
+        def listening():
+            assert hosts.procs[host].poll() is None, hosts.log(f"{host}-secondary")
+            with hosts.lab.inside(host):
+                return port_accepts(hosts.lab.hosts[host].address, LINK_PORT)
+        poll.wait_for(listening, f"{host}'s control link", timeout=START_TIMEOUT)
+    return hosts.procs[host]
+
+
 def image(path, size: int, fill: bytes | None) -> None:
     with open(path, "wb") as f:
         if fill is None:
@@ -144,8 +207,8 @@ DEADLINE_S = 10.0       # no write may take longer, whatever the fault (TCG: gen
 class Writer:
     """4 KiB writes to the primary's device in a thread, each stamped (block, sequence) and timed."""
 
-    def __init__(self, blocks: list[int], pause_s: float = 0.01):
-        self.blocks, self.pause_s = blocks, pause_s
+    def __init__(self, blocks: list[int], pause_s: float = 0.01, path: str = TOP):
+        self.blocks, self.pause_s, self.path = blocks, pause_s, path
         self.last: dict[int, bytes] = {}
         self.latencies: list[tuple[float, float]] = []   # (start time, seconds)
         self.seq = 0
@@ -160,7 +223,7 @@ class Writer:
             self.seq += 1
             data = f"{blk}:{self.seq}:".encode().ljust(4 * KiB, b"w")
             self.started = time.monotonic()
-            blockdev.write_at(TOP, blk * 4 * KiB, data)
+            blockdev.write_at(self.path, blk * 4 * KiB, data)
             self.latencies.append((self.started, time.monotonic() - self.started))
             self.started = None
             self.last[blk] = data

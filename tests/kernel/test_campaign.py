@@ -1,14 +1,20 @@
-"""A randomized fault campaign on one pair of daemons (kernel tier; `scripts/campaign N [SEED]`).
+"""A randomized fault campaign on one pair of hosts that change roles (kernel tier; `scripts/campaign N [SEED]`).
 
-Each scenario: a random writer runs (every write with a deadline); between scenarios it stops for
-a checkpoint, whose image of P is kept (its digest); a random fault strikes the secondary --
-its daemon killed, its nbdkit killed, its link down, 100% packet loss, a power loss (its daemon
-killed, its devices removed) -- either while the pair replicates or in the middle of the resync
-that repairs the previous fault.  Then:
-  - while the secondary is away or resyncing, its view equals the last checkpoint's image;
-  - once repaired and resynced, with the writer stopped, P == S byte for byte;
-  - no write took 5 s or more; at the end, nothing is left (the kernel tier's sweep).
-CI runs DMREPL_CAMPAIGN_N (default 20) scenarios of one seed; docs/campaign.md records runs with theirs.
+Both hosts have both roles' sections (daemons_lab.both_roles).  Each scenario runs a random writer
+on the primary (every write with a deadline); between scenarios it stops for a checkpoint, whose
+image is kept.  A scenario is one of:
+  - a fault of the secondary -- its daemon killed, its nbdkit killed, its link down, 100% packet
+    loss, a power loss (its daemon killed, its devices removed) -- while the pair replicates, maybe
+    followed by a second one in the middle of the resync that repairs it;
+  - the primary's daemon killed (the next `up` takes its stack over, then resyncs);
+  - a failover: the secondary takes over while the primary writes on, its consumer writes, maybe
+    through a split brain (it comes up as primary while the old one still is), then the failback:
+    the old primary gives its writes up and follows, maybe with a fault of it during that resync.
+After each: the secondary's view equals the last checkpoint's image while it is away or resyncing
+and right after a failover; once resynced, P == S byte for byte, and every block holds its last
+write (the new primary's writes after a failover); no write took 5 s or more; at the end, nothing
+is left (the kernel tier's sweep).  CI runs DMREPL_CAMPAIGN_N (default 20) scenarios of one seed;
+docs/campaign.md records runs with theirs.
 """
 
 from __future__ import annotations
@@ -19,105 +25,180 @@ import random
 import signal
 import time
 
-from daemons_lab import ACTIVE, DISK, Writer, image
+from daemons_lab import DISK, Writer, both_roles, cli_of, image, name_of, status_of, up_as
 
 from dmrepl import poll
 from dmrepl.kernel import blockdev
+from dmrepl.names import StackNames
 
 KiB = 1024
+B4 = 4 * KiB
 STALL_BOUND_S = 5.0     # the issue's default bound for a write after a fault
 FAULTS = ("daemon killed", "nbdkit killed", "link down", "packet loss", "power loss")
+KINDS = FAULTS + ("primary daemon killed", "failover")
 
 
 def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _p(hosts) -> bytes:
-    with open(hosts.dir / "p.img", "rb") as f:
-        return f.read()
-
-
 class Campaign:
     def __init__(self, hosts, seed: int):
         self.hosts, self.rnd = hosts, random.Random(seed)
-        self.view = ""          # digest of the image at the last checkpoint
+        self.pri, self.sec = "p", "s"
+        self.view = b""          # the image at the last checkpoint
         self.log: list[str] = []
 
+    # -- the pair as it stands --------------------------------------------------------
+
+    @property
+    def top(self) -> str:
+        return StackNames(name_of(self.pri)).mapper_path_top()
+
+    @property
+    def active(self) -> str:
+        return StackNames(name_of(self.sec)).mapper_path("active")
+
+    def disk(self, host: str) -> bytes:
+        with open(self.hosts.dir / f"{host}.img", "rb") as f:
+            return f.read()
+
+    def status(self) -> dict | None:
+        assert self.hosts.procs[self.pri].poll() is None, f"the primary's daemon on {self.pri} exited"
+        return status_of(self.hosts, self.pri)
+
+    def cli(self, host: str, *argv: str) -> str:
+        r = cli_of(self.hosts, host, *argv)
+        assert r.returncode == 0, (host, argv, r.stdout, r.stderr)
+        return r.stdout
+
+    def wait(self, w: Writer | None, what: str, ok, timeout: float = 300):
+        def probe():
+            if w is not None:
+                w.check_deadline()
+            return self.status()
+        return poll.wait_for(probe, what, ok=lambda s: s is not None and ok(s), timeout=timeout, interval=0.05)
+
     def checkpoint(self) -> None:
-        r = self.hosts.cli("p", "checkpoint")
-        assert r.returncode == 0, r.stderr
-        self.view = _digest(_p(self.hosts))
-        assert _digest(blockdev.read_at(ACTIVE, 0, DISK)) == self.view
+        self.cli(self.pri, "checkpoint")
+        self.view = self.disk(self.pri)
+        assert _digest(blockdev.read_at(self.active, 0, DISK)) == _digest(self.view)
 
     def check_view(self, when: str) -> None:
-        if os.path.exists(ACTIVE):      # not during a power loss
-            assert _digest(blockdev.read_at(ACTIVE, 0, DISK)) == self.view, f"view moved {when}"
+        if os.path.exists(self.active):      # not during a power loss
+            assert _digest(blockdev.read_at(self.active, 0, DISK)) == _digest(self.view), f"view moved {when}"
+
+    # -- faults of the secondary ----------------------------------------------------------
 
     def fault(self, kind: str) -> None:
-        h = self.hosts
-        if kind == "daemon killed":
-            os.kill(h.procs["s"].pid, signal.SIGKILL)
-            h.procs["s"].wait()
+        h, sec = self.hosts, self.sec
+        if kind in ("daemon killed", "power loss"):
+            os.kill(h.procs[sec].pid, signal.SIGKILL)
+            h.procs[sec].wait()
+            if kind == "power loss":
+                self.cli(sec, "down", "--force")
         elif kind == "nbdkit killed":
-            os.kill(int((h.dir / "s-state" / "r5" / "export.pid").read_text()), signal.SIGKILL)
+            os.kill(int((h.dir / f"{sec}-state" / name_of(sec) / "export.pid").read_text()), signal.SIGKILL)
         elif kind == "link down":
-            h.lab.link_down("s")
-        elif kind == "packet loss":
-            h.lab.loss("s", 100)
+            h.lab.link_down(sec)
         else:
-            os.kill(h.procs["s"].pid, signal.SIGKILL)
-            h.procs["s"].wait()
-            assert h.cli("s", "down", "--force").returncode == 0
+            h.lab.loss(sec, 100)
 
     def repair(self, kind: str) -> None:
-        h = self.hosts
         if kind in ("daemon killed", "power loss"):
-            h.start_secondary()
+            up_as(self.hosts, self.sec, "secondary")
         elif kind == "link down":
-            h.lab.link_up("s")
+            self.hosts.lab.link_up(self.sec)
         elif kind == "packet loss":
-            h.lab.loss("s", 0)
+            self.hosts.lab.loss(self.sec, 0)
 
-    def wait(self, w: Writer, what: str, ok, timeout: float = 300):
-        def probe():
-            w.check_deadline()
-            return self.hosts.status()
-        return poll.wait_for(probe, what, ok=ok, timeout=timeout, interval=0.05)
+    def fault_during_resync(self, w: Writer | None, first: str) -> str | None:
+        """Maybe a second fault while the resync runs; returns it."""
+        if self.rnd.random() >= 0.4:
+            return None
+        second = self.rnd.choice(FAULTS)
+        s = self.wait(w, f"{first}: resync", lambda s: s["state"] in ("resyncing", "replicating"))
+        # A resync that already ended took its checkpoint: the view moved to a P the writer changed.
+        view_known = s["state"] == "resyncing"
+        self.fault(second)
+        s = self.wait(w, f"{second} during the resync: degraded", lambda s: s["state"] == "degraded")
+        if view_known and not any(h["event"] == "resynced" for h in s["history"][-3:]):
+            self.check_view(f"after {second} during the resync")
+        self.repair(second)
+        return second
+
+    # -- scenarios ----------------------------------------------------------------------
 
     def scenario(self, i: int) -> None:
-        kind = self.rnd.choice(FAULTS)
-        during_resync = self.rnd.random() < 0.4
-        second = self.rnd.choice(FAULTS) if during_resync else None
-        blocks = self.rnd.sample(range(DISK // (4 * KiB)), 64)
-        with Writer(blocks, pause_s=self.rnd.choice((0.0, 0.01, 0.05))) as w:
+        kind = self.rnd.choice(KINDS)
+        blocks = self.rnd.sample(range(DISK // B4), 64)
+        pause = self.rnd.choice((0.0, 0.01, 0.05))
+        if kind == "failover":
+            return self.failover(i, blocks, pause)
+        with Writer(blocks, pause_s=pause, path=self.top) as w:
             time.sleep(self.rnd.uniform(0.1, 1.0))
-            self.fault(kind)
-            self.wait(w, f"{kind}: degraded", lambda s: s["state"] == "degraded")
-            self.check_view(f"after {kind}")
-            time.sleep(self.rnd.uniform(0.1, 1.0))
-            self.repair(kind)
-            if second is not None:
-                s = self.wait(w, f"{kind}: resync", lambda s: s["state"] in ("resyncing", "replicating"))
-                # A resync that already ended took its checkpoint: the view moved to a P the writer changed.
-                view_known = s["state"] == "resyncing"
-                self.fault(second)
-                s = self.wait(w, f"{second} during the resync: degraded", lambda s: s["state"] == "degraded")
-                if view_known and not any(h["event"] == "resynced" for h in s["history"][-3:]):
-                    self.check_view(f"after {second} during the resync")
-                self.repair(second)
+            if kind == "primary daemon killed":
+                os.kill(self.hosts.procs[self.pri].pid, signal.SIGKILL)
+                self.hosts.procs[self.pri].wait()
+                time.sleep(self.rnd.uniform(0.1, 1.0))
+                up_as(self.hosts, self.pri, "primary")
+                second = None
+            else:
+                self.fault(kind)
+                self.wait(w, f"{kind}: degraded", lambda s: s["state"] == "degraded")
+                self.check_view(f"after {kind}")
+                time.sleep(self.rnd.uniform(0.1, 1.0))
+                self.repair(kind)
+                second = self.fault_during_resync(w, kind)
             s = self.wait(w, "replicating again", lambda s: s["state"] == "replicating")
-        p = _p(self.hosts)
-        with open(self.hosts.dir / "s.img", "rb") as f:
-            assert f.read() == p, f"scenario {i}: P != S after {kind}{' + ' + second if second else ''}"
-        for blk, data in w.last.items():
-            assert p[blk * 4 * KiB:(blk + 1) * 4 * KiB] == data, (i, blk)
+        self.settled(i, f"{kind}{' then ' + second + ' during the resync' if second else ''}", w.last, w, s)
+
+    def failover(self, i: int, blocks: list[int], pause: float) -> None:
+        """The secondary takes over; the old primary follows it after a failback (maybe through a split
+        brain, maybe with a fault of it during the failback's resync).  The roles are swapped after."""
+        old, new = self.pri, self.sec
+        with Writer(blocks, pause_s=pause, path=self.top) as w:
+            time.sleep(self.rnd.uniform(0.1, 1.0))
+            self.cli(new, "failover")                 # fences the export: the old primary degrades
+            assert blockdev.read_at(self.active, 0, DISK) == self.view, f"scenario {i}: the taken-over view"
+            self.wait(w, "the old primary to degrade", lambda s: s["state"] == "degraded")
+        active = self.active
+        own = {b: f"{new}:{b}:{i}:".encode().ljust(B4, b"n") for b in self.rnd.sample(range(DISK // B4), 16)}
+        for b, data in own.items():
+            blockdev.write_at(active, b * B4, data)   # the new primary's consumer
+        split = self.rnd.random() < 0.5
+        self.cli(new, "down")
+        if split:                                     # up as primary while the old one still is
+            self.pri = new
+            up_as(self.hosts, new, "primary")
+            self.wait(None, "the split brain", lambda s: bool(s.get("split_brain")), timeout=120)
+            assert status_of(self.hosts, old)["state"] == "degraded"
+        self.cli(old, "down")
+        self.hosts.procs[old].wait(timeout=60)
+        self.cli(old, "resolve", "--discard-my-data")
+        self.pri, self.sec = new, old
+        up_as(self.hosts, old, "secondary")
+        if not split:
+            up_as(self.hosts, new, "primary")
+        second = self.fault_during_resync(None, "failback")
+        s = self.wait(None, "the failback", lambda s: s["state"] == "replicating")
+        expected = bytearray(self.view)
+        for b, data in own.items():
+            expected[b * B4:(b + 1) * B4] = data
+        assert self.disk(new) == bytes(expected), f"scenario {i}: the new primary's data after the failback"
+        self.settled(i, f"failover from {old} to {new}{', split brain' if split else ''}"
+                     f"{', then ' + second + ' during the failback' if second else ''}", own, w, s)
+
+    def settled(self, i: int, what: str, last: dict[int, bytes], w: Writer, s: dict) -> None:
+        p = self.disk(self.pri)
+        assert self.disk(self.sec) == p, f"scenario {i}: P != S after {what}"
+        for blk, data in last.items():
+            assert p[blk * B4:(blk + 1) * B4] == data, (i, blk)
         longest = max([d for _t, d in w.latencies] or [0])
-        assert longest < STALL_BOUND_S, f"scenario {i}: a write took {longest:.2f} s ({kind}, {second})"
-        r = s["last_resync"]
-        self.log.append(f"{i}: {kind}{' then ' + second + ' during the resync' if second else ''}: "
-                        f"longest write {longest:.2f} s, "
-                        f"{r.get('differing_bytes', 0) >> 10} KiB differed, sent {r.get('sent_bytes', 0) >> 10} KiB")
+        assert longest < STALL_BOUND_S, f"scenario {i}: a write took {longest:.2f} s ({what})"
+        r = s.get("last_resync") or {}
+        self.log.append(f"{i}: {what}: longest write {longest:.2f} s, compared {r.get('candidate_bytes', 0) >> 10} "
+                        f"KiB, {r.get('differing_bytes', 0) >> 10} KiB differed, sent {r.get('sent_bytes', 0) >> 10} KiB")
         self.checkpoint()   # the resync's own checkpoint moved the view to a P the writer changed
 
 
@@ -127,12 +208,12 @@ def test_fault_campaign(hosts):
     # on the draw; new seeds are for the long runs recorded in docs/campaign.md.
     seed = int(os.environ.get("DMREPL_CAMPAIGN_SEED", "1795730550"))
     print(f"\ncampaign: {n} scenarios, seed {seed} (DMREPL_CAMPAIGN_SEED={seed} repeats it)")
-    hosts.nbd_timeout_s = 5                 # the default: bounds a stall the signs above miss
-    hosts.write_configs(primary="reconnect_interval_s = 0.5\n")
+    both_roles(hosts)
     image(hosts.dir / "s.img", DISK, b"\x11")
-    hosts.start_secondary()
-    hosts.start_primary("--assume-clean")
     c = Campaign(hosts, seed)
+    up_as(hosts, "s", "secondary")
+    up_as(hosts, "p", "primary", "--assume-clean")
+    c.wait(None, "the pair to replicate", lambda s: s["state"] == "replicating")
     c.checkpoint()
     t0 = time.monotonic()
     try:
@@ -140,4 +221,6 @@ def test_fault_campaign(hosts):
             c.scenario(i)
     finally:
         print("\n".join(c.log))
+        for host in ("p", "s"):
+            cli_of(hosts, host, "down", "--force")     # the fixture knows only host p's name
     print(f"campaign: {n} scenarios passed in {time.monotonic() - t0:.0f} s, seed {seed}")

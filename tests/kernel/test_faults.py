@@ -193,3 +193,37 @@ def test_a_primary_restarted_without_its_secondary_comes_up_degraded_then_resync
 
 def _resyncs(s: dict) -> int:
     return sum(1 for h in s["history"] if h["event"] == "resynced")
+
+
+def test_the_primary_daemon_killed_under_load_is_taken_over_by_the_next_one(hosts):
+    """kill -9 of the primary's daemon: the kernel keeps the consumer's writes flowing (mirror, era,
+    NBD need no daemon); the next `dmrepl up` takes the stack over as it is, disconnects the orphan
+    NBD device and resyncs the delta, while the consumer writes on."""
+    hosts.write_configs(primary="reconnect_interval_s = 0.5\n")
+    _equal_disks(hosts)
+    hosts.start_secondary()
+    hosts.start_primary("--assume-clean")
+    old_nbd = hosts.status()["nbd"]
+    hot = list(range(0, DISK // (4 * KiB), 61))
+    with Writer(hot) as w:
+        time.sleep(0.5)
+        t_kill = time.monotonic()
+        os.kill(hosts.procs["p"].pid, signal.SIGKILL)
+        hosts.procs["p"].wait()
+        time.sleep(1)
+        assert w.stall_after(t_kill) < 5.0, w.stall_after(t_kill)
+        hosts.start("p")
+        s = _wait(hosts, w, "the new daemon to replicate", ok=lambda s: s is not None and s["state"] == "replicating",
+                  timeout=300)
+        assert any(h["event"] == "start-degraded" and "dead daemon" in h["reason"] for h in s["history"]), s
+        assert _resyncs(s) == 1, s["history"]
+    assert w.stall_after(t_kill) < 5.0, w.stall_after(t_kill)
+    if s["nbd"] != old_nbd:     # the orphan was disconnected (and removed), not left attached to nothing
+        size = f"/sys/block/{os.path.basename(old_nbd)}/size"
+        assert not os.path.exists(size) or open(size).read().strip() == "0", old_nbd
+    p = _file(hosts.dir / "p.img")
+    assert p == _file(hosts.dir / "s.img")
+    for blk, data in w.last.items():
+        assert p[blk * 4 * KiB:(blk + 1) * 4 * KiB] == data, blk
+    print(f"\nprimary daemon killed under load: longest write {w.stall_after(t_kill):.2f} s; "
+          f"the next daemon resynced {s['last_resync']['differing_bytes'] >> 10} KiB")

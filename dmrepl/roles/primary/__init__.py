@@ -150,6 +150,26 @@ class Primary:
             raise
         return Devices(devs[0], devs[1], tuple(loops), devs[2])
 
+    def adopt(self) -> tuple[Devices, int | None]:
+        """The stack a daemon that died left behind, as it is: its loop devices (found, not attached
+        again) and the index of the NBD device still in the mirror (None: the leg was dropped)."""
+        st = self.state()
+        if st is None or st.resource_id != self.cfg.resource_id or st.role != Role.PRIMARY:
+            raise DmreplError(f"the devices of {self.cfg.name} are up but the state in {self.states.path} "
+                              "is not this config's primary", f"`dmrepl down {self.cfg.name}` first")
+        found, loops = [], []
+        for what, path in self.paths() + [("resync log", self.resync_log_path)]:
+            if not os.path.isfile(path):
+                found.append(path)
+                continue
+            devs = loop.find(path)
+            if not devs:
+                raise DmreplError(f"{what} {path} is no longer attached to a loop device under the running stack",
+                                  f"stop the consumer, `dmrepl down {self.cfg.name}`, then `up` again")
+            found.append(devs[0])
+            loops.append(devs[0])
+        return Devices(found[0], found[1], tuple(loops), found[2]), self.stack.nbd_index()
+
     def up(self, devs: Devices, nbd_path: str | None) -> ResourceState:
         """Build mirror and era over P and the NBD leg (None: without it, degraded); a first start
         formats the era metadata."""

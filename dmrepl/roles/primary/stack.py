@@ -22,6 +22,7 @@ dm core meanwhile, era itself stays live (its messages and status need that).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from dmrepl.kernel import blockdev, dm, mirrorlog, switch
@@ -83,6 +84,14 @@ class PrimaryStack:
         """The mirror's status; None while the NBD leg is dropped (a linear table)."""
         (spec,) = self.ctl.status(self.dm("mirror"))
         return MirrorStatus.parse(spec.text) if spec.target_type == "mirror" else None
+
+    def nbd_index(self) -> int | None:
+        """N of the /dev/nbdN the mirror's table uses (None: no NBD leg), by the kernel's name for it."""
+        for major, minor in self.ctl.deps(self.dm("mirror")):
+            name = os.path.basename(os.path.realpath(f"/sys/dev/block/{major}:{minor}"))
+            if name.startswith("nbd") and name[3:].isdigit():
+                return int(name[3:])
+        return None
 
     def _swap(self, target) -> dm.DeviceInfo:
         name = self.dm("mirror")

@@ -1,0 +1,87 @@
+"""The primary daemon's start: connect, sync or resync, or come up degraded; or take over the
+stack a daemon that died left behind (the consumer may still be using it).
+
+    first start:    hello -> initial sync (or --assume-clean) -> mirror + era -> checkpoint 1
+    restart:        hello -> mirror + era -> delta resync from the newest common checkpoint
+    no secondary:   era over P alone, degraded; the loop reconnects later
+    a stack is up:  no other daemon answers its control socket (ControlServer checked): it is
+                    taken as it is, its NBD device disconnected and the leg dropped -> degraded
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from dmrepl.daemon import peer
+from dmrepl.daemon.machine import Event
+from dmrepl.daemon.primary_resync import initial_sync
+from dmrepl.daemon.progress import log
+from dmrepl.errors import DmreplError
+from dmrepl.kernel import modules
+from dmrepl.link.frames import FrameError
+from dmrepl.nbd.attach import AttachError
+
+if TYPE_CHECKING:
+    from dmrepl.daemon.primary import PrimaryDaemon
+
+
+def start(d: "PrimaryDaemon", assume_clean: bool) -> None:
+    """Bring the stack up with the secondary (sync, resync or --assume-clean), or degraded without it."""
+    load_modules()
+    if d.pri.is_up():
+        return adopt(d)     # no other daemon answers (the control socket said so)
+    st = d.pri.check()
+    try:
+        theirs = d.link.connect()
+    except (DmreplError, AttachError, FrameError, OSError) as e:
+        if st is None or isinstance(e, peer.PeerRefused) and d.link.split_brain is None:
+            raise
+        # A restart without the secondary: the consumer gets its disk now; the secondary a delta later.
+        d.devs = d.pri.attach()
+        d.pri.up(d.devs, None)
+        d.built = True
+        d.machine.fire(Event.START_DEGRADED, f"the secondary is not reachable: {e}")
+        log(f"DEGRADED: up without the secondary ({e}); writes reach P only (era records them); "
+            f"trying again every {d.cfg.reconnect_interval_s:g} s")
+        return
+    d.devs = d.pri.attach()
+    if st is None and not assume_clean:
+        d.machine.fire(Event.CONNECTED, "first start: S gets a full copy of P")
+        initial_sync(d.devs.disk, d.link.nbd.path, d.link.session, theirs.store_bytes,
+                     lambda: d.stopping)
+        event, why = Event.SYNCED, "initial sync verified"
+    elif assume_clean:
+        event, why = Event.CONNECTED_IN_SYNC, "--assume-clean"
+    else:
+        event = None
+    d.pri.up(d.devs, d.link.nbd.path)
+    d.built = True
+    log(f"up: {d.pri.top_path} replicates to the secondary")
+    if event is None:
+        d.begin_resync(theirs)
+        return
+    # The first checkpoint makes the secondary's view P as it is now: before it, the view is
+    # whatever S held (before the sync, or at the last checkpoint).
+    d._checkpoint("start")
+    d.machine.fire(event, why)
+
+def adopt(d: "PrimaryDaemon") -> None:
+    """A daemon that died left its stack, which the consumer may be using: take it over as it is,
+    degraded (its NBD connections have no control link any more), then resync as after any loss."""
+    d.devs, index = d.pri.adopt()
+    d.built = True
+    if index is not None:
+        if d.nl.is_connected(index):
+            d.nl.disconnect(index)
+        d.pri.drop_leg(d.devs)
+    d.machine.fire(Event.START_DEGRADED, "took over the stack a dead daemon left")
+    log(f"DEGRADED: took over the stack of {d.pri.top_path} that a dead daemon left"
+        + (f" (NBD /dev/nbd{index} disconnected, leg dropped)" if index is not None else "")
+        + "; a delta resync follows when the secondary answers")
+
+
+def load_modules() -> None:
+    for module in ("nbd", "dm-mirror", "dm-era"):
+        why = modules.load(module)
+        if why is not None:
+            raise DmreplError(f"kernel module {module} cannot be loaded: {why}", "`dmrepl doctor` checks this host")
