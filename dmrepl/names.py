@@ -4,6 +4,7 @@
     dmrepl-NAME-hidden  DMREPL-NAME-hidden   secondary: snapshot S Hk (the hidden store)
     dmrepl-NAME-active  DMREPL-NAME-active   secondary: linear, what its consumer opens
     dmrepl-NAME-era     DMREPL-NAME-era      secondary after a failover: era over origin, under active
+    dmrepl-NAME-era-settle                   `resolve`: an era loaded and removed at once (kernel/era.settle)
     /dev/dmrepl/NAME/active                  udev's stable link (udev/56-dmrepl.rules)
     dmrepl-NAME         DMREPL-NAME-top      primary: era over the mirror, what its consumer opens
     dmrepl-NAME-mirror  DMREPL-NAME-mirror   primary: mirror of P and the NBD leg

@@ -18,6 +18,7 @@ from dmrepl.kernel import blockdev
 from dmrepl.kernel.dm import Control
 from dmrepl.kernel.errors import KernelError
 from dmrepl.kernel.status import EraStatus
+from dmrepl.kernel.tables import Era
 
 HEADER_BYTES = 4096   # dm-era formats metadata whose superblock is zeroes (dm-era-target.c)
 
@@ -93,6 +94,19 @@ def written_since(ctl: Control, name: str, metadata_dev: str, era: int) -> list[
 
 
 def written_since_offline(metadata_dev: str, era: int) -> list[tuple[int, int]]:
-    """Era blocks written in `era` or later, from metadata no era device uses any more (its removal
-    suspended it, and the postsuspend archived the current era's writeset: dm-era-target.c)."""
+    """Era blocks written in `era` or later, from metadata no era device uses any more.  Only
+    archived eras count: a removal archives the current one, a crash does not (`settle`)."""
     return _invalidate(metadata_dev, era, snapshot=False)
+
+
+def settle(ctl: Control, name: str, uuid: str, metadata_dev: str, data_dev: str, block_sectors: int) -> None:
+    """Archive the era a crash left current: load an era device over the metadata, resume it (its
+    preresume rolls the era over) and remove it, with no I/O through it.  Without this,
+    era_invalidate misses every write of the era that was current at the crash, though its
+    writeset is on disk (docs/kernel-notes.md; tests/kernel/test_era.py)."""
+    ctl.create(name, uuid)
+    try:
+        ctl.load(name, [Era(0, blockdev.size_bytes(data_dev) // 512, metadata_dev, data_dev, block_sectors)])
+        ctl.resume(name)
+    finally:
+        ctl.remove(name)

@@ -41,3 +41,38 @@ def test_suspend_resume_advances_the_era(ctl, loops, devices):
     ctl.suspend(name)
     ctl.resume(name)
     assert era.status(ctl, name).current_era == before + 1
+
+
+def _metadata_as_a_crash_leaves_it(meta: str, loops) -> str:
+    """The metadata device's bytes now (O_DIRECT), on a device of their own: what a power loss
+    would leave (era_invalidate opens with O_DIRECT: a block device, not a tmpfs file)."""
+    copy = loops.make("crash", blockdev.size_bytes(meta))
+    blockdev.write_at(copy, 0, blockdev.read_at(meta, 0, blockdev.size_bytes(meta)))
+    return copy
+
+
+def test_offline_history_after_a_removal_and_after_a_crash(ctl, loops, devices):
+    """What `resolve --discard-my-data` reads offline.  After a removal (the stack's `down`) every
+    era is there.  After a crash (the metadata as it is on disk while the device is live) the era
+    current at the crash is missing, though its writeset is on disk: settle() -- an era device
+    loaded over the metadata and removed -- archives it, and it is there again."""
+    meta = loops.make("meta", 4 * MiB)
+    disk = loops.make("disk", 16 * MiB)
+    name = devices.create("era", [Era(0, 16 * SECTORS_PER_MiB, meta, disk, BLOCK_SECTORS)])
+    dev = f"/dev/mapper/{name}"
+    first = era.status(ctl, name).current_era
+    blockdev.write_at(dev, 0, b"a" * 4096)                             # block 0, era `first`
+    second = era.checkpoint(ctl, name)
+    blockdev.write_at(dev, 5 * BLOCK_BYTES, b"b" * 4096)               # block 5, the current era
+    crash = _metadata_as_a_crash_leaves_it(meta, loops)
+    assert era.written_since_offline(crash, first) == [(0, 1)]      # block 5 missing
+    assert era.written_since_offline(crash, second) == []
+    ctl.remove(name)
+    devices.names.remove(name)
+    assert era.written_since_offline(meta, first) == [(0, 1), (5, 6)]
+    assert era.written_since_offline(meta, second) == [(5, 6)]
+    era.settle(ctl, "dmrepl-test-era-settle", "DMREPL-test-era-settle", crash, loops.make("disk2", 16 * MiB),
+               BLOCK_SECTORS)
+    assert not ctl.exists("dmrepl-test-era-settle")
+    assert era.written_since_offline(crash, first) == [(0, 1), (5, 6)]
+    assert era.written_since_offline(crash, second) == [(5, 6)]

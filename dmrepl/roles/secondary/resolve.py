@@ -14,6 +14,8 @@ its own disk as it was left: not a checkpoint.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
+from typing import Iterator
 
 from dmrepl.config import SecondaryConfig
 from dmrepl.errors import DmreplError
@@ -70,11 +72,12 @@ def discard_my_data(cfg: SecondaryConfig, ctl: dm.Control) -> ResourceState:
             ranges = [(0, size)]       # no era history to tell: the whole disk is compared
         else:
             block = cfg.era_block_sectors * SECTOR
-            for b, e in _written(cfg.era_metadata, since):
+            for b, e in _written(cfg, ctl, names, since):
                 ranges.append((b * block, min(e * block, size) - b * block))
         stack = Stack(cfg, ctl)
         for store in cfg.hidden_stores:
-            _each_device(store, stack.zero_header)     # the secondary starts with empty stores
+            with _device(store) as dev:
+                stack.zero_header(dev)      # the secondary starts with empty stores
         diverged = {"checkpoint": st.checkpoint, "ranges": _merge(ranges)}
         new = st.evolve(role=Role.SECONDARY.value, current_store=0, checkpoint_lost=False,
                         early_checkpoint_requested=False, diverged=diverged,
@@ -84,19 +87,21 @@ def discard_my_data(cfg: SecondaryConfig, ctl: dm.Control) -> ResourceState:
     return new
 
 
-def _written(metadata: str, since: int) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
-    _each_device(metadata, lambda dev: out.extend(era.written_since_offline(dev, since)))
-    return out
+def _written(cfg: SecondaryConfig, ctl: dm.Control, names: StackNames, since: int) -> list[tuple[int, int]]:
+    """Era blocks written since `since`, the era a crash may have left current included (settle)."""
+    with _device(cfg.era_metadata) as meta, _device(cfg.disk) as disk:
+        era.settle(ctl, names.dm("era-settle"), names.uuid("era-settle"), meta, disk, cfg.era_block_sectors)
+        return era.written_since_offline(meta, since)
 
 
-def _each_device(path: str, use) -> None:
-    """Call `use` with the block device of `path` (a loop device over a file while it runs)."""
+@contextmanager
+def _device(path: str) -> Iterator[str]:
+    """The block device of `path` (a loop device over a file while it is used)."""
     if not os.path.isfile(path):
-        use(path)
+        yield path
         return
     dev = loop.attach(path)
     try:
-        use(dev)
+        yield dev
     finally:
         loop.detach(dev)
