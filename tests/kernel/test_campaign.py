@@ -112,14 +112,15 @@ class Campaign:
         elif kind == "packet loss":
             self.hosts.lab.loss(self.sec, 0)
 
-    def fault_during_resync(self, w: Writer | None, first: str) -> str | None:
-        """Maybe a second fault while the resync runs; returns it."""
+    def fault_during_resync(self, w: Writer | None, first: str, view_kept: bool = True) -> str | None:
+        """Maybe a second fault while the resync runs; returns it.  `view_kept`: the secondary's view
+        is the last checkpoint's meanwhile (not after a failback's resolve: it is its own disk)."""
         if self.rnd.random() >= 0.4:
             return None
         second = self.rnd.choice(FAULTS)
         s = self.wait(w, f"{first}: resync", lambda s: s["state"] in ("resyncing", "replicating"))
         # A resync that already ended took its checkpoint: the view moved to a P the writer changed.
-        view_known = s["state"] == "resyncing"
+        view_known = view_kept and s["state"] == "resyncing"
         self.fault(second)
         s = self.wait(w, f"{second} during the resync: degraded", lambda s: s["state"] == "degraded")
         if view_known and not any(h["event"] == "resynced" for h in s["history"][-3:]):
@@ -180,7 +181,7 @@ class Campaign:
         up_as(self.hosts, old, "secondary")
         if not split:
             up_as(self.hosts, new, "primary")
-        second = self.fault_during_resync(None, "failback")
+        second = self.fault_during_resync(None, "failback", view_kept=False)
         s = self.wait(None, "the failback", lambda s: s["state"] == "replicating")
         expected = bytearray(self.view)
         for b, data in own.items():
