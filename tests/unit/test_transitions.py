@@ -55,3 +55,16 @@ def test_roles_read_from_the_state_file_as_strings():
     assert is_noop("merging", Op.FAILOVER) and not is_noop("secondary", Op.FAILOVER)
     with pytest.raises(ValueError):
         check("r", "primary-ish", Op.FAILOVER)
+
+
+def test_a_secondary_that_gave_its_writes_up_cannot_fail_over_before_its_resync_joined():
+    from types import SimpleNamespace
+
+    from dmrepl.roles.secondary.failover import failover
+    from dmrepl.state import ResourceState
+
+    st = ResourceState(name="vm1", resource_id="vm1", checkpoint=2, diverged={"checkpoint": 2, "ranges": [[0, 4096]]})
+    fenced = []
+    with pytest.raises(DmreplError) as e:
+        failover(SimpleNamespace(cfg=SimpleNamespace(name="vm1")), None, st, fence=lambda: fenced.append(1))
+    assert "its view is not a checkpoint" in str(e.value) and not fenced   # refused before the fence

@@ -50,6 +50,11 @@ def failover(stack: Stack, states: StateStore, st: ResourceState,
     check(stack.cfg.name, st.role, Op.FAILOVER)
     if is_noop(st.role, Op.FAILOVER):
         return st  # already switched: the merge goes on
+    if st.diverged is not None and st.role == Role.SECONDARY:
+        raise DmreplError("this host gave its writes up (`resolve --discard-my-data`) and its resync from the "
+                          "primary has not reached a checkpoint yet: its view is not a checkpoint, a failover "
+                          "now would take over a mix of both hosts' data",
+                          "let the resync finish (`dmrepl status` on the primary), or fail over on the other host")
     health = watch.store_health(stack)
     if health is not None and health.lost:
         raise DmreplError("the hidden store was invalidated by the kernel (checkpoint lost): "
