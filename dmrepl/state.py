@@ -45,6 +45,11 @@ class ResourceState:
     def evolve(self, **changes) -> "ResourceState":
         return replace(self, **changes)
 
+    def era_of(self, checkpoint: int) -> int | None:
+        """The earliest era this host recorded for `checkpoint` (primary history), None if none."""
+        eras = [h["era"] for h in self.history if h.get("checkpoint") == checkpoint and isinstance(h.get("era"), int)]
+        return min(eras) if eras else None
+
 
 class StateStore:
     def __init__(self, directory: str):

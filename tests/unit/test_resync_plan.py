@@ -104,3 +104,12 @@ def test_a_hello_carries_the_diverged_ranges_and_refuses_bad_ones():
     for bad in ([[0, 0]], [[-1, 5]], [["x", 1]], [[1]]):
         with pytest.raises(ValueError):
             Hello.from_wire({**h.to_wire(), "diverged": bad})
+
+
+def test_the_era_of_a_checkpoint_is_the_earliest_recorded_for_it():
+    from dmrepl.state import ResourceState
+
+    st = ResourceState(name="vm1", resource_id="vm1", history=[
+        {"checkpoint": 2, "era": 7}, {"checkpoint": 2, "era": 5, "event": "up"}, {"checkpoint": 3, "era": 9},
+        {"checkpoint": 4, "time": 1.0}])
+    assert (st.era_of(2), st.era_of(3), st.era_of(4), st.era_of(1)) == (5, 9, None, None)

@@ -281,8 +281,7 @@ class Primary:
         extra = tuple((int(o), int(n)) for o, n in [*(mine.get("ranges") or []), *(their_diverged or [])])
         if mine.get("era") is not None:
             return ResyncBase(common, mine["era"] if their_diverged is not None else None, extra)
-        eras = [h["era"] for h in st.history if h.get("checkpoint") == common and isinstance(h.get("era"), int)]
-        return ResyncBase(common, min(eras) if eras else None, extra)
+        return ResyncBase(common, st.era_of(common), extra)
 
     def resync_candidates(self, devs: Devices, base: ResyncBase) -> tuple[int, list[tuple[int, int]]]:
         """(region sectors, region ranges) to compare: the era blocks written since the base's era,

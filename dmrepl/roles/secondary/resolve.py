@@ -33,8 +33,7 @@ def _base_era(st: ResourceState) -> int | None:
     took_over = (st.diverged or {}).get("era")
     if took_over is not None:
         return took_over
-    eras = [h["era"] for h in st.history if h.get("checkpoint") == st.checkpoint and isinstance(h.get("era"), int)]
-    return min(eras) if eras else None
+    return st.era_of(st.checkpoint)
 
 
 def _merge(ranges: list[tuple[int, int]]) -> list[list[int]]:
