@@ -11,7 +11,9 @@ the writes through /dev/mapper/dmrepl-NAME, the link back up: time from the link
 checkpoint) and the bytes the resync sent (`status`: copied pieces + digests).
 DRBD 8.4 protocol C over 127.0.0.1 (bench/primary.py's pair): `disconnect`, the same writes on
 /dev/drbd0, `connect`; time to UpToDate/UpToDate and the bytes it sent (/proc/drbd ns: delta).
-Last, the stall a 4 KiB writer sees when the secondary's daemon is killed (kill -9), for dmrepl.
+Last, for both, the stall a 4 KiB writer sees under 100 % loss of the secondary's packets and when
+the secondary's end closes at once (dmrepl: kill -9 of its daemon; DRBD: `disconnect --force` on
+the peer).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import os
 import random
 import re
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -98,29 +101,48 @@ def dmrepl_round(pair: Pair, top: str, disk_bytes: int, pattern: str, seed: int)
     r = s["last_resync"]
     say(f"dmrepl {pattern}: in sync after {time.monotonic() - t0:.1f} s")
     return {"written": written, "seconds": time.monotonic() - t0, "sent": r["sent_bytes"],
-            "copied": r["copy_bytes"], "digests": r["digest_bytes"], "compared": r["candidate_bytes"]}
+            "copied": r["copy_bytes"], "digests": r["digest_bytes"], "compared": r["candidate_bytes"],
+            "compare_s": r["compare_seconds"], "copy_s": r["copy_seconds"]}
 
 
-def kill_stall(pair: Pair, top: str) -> float:
-    """The longest 4 KiB write while the secondary's daemon is killed (measured for 3 s after)."""
+def stall(top: str, fault, watch_s: float = 8.0, span: int = 1024) -> float:
+    """The longest 4 KiB write that was in flight at or after `fault()` (a writer hammering
+    `span` blocks, watched for `watch_s` after the fault; a write still hung then counts until
+    the watch's end, so a hang reads as at least `watch_s`)."""
     lat: list[tuple[float, float]] = []
+    inflight = [0.0]
     stop = threading.Event()
 
     def writer():
         while not stop.is_set():
-            t = time.monotonic()
-            blockdev.write_at(top, random.randrange(1024) * 4 * KiB, os.urandom(4 * KiB))
+            inflight[0] = t = time.monotonic()
+            blockdev.write_at(top, random.randrange(span) * 4 * KiB, os.urandom(4 * KiB))
             lat.append((t, time.monotonic() - t))
+            inflight[0] = 0.0
 
     th = threading.Thread(target=writer, daemon=True)
     th.start()
     time.sleep(1)
-    t_kill = time.monotonic()
-    os.kill(pair.procs["s"].pid, signal.SIGKILL)
-    time.sleep(3)
+    t_fault = time.monotonic()
+    fault()
+    time.sleep(watch_s)
     stop.set()
-    th.join(timeout=30)
-    return max([d for t, d in lat if t + d >= t_kill] or [0.0])
+    end = time.monotonic()
+    hung = end - inflight[0] if inflight[0] else 0.0
+    th.join(timeout=120)
+    return max([d for t, d in lat if t + d >= t_fault] + [hung])
+
+
+def dmrepl_stalls(pair: Pair, top: str) -> dict:
+    """The writer's stall under 100 % loss from the secondary, then (after it resynced) under a
+    kill -9 of the secondary's daemon."""
+    out = {"loss": stall(top, lambda: pair.lab.loss("s", 100))}
+    before = resyncs(pair.status())
+    pair.lab.loss("s", 0)
+    poll.wait_for(pair.status, "the resync after the loss",
+                  ok=lambda s: s["state"] == "replicating" and resyncs(s) > before, timeout=600)
+    out["kill"] = stall(top, lambda: os.kill(pair.procs["s"].pid, signal.SIGKILL))
+    return out
 
 
 # -- DRBD -----------------------------------------------------------------------------------
@@ -169,6 +191,39 @@ def drbd_round(path: str, disk_bytes: int, pattern: str, seed: int) -> dict:
     return {"written": written, "seconds": time.monotonic() - t0, "sent": drbd_sent_kib(minor) * KiB}
 
 
+def drbd_loss(on: bool) -> None:
+    """100 % loss of DRBD's traffic on loopback (both ports, both directions): a prio qdisc on lo
+    whose third band drops everything, fed by u32 filters on DRBD's ports; off removes it."""
+    tc = lambda *a: subprocess.run(["tc", *a], check=True, capture_output=True)   # noqa: E731
+    if not on:
+        tc("qdisc", "del", "dev", "lo", "root")
+        return
+    tc("qdisc", "add", "dev", "lo", "root", "handle", "1:", "prio")
+    tc("qdisc", "add", "dev", "lo", "parent", "1:3", "handle", "30:", "netem", "loss", "100%")
+    for port in DRBD_PORTS:
+        for field in ("sport", "dport"):
+            tc("filter", "add", "dev", "lo", "parent", "1:", "protocol", "ip", "prio", "1", "u32",
+               "match", "ip", field, str(port), "0xffff", "flowid", "1:3")
+
+
+def drbd_stalls(path: str) -> dict:
+    """DRBD's writer stall under 100 % loss of its traffic, then (connected and in sync again)
+    when the peer's end is closed at once (`disconnect --force` on the peer: what a dead process's
+    sockets look like to the primary; the peer is a kernel thread, there is no process to kill)."""
+    res, minor = DRBD_RESOURCES, DRBD_MINORS[0]
+    addrs = [f"ipv4:{HOST}:{port}" for port in DRBD_PORTS]
+    out = {"loss": stall(path, lambda: drbd_loss(True), watch_s=50)}
+    drbd_loss(False)
+    say(f"drbd after the loss: {drbd_minors()[minor].strip()}")
+    for i, m in enumerate(DRBD_MINORS):     # DRBD reconnects by itself unless it went StandAlone
+        if "StandAlone" in drbd_minors()[m]:
+            drbdsetup("connect", res[i], addrs[i], addrs[1 - i], "--protocol=C")
+    poll.wait_for(lambda: drbd_minors()[minor], "DRBD in sync after the loss", timeout=300, interval=0.05,
+                  ok=lambda line: "cs:Connected" in line and "ds:UpToDate/UpToDate" in line)
+    out["kill"] = stall(path, lambda: drbdsetup("disconnect", "--force", addrs[1], addrs[0]))
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--disk-mib", type=int, default=256)
@@ -181,6 +236,7 @@ def main() -> int:
         es.enter_context(drbd_without_helpers())
         for seed, pattern in enumerate(PATTERNS):
             rows.append((pattern, "drbd", drbd_round(drbd, disk, pattern, seed)))
+        stalls = {"drbd": drbd_stalls(drbd)}
         es.close()
     with contextlib.ExitStack() as es:
         work = es.enter_context(tempfile.TemporaryDirectory(prefix="dmrepl-bench-resync-"))
@@ -189,7 +245,7 @@ def main() -> int:
         top = StackNames("demo").mapper_path_top()
         for seed, pattern in enumerate(PATTERNS):
             rows.append((pattern, "dmrepl", dmrepl_round(pair, top, disk, pattern, seed)))
-        stall = kill_stall(pair, top)
+        stalls["dmrepl"] = dmrepl_stalls(pair, top)
     print(f"\nresync after a disconnection: {args.disk_mib} MiB disks, {os.cpu_count()} vCPU(s); "
           "time from reconnection to in sync, bytes sent")
     print("| pattern | peer | written | time to in sync | sent | sent / written |")
@@ -200,8 +256,14 @@ def main() -> int:
     for pattern, peer, r in rows:
         if peer == "dmrepl":
             print(f"dmrepl {pattern}: {r['compared'] / MiB:.1f} MiB compared, {r['copied'] / MiB:.2f} MiB copied, "
-                  f"{r['digests'] / KiB:.0f} KiB of digests")
-    print(f"dmrepl: longest 4 KiB write when the secondary's daemon is killed (kill -9): {stall * 1000:.0f} ms")
+                  f"{r['digests'] / KiB:.0f} KiB of digests; comparing {r['compare_s']:.1f} s, copying {r['copy_s']:.1f} s")
+    print("\nlongest 4 KiB write from the secondary's loss on (writer on the primary's device)")
+    print("| fault | dmrepl | DRBD | dmrepl / DRBD |")
+    print("|---|---|---|---|")
+    for fault, label in (("kill", "peer's end closed (dmrepl: kill -9; DRBD: disconnect --force)"),
+                         ("loss", "100 % packet loss")):
+        d, b = stalls["dmrepl"][fault], stalls["drbd"][fault]
+        print(f"| {label} | {d * 1000:.0f} ms | {b * 1000:.0f} ms | {d / b if b else float('inf'):.2f}x |")
     return 0
 
 

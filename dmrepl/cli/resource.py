@@ -201,7 +201,8 @@ def _p_status(cfg: PrimaryConfig, args) -> int:
         if r:
             print(f"  {label}: {r['phase']}, {r['since']}; compared {r['compared_bytes'] >> 10} of "
                   f"{r['candidate_bytes'] >> 10} KiB, {r['differing_bytes'] >> 10} KiB differ, copied "
-                  f"{r['copied_bytes'] >> 10} of {r['copy_bytes'] >> 10} KiB, {r['digest_bytes'] >> 10} KiB of digests")
+                  f"{r['copied_bytes'] >> 10} of {r['copy_bytes'] >> 10} KiB, {r['digest_bytes'] >> 10} KiB of digests"
+                  f" ({r.get('compare_seconds', 0):.1f} s comparing, {r.get('copy_seconds', 0):.1f} s copying)")
     return 0
 
 

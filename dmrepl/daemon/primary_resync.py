@@ -93,6 +93,7 @@ class Resync:
         self.copied_regions = 0
         self.copy_region = 0
         self.to_copy: list[int] = []
+        self.copy_started: float | None = None   # the comparison's end
         self.finished: float | None = None
         self._shown = -1
 
@@ -125,8 +126,10 @@ class Resync:
                                       lambda off, n, piece: peer.remote_digests(self.session, off, n, piece,
                                                                                 timeout=self.timeout_s),
                                       progress)
+        self.copy_started = time.time()
         if not self.cmp.differing:
             self.phase = "copied"
+            self.finished = self.copy_started
             return
         self.copy_region, self.to_copy = resync.coarsen(self.cmp.differing, self.region, self.pri.size_bytes())
         self.event_nr, self.regions = self.pri.start_recovery(self.devs, self.nbd_path, self.copy_region,
@@ -163,17 +166,26 @@ class Resync:
     def copy_bytes(self) -> int:
         return len(self.to_copy) * self.copy_region * 512
 
+    def seconds(self) -> tuple[float, float]:
+        """Time spent comparing and copying so far."""
+        now = time.time()
+        compared = (self.copy_started or now) - self.started
+        return compared, ((self.finished or now) - self.copy_started) if self.copy_started else 0.0
+
     def status(self) -> dict:
+        compare_s, copy_s = self.seconds()
         return {"phase": self.phase, "since": self.base.describe(), "started": self.started,
                 "piece_bytes": self.piece, "candidate_bytes": self.cmp.candidate_pieces * self.piece,
                 "compared_bytes": self.compared * self.piece, "differing_bytes": self.differing_bytes,
                 "copy_region_bytes": self.copy_region * 512, "copy_bytes": self.copy_bytes,
                 "copied_bytes": self.copy_bytes if self.phase == "copied" else self.copied_regions * self.copy_region * 512,
-                "digest_bytes": self.cmp.digest_bytes, "sent_bytes": self.copy_bytes + self.cmp.digest_bytes}
+                "digest_bytes": self.cmp.digest_bytes, "sent_bytes": self.copy_bytes + self.cmp.digest_bytes,
+                "compare_seconds": round(compare_s, 3), "copy_seconds": round(copy_s, 3)}
 
     def summary(self) -> str:
         s = self.status()
         took = (self.finished or time.time()) - self.started
-        return (f"resync done in {took:.1f} s: {s['candidate_bytes'] >> 10} KiB compared, "
+        return (f"resync done in {took:.1f} s (compare {s['compare_seconds']:.1f} s, copy "
+                f"{s['copy_seconds']:.1f} s): {s['candidate_bytes'] >> 10} KiB compared, "
                 f"{s['differing_bytes'] >> 10} KiB differed, {s['copy_bytes'] >> 10} KiB copied, "
                 f"{s['digest_bytes'] >> 10} KiB of digests")
