@@ -19,6 +19,7 @@ from dmrepl.kernel.dm import Control
 from dmrepl.kernel.errors import KernelError
 from dmrepl.kernel.status import EraStatus
 from dmrepl.kernel.tables import Era
+from dmrepl.ranges import merge
 
 HEADER_BYTES = 4096   # dm-era formats metadata whose superblock is zeroes (dm-era-target.c)
 
@@ -58,14 +59,7 @@ def parse_blocks(xml_text: str) -> list[tuple[int, int]]:
             ranges.append((int(el.attrib["begin"]), int(el.attrib["end"])))
         else:
             raise ValueError(f"era_invalidate output: unexpected element <{el.tag}>")
-    ranges.sort()
-    merged: list[tuple[int, int]] = []
-    for b, e in ranges:
-        if merged and b <= merged[-1][1]:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], e))
-        else:
-            merged.append((b, e))
-    return merged
+    return merge(ranges)
 
 
 def _invalidate(metadata_dev: str, era: int, snapshot: bool) -> list[tuple[int, int]]:

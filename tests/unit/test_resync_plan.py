@@ -6,6 +6,7 @@ import pytest
 
 from dmrepl.kernel import mirrorlog
 from dmrepl.kernel.mirrorlog import Bitmap, LogFormatError
+from dmrepl.ranges import merge
 from dmrepl.roles.hello import Hello
 from dmrepl.roles.primary import resync
 
@@ -93,8 +94,9 @@ def test_hello_carries_the_primarys_heartbeat_timeout():
 
 def test_candidate_lists_join_into_one_sorted_merged_list():
     # a failback's three sources: the new primary's era, the failover's rollback, the peer's diverged
-    assert resync.union([(10, 12), (40, 41)], [(0, 2), (11, 20)], [(20, 22), (2, 3)]) == [(0, 3), (10, 22), (40, 41)]
-    assert resync.union([], []) == []
+    assert merge([(10, 12), (40, 41)], [(0, 2), (11, 20)], [(20, 22), (2, 3)]) == [(0, 3), (10, 22), (40, 41)]
+    assert merge([], []) == []
+    assert merge([(5, 5), (7, 6)]) == []         # empty ranges are dropped
 
 
 def test_a_hello_carries_the_diverged_ranges_and_refuses_bad_ones():

@@ -24,6 +24,7 @@ from dmrepl.config import PrimaryConfig
 from dmrepl.errors import DmreplError
 from dmrepl.kernel import blockdev, dm, era, loop, mirrorlog
 from dmrepl.kernel.errors import KernelError
+from dmrepl.ranges import merge
 from dmrepl.roles.backing import check_unused, kind
 from dmrepl.roles.primary import resync
 from dmrepl.roles.primary.stack import PRIMARY_PARTS, PrimaryLayout, PrimaryStack
@@ -293,7 +294,7 @@ class Primary:
         blocks = era.written_since(self.ctl, self.stack.dm("top"), devs.era_metadata, base.era)
         ranges = resync.regions_of_blocks(blocks, self.cfg.era_block_sectors, region, size)
         extra = [(o // SECTOR, -(-(o + n) // SECTOR)) for o, n in base.extra]
-        return region, resync.union(ranges, resync.regions_of_blocks(sorted(extra), 1, region, size))
+        return region, merge(ranges, resync.regions_of_blocks(sorted(extra), 1, region, size))
 
     def start_recovery(self, devs: Devices, nbd_path: str, region: int, differing: list[int]) -> tuple[int, int]:
         """Let the kernel copy the differing regions; returns (event counter to wait on, regions)."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
+from dmrepl.ranges import merge
 from dmrepl.roles import digests
 
 SECTOR = 512
@@ -42,28 +43,8 @@ def regions_of_blocks(blocks: Iterable[tuple[int, int]], era_block_sectors: int,
                       size_bytes: int) -> list[tuple[int, int]]:
     """Era block ranges [b, e) as merged region ranges [r0, r1) of `region` sectors, clipped to the disk."""
     total = regions(size_bytes, region)
-    out: list[tuple[int, int]] = []
-    for b, e in blocks:
-        r0 = b * era_block_sectors // region
-        r1 = min(total, -(-e * era_block_sectors // region))
-        if r0 >= r1:
-            continue
-        if out and r0 <= out[-1][1]:
-            out[-1] = (out[-1][0], max(out[-1][1], r1))
-        else:
-            out.append((r0, r1))
-    return out
-
-
-def union(*range_lists: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Region ranges [r0, r1) of several lists as one sorted, merged list."""
-    out: list[tuple[int, int]] = []
-    for r0, r1 in sorted(r for ranges in range_lists for r in ranges):
-        if out and r0 <= out[-1][1]:
-            out[-1] = (out[-1][0], max(out[-1][1], r1))
-        else:
-            out.append((r0, r1))
-    return out
+    return merge((b * era_block_sectors // region, min(total, -(-e * era_block_sectors // region)))
+                 for b, e in blocks)
 
 
 @dataclass
@@ -76,16 +57,6 @@ class Comparison:
 
 
 FANOUT = 8   # pieces under one first-level digest
-
-
-def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
-    for a, b in sorted(ranges):
-        if out and a <= out[-1][1]:
-            out[-1] = (out[-1][0], max(out[-1][1], b))
-        else:
-            out.append((a, b))
-    return out
 
 
 def _level(disk: str, ranges: list[tuple[int, int]], piece: int, remote, out: "Comparison",
@@ -124,7 +95,7 @@ def compare(disk: str, ranges: list[tuple[int, int]], region: int, remote: Calla
             progress(done[0], total)
 
     if fanout == 1:
-        out.differing = _level(disk, _merge(ranges), region * SECTOR, remote, out, tick)
+        out.differing = _level(disk, merge(ranges), region * SECTOR, remote, out, tick)
         return out
     groups, fine = [], []
     for r0, r1 in ranges:
@@ -136,8 +107,8 @@ def compare(disk: str, ranges: list[tuple[int, int]], region: int, remote: Calla
         fine += [r for r in ((r0, g0 * fanout), (g1 * fanout, r1)) if r[0] < r[1]]
     coarse = _level(disk, groups, region * SECTOR * fanout, remote, out, lambda n: tick(n * fanout))
     out.differing = sorted(set(
-        _level(disk, _merge(fine), region * SECTOR, remote, out, tick)
-        + _level(disk, _merge([(g * fanout, (g + 1) * fanout) for g in coarse]), region * SECTOR, remote, out)))
+        _level(disk, merge(fine), region * SECTOR, remote, out, tick)
+        + _level(disk, merge([(g * fanout, (g + 1) * fanout) for g in coarse]), region * SECTOR, remote, out)))
     return out
 
 

@@ -21,6 +21,7 @@ from dmrepl.config import SecondaryConfig
 from dmrepl.errors import DmreplError
 from dmrepl.kernel import blockdev, dm, era, loop
 from dmrepl.names import SECONDARY_PARTS, StackNames
+from dmrepl.ranges import merge
 from dmrepl.roles.secondary.stack import Stack
 from dmrepl.roles.transitions import Role
 from dmrepl.state import ResourceState, StateStore
@@ -37,13 +38,8 @@ def _base_era(st: ResourceState) -> int | None:
 
 
 def _merge(ranges: list[tuple[int, int]]) -> list[list[int]]:
-    out: list[list[int]] = []
-    for off, n in sorted(ranges):
-        if out and off <= out[-1][0] + out[-1][1]:
-            out[-1][1] = max(out[-1][0] + out[-1][1], off + n) - out[-1][0]
-        else:
-            out.append([off, n])
-    return out
+    """(offset, length) byte ranges merged, as the state file keeps them."""
+    return [[b, e - b] for b, e in merge((off, off + n) for off, n in ranges)]
 
 
 def discard_my_data(cfg: SecondaryConfig, ctl: dm.Control) -> ResourceState:
