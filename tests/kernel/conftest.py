@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import os
 import shutil
+from typing import NamedTuple
 
 import daemons_lab
 import pytest
 import sweep
 
 from dmrepl.kernel import dm, loop
+from dmrepl.kernel.tables import Snapshot, SnapshotOrigin
 from dmrepl.lab import Lab
 from dmrepl.names import UUID_PREFIX
 
@@ -125,6 +127,28 @@ def devices(ctl):
         yield d
     finally:
         d.cleanup()
+
+
+class SnapshotPair(NamedTuple):
+    disk: str       # the loop device under both
+    origin: str     # /dev/mapper path of the snapshot-origin
+    snap: str       # /dev/mapper path of the snapshot
+    cow: str        # the loop device of its store
+    name: str       # the snapshot's dm name
+
+
+@pytest.fixture
+def snapshot(ctl, loops, devices) -> SnapshotPair:
+    """snapshot-origin over a 16 MiB disk of 0x11 and a persistent snapshot of it (4 KiB chunks)
+    on an 8 MiB store."""
+    disk = loops.make("origin", 16 * MiB, fill=b"\x11")
+    cow = loops.make("cow", 8 * MiB)
+    size = 16 * MiB // 512
+    origin = devices.create("origin", None)
+    ctl.load(origin, [SnapshotOrigin(0, size, disk)])
+    snap = devices.create("snap", [Snapshot(0, size, disk, cow, "P", 8)])
+    ctl.resume(origin)
+    return SnapshotPair(disk, f"/dev/mapper/{origin}", f"/dev/mapper/{snap}", cow, snap)
 
 
 def free_port() -> int:

@@ -1,27 +1,9 @@
 """A persistent snapshot's exception table read from its COW store by cowstore.read (kernel tier)."""
 
-import pytest
-
 from dmrepl.kernel import blockdev, cowstore
-from dmrepl.kernel.tables import Snapshot, SnapshotOrigin
 
-MiB = 1 << 20
-SECTORS_PER_MiB = MiB // 512
-CHUNK_SECTORS = 8
+CHUNK_SECTORS = 8            # the snapshot fixture's (conftest.py)
 CHUNK = CHUNK_SECTORS * 512  # 4 KiB; 256 exceptions a metadata area
-
-
-@pytest.fixture
-def snapshot(ctl, loops, devices):
-    """snapshot-origin over a 16 MiB disk and a persistent snapshot of it on an 8 MiB store."""
-    disk = loops.make("origin", 16 * MiB, fill=b"\x11")
-    cow = loops.make("cow", 8 * MiB)
-    size = 16 * SECTORS_PER_MiB
-    origin = devices.create("origin", None)
-    ctl.load(origin, [SnapshotOrigin(0, size, disk)])
-    snap = devices.create("snap", [Snapshot(0, size, disk, cow, "P", CHUNK_SECTORS)])
-    ctl.resume(origin)
-    return f"/dev/mapper/{origin}", f"/dev/mapper/{snap}", cow, snap
 
 
 def _read_suspended(ctl, name, cow):
@@ -33,7 +15,7 @@ def _read_suspended(ctl, name, cow):
 
 
 def test_table_holds_origin_and_snapshot_writes(ctl, snapshot):
-    o, s, cow, snap = snapshot
+    _disk, o, s, cow, snap = snapshot
     # The table load wrote the header and zeroed the first area (persistent_read_metadata).
     assert _read_suspended(ctl, snap, cow) == cowstore.CowTable(CHUNK_SECTORS, frozenset())
 
@@ -58,7 +40,7 @@ def test_table_holds_origin_and_snapshot_writes(ctl, snapshot):
 def test_origin_writes_reach_a_suspended_snapshot_store(ctl, snapshot):
     """Suspending the snapshot alone does not freeze its table: snapshot-origin still copies
     (dm-snap.c: __origin_write checks only the snapshot's valid and active flags)."""
-    o, s, cow, snap = snapshot
+    _disk, o, s, cow, snap = snapshot
     ctl.suspend(snap)
     try:
         blockdev.write_at(o, 7 * CHUNK, b"\x22" * CHUNK)

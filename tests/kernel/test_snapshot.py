@@ -2,26 +2,17 @@
 
 from dmrepl.kernel import blockdev
 from dmrepl.kernel.status import SnapshotStatus
-from dmrepl.kernel.tables import Snapshot, SnapshotOrigin
 
 MiB = 1 << 20
 SECTORS_PER_MiB = MiB // 512
-CHUNK_SECTORS = 8  # 4 KiB chunks
 
 
 def _status(ctl, name) -> SnapshotStatus:
     return SnapshotStatus.parse(ctl.status(name)[0].text)
 
 
-def test_origin_and_snapshot_views(ctl, loops, devices):
-    disk = loops.make("s", 16 * MiB, fill=b"\x11")
-    cow = loops.make("cow", 8 * MiB)
-    size = 16 * SECTORS_PER_MiB
-    origin = devices.create("origin", None)
-    ctl.load(origin, [SnapshotOrigin(0, size, disk)])
-    snap = devices.create("snap", [Snapshot(0, size, disk, cow, "P", CHUNK_SECTORS)])
-    ctl.resume(origin)
-    o, s = f"/dev/mapper/{origin}", f"/dev/mapper/{snap}"
+def test_origin_and_snapshot_views(ctl, snapshot):
+    disk, o, s, _cow, snap = snapshot
 
     empty = _status(ctl, snap)
     assert empty.valid and empty.total_sectors == 8 * SECTORS_PER_MiB
