@@ -69,22 +69,11 @@ def command(args) -> int:
 
 
 def _took_over_here(cfg: PrimaryConfig) -> bool:
-    """Whether this host failed over and still runs the secondary's stack: with both sections the
-    state says "primary" from the end of the merge on, while the stack stays the secondary's until
-    a `down` and an `up` as primary."""
-    from dmrepl.kernel import dm, loop
-    from dmrepl.names import StackNames
-    from dmrepl.state import StateStore
+    from dmrepl.kernel import dm
+    from dmrepl.roles.secondary.failover import runs_taken_over
 
-    st = StateStore(cfg.resource_state_dir).load()
-    marks = [h for h in (st.history if st else []) if "failover_from_checkpoint" in h or h.get("event") == "up"]
-    if not marks or "failover_from_checkpoint" not in marks[-1]:
-        return False
-    # By the disk under the origin, not by names alone: two "hosts" in one test VM share them.
-    disks = {os.stat(d).st_rdev for d in ([cfg.disk] if not os.path.isfile(cfg.disk) else loop.find(cfg.disk))}
-    origin = StackNames(cfg.name).dm("origin")
     with dm.Control() as ctl:
-        return ctl.exists(origin) and any(os.makedev(*dev) in disks for dev in ctl.deps(origin))
+        return runs_taken_over(cfg.name, cfg.disk, cfg.resource_state_dir, ctl)
 
 
 def _resolve(args) -> int:

@@ -18,14 +18,16 @@ the merge consumes it, and kept in the state (`diverged`).
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 from dmrepl.errors import DmreplError
-from dmrepl.kernel import cowstore, dm, era, switch
+from dmrepl.kernel import cowstore, dm, era, loop, switch
 from dmrepl.kernel.status import SnapshotStatus
 from dmrepl.kernel.tables import Linear
+from dmrepl.names import StackNames
 from dmrepl.roles.secondary import watch
 from dmrepl.roles.secondary.stack import SECTOR, Stack
 from dmrepl.roles.transitions import Op, Role, check, is_noop
@@ -140,3 +142,17 @@ def finish_merge(stack: Stack, states: StateStore, st: ResourceState) -> Resourc
         revert=lambda: states.save(st)))
     stack.discard_store(b.stores[st.current_store])
     return new
+
+
+def runs_taken_over(name: str, disk: str, state_dir: str, ctl: dm.Control) -> bool:
+    """Whether this host failed over and still runs the secondary's stack over `disk`: with both
+    roles' sections the state says "primary" from the end of the merge on, while the stack stays
+    the secondary's until a `down` and an `up` as primary."""
+    st = StateStore(state_dir).load()
+    marks = [h for h in (st.history if st else []) if "failover_from_checkpoint" in h or h.get("event") == "up"]
+    if not marks or "failover_from_checkpoint" not in marks[-1]:
+        return False
+    # By the disk under the origin, not by names alone: two "hosts" in one test VM share them.
+    disks = {os.stat(d).st_rdev for d in ([disk] if not os.path.isfile(disk) else loop.find(disk))}
+    origin = StackNames(name).dm("origin")
+    return ctl.exists(origin) and any(os.makedev(*dev) in disks for dev in ctl.deps(origin))
