@@ -96,8 +96,10 @@ class PrimaryDaemon:
                         self.link.heartbeat(now)
             except Lost as e:
                 self.lost(e.event, e.reason)
-            self.watch_mirror()
-            self.step_resync()
+            watching = self.machine.state in (State.REPLICATING, State.RESYNCING)
+            kernel = self.pri.kernel_status() if watching else {}     # one read for both below
+            self.watch_mirror(kernel)
+            self.step_resync(kernel)
             if now >= next_cp:
                 if self.machine.state == State.REPLICATING:
                     self.checkpoint("interval")
@@ -130,12 +132,12 @@ class PrimaryDaemon:
         except DmreplError as e:
             self.lost(Event.RESYNC_FAILED, f"resync failed: {e}")
 
-    def step_resync(self) -> None:
+    def step_resync(self, kernel: dict) -> None:
         self.try_reconnect()
         if self.machine.state != State.RESYNCING or self.resync is None:
             return
         try:
-            if not self.resync.poll():
+            if not self.resync.poll(kernel):
                 return
         except DmreplError as e:
             self.lost(Event.RESYNC_FAILED, f"resync failed: {e}")
@@ -161,10 +163,10 @@ class PrimaryDaemon:
             log(f"WARNING: the secondary's store is filling ({body.get('reason')}) while {self.machine.state}: "
                 "no checkpoint before the resync is done (S's view must stay at the last one)")
 
-    def watch_mirror(self) -> None:
+    def watch_mirror(self, kernel: dict) -> None:
         if self.machine.state not in (State.REPLICATING, State.RESYNCING):
             return
-        health = self.pri.kernel_status().get("mirror_health") or ""
+        health = kernel.get("mirror_health") or ""
         if len(health) > 1 and health[1] != "A":
             self.lost(Event.LEG_FAILED, f"the mirror marked the NBD leg failed (health {health})")
 

@@ -138,11 +138,12 @@ class Resync:
         log(f"resync: {len(self.cmp.differing)} piece(s) differ ({self.differing_bytes >> 10} KiB): the kernel "
             f"copies them as {len(self.to_copy)} region(s) of {self.copy_region // 2} KiB under its region locks")
 
-    def poll(self) -> bool:
-        """True once every differing piece is on S and the mirror replicates plainly again."""
+    def poll(self, kernel: dict) -> bool:
+        """True once every differing piece is on S and the mirror replicates plainly again
+        (`kernel`: the primary's kernel_status, read this turn of the loop)."""
         if self.phase == "copied":
             return True
-        rec = self.pri.kernel_status().get("recovery")
+        rec = kernel.get("recovery")
         if rec is None:
             return False
         missing = rec["regions"] - rec["regions_in_sync"]
