@@ -1,4 +1,4 @@
-"""Turning the policy's values into JSON and sentences."""
+"""Turning the policy's values into JSON and sentences; the arguments every resource command takes."""
 
 from __future__ import annotations
 
@@ -33,3 +33,11 @@ def human_bytes(n: int) -> str:
         value /= 1024
     return str(n)
 
+
+def resource_parser(sub, action: str, text: str):
+    """A subcommand on one resource: NAME, --config, --json."""
+    a = sub.add_parser(action, help=text)
+    a.add_argument("name", metavar="NAME", help="resource name (config /etc/dmrepl/NAME.toml)")
+    a.add_argument("--config", metavar="PATH", help="config file instead of /etc/dmrepl/NAME.toml")
+    a.add_argument("--json", action="store_true", help="machine-readable output")
+    return a

@@ -14,7 +14,7 @@ import sys
 import time
 
 from dmrepl import poll
-from dmrepl.cli.render import print_json
+from dmrepl.cli.render import print_json, resource_parser
 from dmrepl.config import PrimaryConfig, load
 from dmrepl.daemon import control
 from dmrepl.errors import DmreplError
@@ -31,10 +31,7 @@ HELPS = {"up": "start this host's role for NAME (foreground daemon; systemd runs
 
 def add_parsers(sub, run) -> None:
     for action, text in HELPS.items():
-        a = sub.add_parser(action, help=text)
-        a.add_argument("name", metavar="NAME", help="resource name (config /etc/dmrepl/NAME.toml)")
-        a.add_argument("--config", metavar="PATH", help="config file instead of /etc/dmrepl/NAME.toml")
-        a.add_argument("--json", action="store_true", help="machine-readable output")
+        a = resource_parser(sub, action, text)
         if action == "up":
             a.add_argument("--assume-clean", action="store_true",
                            help="primary, first start: the disks are known equal, skip the initial copy")

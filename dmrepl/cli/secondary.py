@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import time
 
-from dmrepl.cli.render import human_bytes, print_json
+from dmrepl.cli.render import human_bytes, print_json, resource_parser
 from dmrepl.config import SecondaryConfig, default_path, load_secondary
 from dmrepl.daemon import running_pid, service
 from dmrepl.daemon.secondary_link import read_peer
@@ -23,10 +23,7 @@ def add_parser(sub, run) -> None:
     ssub = sp.add_subparsers(dest="action", metavar="ACTION")
     ssub.required = True
     for action, text in HELPS.items():
-        a = ssub.add_parser(action, help=text)
-        a.add_argument("name", metavar="NAME", help="resource name (config /etc/dmrepl/NAME.toml)")
-        a.add_argument("--config", metavar="PATH", help="config file instead of /etc/dmrepl/NAME.toml")
-        a.add_argument("--json", action="store_true", help="machine-readable output")
+        a = resource_parser(ssub, action, text)
         if action == "down":
             a.add_argument("--force", action="store_true",
                            help="remove even while the active device is open (its users get I/O errors)")
