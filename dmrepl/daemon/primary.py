@@ -34,7 +34,7 @@ from dmrepl.config import PrimaryConfig
 from dmrepl.daemon import control, peer, primary_start
 from dmrepl.daemon.machine import Event, Machine, State
 from dmrepl.daemon.primary_link import Lost, SecondaryLink
-from dmrepl.daemon.primary_resync import Resync, verify
+from dmrepl.daemon.primary_resync import Resync, ResyncStopped, verify
 from dmrepl.daemon.progress import log
 from dmrepl.daemon.split_brain import HelloResponder
 from dmrepl.errors import DmreplError
@@ -123,9 +123,13 @@ class PrimaryDaemon:
     def begin_resync(self, theirs: Hello) -> None:
         base = self.pri.resync_base(theirs.checkpoints, theirs.diverged)
         self.machine.fire(Event.RECONNECTED, f"resync: {base.describe()}")
-        self.resync = Resync(self.pri, self.devs, self.link.nbd.path, self.link.session, base, self.link.silence_s)
+        self.resync = Resync(self.pri, self.devs, self.link.nbd.path, self.link.session, base,
+                             self.link.silence_s, stopping=lambda: self.stopping)
         try:
             self.resync.begin()
+        except ResyncStopped:
+            log(f"resync: stopped while comparing ({self.resync.compared} pieces compared); the next start "
+                "compares again")
         except (FrameError, OSError) as e:   # ExportRestarted: the NBD connections died with nbdkit
             event = Event.LINK_DEAD if isinstance(e, peer.ExportRestarted) else Event.LINK_ERROR
             self.lost(event, f"the resync's comparison stopped: {e}")

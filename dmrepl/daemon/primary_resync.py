@@ -15,6 +15,7 @@ every piece the resync overwrites): the standby is consistent throughout.
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 from dmrepl.daemon import peer
 from dmrepl.daemon.progress import Progress, log
@@ -26,6 +27,10 @@ from dmrepl.roles.primary.resync import Comparison
 
 class ResyncFailed(DmreplError):
     pass
+
+
+class ResyncStopped(Exception):
+    """The daemon is stopping: the comparison ends where it is (the next start compares again)."""
 
 
 VERIFY_PASSES = 3   # a piece must differ this many times in a row: a write in flight is not a difference
@@ -81,9 +86,10 @@ def initial_sync(disk: str, nbd_path: str, session: Session, store_bytes: int, s
 
 class Resync:
     def __init__(self, pri: Primary, devs: Devices, nbd_path: str, session: Session, base: ResyncBase,
-                 timeout_s: float):
+                 timeout_s: float, stopping: Callable[[], bool] = lambda: False):
         self.pri, self.devs, self.nbd_path, self.session, self.base = pri, devs, nbd_path, session, base
         self.timeout_s = timeout_s
+        self.stopping = stopping
         self.phase = "comparing"
         self.started = time.time()
         self.region = 0
@@ -108,7 +114,8 @@ class Resync:
         self._shown = -1 if done >= total else pct
 
     def begin(self, known: tuple[int, list[int]] | None = None) -> None:
-        """Compare and start the copy (blocking: digests travel for every candidate piece);
+        """Compare and start the copy (blocking: digests travel for every candidate piece; status is
+        answered on its own thread meanwhile, and a stop ends the comparison: ResyncStopped);
         `known` = (region, pieces) already found to differ (verify --repair) skips the comparison."""
         if known is not None:
             self.region, pieces = known
@@ -121,6 +128,8 @@ class Resync:
             def progress(done, total):
                 self.compared = done
                 self._progress("compared", done, total)
+                if self.stopping():
+                    raise ResyncStopped()
 
             self.cmp = resync.compare(self.devs.disk, ranges, self.region,
                                       lambda off, n, piece: peer.remote_digests(self.session, off, n, piece,
