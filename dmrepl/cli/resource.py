@@ -133,13 +133,14 @@ def _p_up(cfg: PrimaryConfig, args) -> int:
 
 
 def _p_down(cfg: PrimaryConfig, args) -> int:
+    from dmrepl.daemon.primary_start import down_without_daemon
     from dmrepl.roles.primary import Primary
 
     try:
         reply = control.request(_sock(cfg), "status")
     except control.DaemonNotRunning:
         with Primary.open(cfg) as pri:
-            done = pri.down()
+            done = down_without_daemon(pri)
     else:
         control.request(_sock(cfg), "stop")
         poll.wait_for(lambda: os.path.exists(_sock(cfg)), f"daemon pid {reply['pid']} to stop",

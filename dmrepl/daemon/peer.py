@@ -99,9 +99,15 @@ def remote_checkpoint(session: Session, n: int, timeout: float = CHECKPOINT_TIME
     return float(body.get("pause_ms", 0)) / 1000
 
 
-def remote_digests(session: Session, offset: int, length: int, piece: int, timeout: float = CHECKPOINT_TIMEOUT) -> bytes:
-    """The secondary's digests of S's pieces in [offset, offset + length)."""
+def remote_digests(session: Session, offset: int, length: int, piece: int,
+                   timeout: float = CHECKPOINT_TIMEOUT) -> Callable[[], bytes]:
+    """Ask the secondary for its digests of S's pieces in [offset, offset + length); the returned
+    call waits for them.  In between, this host hashes its own pieces: both hosts work at once."""
     session.send(Kind.DIGESTS, {"offset": offset, "length": length, "piece": piece})
+    return lambda: _digests_reply(session, offset, length, piece, timeout)
+
+
+def _digests_reply(session: Session, offset: int, length: int, piece: int, timeout: float) -> bytes:
     while True:
         kind, body = session.recv(timeout=timeout)
         if kind == Kind.DIGESTS_REPLY and body.get("offset") == offset:

@@ -6,6 +6,7 @@ stack a daemon that died left behind (the consumer may still be using it).
     no secondary:   era over P alone, degraded; the loop reconnects later
     a stack is up:  no other daemon answers its control socket (ControlServer checked): it is
                     taken as it is, its NBD device disconnected and the leg dropped -> degraded
+and `dmrepl down` without a daemon: what the dead one left, its NBD device included.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ from dmrepl.daemon.progress import log
 from dmrepl.errors import DmreplError
 from dmrepl.kernel import modules
 from dmrepl.link.frames import FrameError
+from dmrepl.nbd import netlink
 from dmrepl.nbd.attach import AttachError
 
 if TYPE_CHECKING:
     from dmrepl.daemon.primary import PrimaryDaemon
+    from dmrepl.roles.primary import Primary
 
 
 def start(d: "PrimaryDaemon", assume_clean: bool) -> None:
@@ -78,6 +81,19 @@ def adopt(d: "PrimaryDaemon") -> None:
     log(f"DEGRADED: took over the stack of {d.pri.top_path} that a dead daemon left"
         + (f" (NBD /dev/nbd{index} disconnected, leg dropped)" if index is not None else "")
         + "; a delta resync follows when the secondary answers")
+
+
+def down_without_daemon(pri: "Primary") -> list[str]:
+    """`dmrepl down` when no daemon runs (it was killed): the stack and loop devices go, and the
+    NBD device its mirror still used is disconnected (nothing else would ever release it)."""
+    index = pri.nbd_in_use()
+    done = pri.down()
+    if index is not None:
+        with netlink.NBDNetlink() as nl:
+            if nl.is_connected(index):
+                nl.disconnect(index)
+                done.append(f"/dev/nbd{index}")
+    return done
 
 
 def load_modules() -> None:

@@ -7,6 +7,8 @@ image is kept.  A scenario is one of:
     loss, a power loss (its daemon killed, its devices removed) -- while the pair replicates, maybe
     followed by a second one in the middle of the resync that repairs it;
   - the primary's daemon killed (the next `up` takes its stack over, then resyncs);
+  - a power loss of the primary (its daemon killed, its writer stopped, its devices removed, the
+    NBD device too): `up` builds the stack from the disks and resyncs what era recorded;
   - a failover: the secondary takes over while the primary writes on, its consumer writes, maybe
     through a split brain (it comes up as primary while the old one still is), then the failback:
     the old primary gives its writes up and follows, maybe with a fault of it during that resync.
@@ -35,7 +37,7 @@ KiB = 1024
 B4 = 4 * KiB
 STALL_BOUND_S = 5.0     # the issue's default bound for a write after a fault
 FAULTS = ("daemon killed", "nbdkit killed", "link down", "packet loss", "power loss")
-KINDS = FAULTS + ("primary daemon killed", "failover")
+KINDS = FAULTS + ("primary daemon killed", "primary power loss", "failover")
 
 
 def _digest(data: bytes) -> str:
@@ -136,6 +138,8 @@ class Campaign:
         pause = self.rnd.choice((0.0, 0.01, 0.05))
         if kind == "failover":
             return self.failover(i, blocks, pause)
+        if kind == "primary power loss":
+            return self.primary_power_loss(i, blocks, pause)
         with Writer(blocks, pause_s=pause, path=self.top) as w:
             time.sleep(self.rnd.uniform(0.1, 1.0))
             if kind == "primary daemon killed":
@@ -153,6 +157,24 @@ class Campaign:
                 second = self.fault_during_resync(w, kind)
             s = self.wait(w, "replicating again", lambda s: s["state"] == "replicating")
         self.settled(i, f"{kind}{' then ' + second + ' during the resync' if second else ''}", w.last, w, s)
+
+    def primary_power_loss(self, i: int, blocks: list[int], pause: float) -> None:
+        """The primary's host goes: its daemon is killed under the writer, then everything of it is
+        removed (what was acknowledged is on its disk); the secondary keeps its view meanwhile."""
+        nbd = os.path.basename(self.status()["nbd"])
+        with Writer(blocks, pause_s=pause, path=self.top) as w:
+            time.sleep(self.rnd.uniform(0.1, 1.0))
+            os.kill(self.hosts.procs[self.pri].pid, signal.SIGKILL)
+            self.hosts.procs[self.pri].wait()
+            time.sleep(self.rnd.uniform(0.0, 0.5))
+        self.cli(self.pri, "down")                    # no daemon: stack, NBD device, loop devices
+        poll.wait_for(lambda: os.path.exists(f"/sys/block/{nbd}/pid"), f"{nbd} released", ok=lambda x: not x,
+                      timeout=10)
+        self.check_view("after the primary's power loss")
+        time.sleep(self.rnd.uniform(0.1, 1.0))
+        up_as(self.hosts, self.pri, "primary")
+        s = self.wait(None, "replicating again", lambda s: s["state"] == "replicating")
+        self.settled(i, "primary power loss", w.last, w, s)
 
     def failover(self, i: int, blocks: list[int], pause: float) -> None:
         """The secondary takes over; the old primary follows it after a failback (maybe through a split

@@ -62,7 +62,7 @@ def test_the_comparison_sends_digests_and_finds_exactly_the_differing_pieces(tmp
 
     def remote(off, n, piece):
         asked.append((off, n, piece))
-        return digests.of(str(s), off, n, piece)
+        return lambda: digests.of(str(s), off, n, piece)
 
     cmp = resync.compare(str(p), [(0, 16), (196, 256)], 8, remote, fanout=8)
     assert cmp.differing == [5, 200] and cmp.candidate_pieces == 76

@@ -93,6 +93,10 @@ class Primary:
     def is_up(self) -> bool:
         return any(self.stack.present().values())
 
+    def nbd_in_use(self) -> int | None:
+        """N of the /dev/nbdN the mirror uses (None: the stack is down or the leg dropped)."""
+        return self.stack.nbd_index() if self.stack.present()["mirror"] else None
+
     def size_bytes(self) -> int:
         return blockdev.size_bytes(self.cfg.disk)
 

@@ -68,8 +68,9 @@ def _level(disk: str, ranges: list[tuple[int, int]], piece: int, remote, out: "C
     for r0, r1 in ranges:
         for first in range(r0, r1, step):
             n = min(step, r1 - first)
-            theirs = remote(first * piece, n * piece, piece)
+            answer = remote(first * piece, n * piece, piece)     # asked first: S hashes meanwhile
             mine = digests.of(disk, first * piece, n * piece, piece)
+            theirs = answer()
             out.digest_bytes += len(theirs)
             found += [first + i for i in range(n) if mine[i * d:(i + 1) * d] != theirs[i * d:(i + 1) * d]]
             if tick:
@@ -77,10 +78,11 @@ def _level(disk: str, ranges: list[tuple[int, int]], piece: int, remote, out: "C
     return found
 
 
-def compare(disk: str, ranges: list[tuple[int, int]], region: int, remote: Callable[[int, int, int], bytes],
+def compare(disk: str, ranges: list[tuple[int, int]], region: int,
+            remote: Callable[[int, int, int], Callable[[], bytes]],
             progress: Callable[[int, int], None] | None = None, fanout: int = FANOUT) -> Comparison:
     """Pieces in `ranges` (region indexes) whose digests differ between P (`disk`) and S
-    (`remote(offset, length, piece)`), in two levels: a digest per `fanout` pieces first, then
+    (`remote(offset, length, piece)` asks, the call it returns waits for the answer), in two levels: a digest per `fanout` pieces first, then
     a digest per piece inside the groups that differ.  Digests then cost 16 bytes per 8 pieces
     compared plus 8 per changed piece: within 5 % of the changed bytes while at least one piece in
     38 compared changed (the benchmark's scattered writes: one in 32).  A lone 4 KiB change in a
