@@ -99,12 +99,13 @@ def remote_checkpoint(session: Session, n: int, timeout: float = CHECKPOINT_TIME
     return float(body.get("pause_ms", 0)) / 1000
 
 
-def remote_digests(session: Session, offset: int, length: int, piece: int,
+def remote_digests(session: Session, spans: list[tuple[int, int]], piece: int,
                    timeout: float = CHECKPOINT_TIMEOUT) -> Callable[[], bytes]:
-    """Ask the secondary for its digests of S's pieces in [offset, offset + length); the returned
+    """Ask the secondary for its digests of S's pieces in the (offset, length) spans; the returned
     call waits for them.  In between, this host hashes its own pieces: both hosts work at once."""
-    session.send(Kind.DIGESTS, {"offset": offset, "length": length, "piece": piece})
-    return lambda: _digests_reply(session, offset, length, piece, timeout)
+    offset = spans[0][0]
+    session.send(Kind.DIGESTS, {"offset": offset, "spans": [list(s) for s in spans], "piece": piece})
+    return lambda: _digests_reply(session, offset, sum(n for _o, n in spans), piece, timeout)
 
 
 def _digests_reply(session: Session, offset: int, length: int, piece: int, timeout: float) -> bytes:
@@ -124,19 +125,20 @@ def _digests_reply(session: Session, offset: int, length: int, piece: int, timeo
         raise FrameError(f"DIGESTS_REPLY: {e}") from None
 
 
-def _answer_digests(session: Session, body: dict, hash_s: Callable[[int, int, int], bytes] | None) -> None:
+def _answer_digests(session: Session, body: dict,
+                    hash_s: Callable[[list[tuple[int, int]], int], bytes] | None) -> None:
     offset = body.get("offset")
     try:
         if hash_s is None:
             raise ValueError("this host does not serve digests")
-        d = hash_s(int(offset), int(body.get("length")), int(body.get("piece")))
+        d = hash_s(digests.spans_from_wire(body.get("spans")), int(body.get("piece")))
         session.send(Kind.DIGESTS_REPLY, {"offset": offset, "digests": digests.encode(d)})
     except (ValueError, TypeError, OSError) as e:
         session.send(Kind.DIGESTS_REPLY, {"offset": offset, "error": str(e)})
 
 
 def serve(session: Session, mine: Hello | Callable[[Hello], Hello], take_checkpoint: Callable[[int], float],
-          status: Callable[[], dict] = dict, hash_s: Callable[[int, int, int], bytes] | None = None,
+          status: Callable[[], dict] = dict, hash_s: Callable[[list[tuple[int, int]], int], bytes] | None = None,
           on_hello: Callable[[Hello], None] | None = None) -> str:
     """The secondary's side of one authenticated session, until the peer goes or breaks the protocol.
 

@@ -44,7 +44,7 @@ def verify(pri: Primary, devs: Devices, session: Session, timeout_s: float) -> t
     region = resync.region_sectors(size)
     piece = region * 512
     t0 = time.time()
-    remote = lambda off, n, p: peer.remote_digests(session, off, n, p, timeout=timeout_s)  # noqa: E731
+    remote = lambda spans, p: peer.remote_digests(session, spans, p, timeout=timeout_s)  # noqa: E731
     shown = [-1]
 
     def progress(done, total):
@@ -132,7 +132,7 @@ class Resync:
                     raise ResyncStopped()
 
             self.cmp = resync.compare(self.devs.disk, ranges, self.region,
-                                      lambda off, n, piece: peer.remote_digests(self.session, off, n, piece,
+                                      lambda spans, piece: peer.remote_digests(self.session, spans, piece,
                                                                                 timeout=self.timeout_s),
                                       progress)
         self.copy_started = time.time()

@@ -130,7 +130,7 @@ class LinkServer:
                 try:
                     why = peer.serve(session, lambda theirs: self._hello(sec, theirs),
                                      lambda n: sec.checkpoint(number=n)[1],
-                                     hash_s=lambda off, n, piece: digests.of(origin, off, n, piece),
+                                     hash_s=lambda spans, piece: digests.of_spans(origin, spans, piece),
                                      on_hello=on_hello)
                 except (FrameError, OSError) as e:
                     why = f"the control link broke: {e}"

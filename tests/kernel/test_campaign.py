@@ -6,6 +6,8 @@ image is kept.  A scenario is one of:
   - a fault of the secondary -- its daemon killed, its nbdkit killed, its link down, 100% packet
     loss, a power loss (its daemon killed, its devices removed) -- while the pair replicates, maybe
     followed by a second one in the middle of the resync that repairs it;
+  - a fault of the secondary at a random moment of a checkpoint (the writer stopped before it, so
+    that the checkpoint's image is known): the view is then the old image or the new one;
   - the primary's daemon killed (the next `up` takes its stack over, then resyncs);
   - a power loss of the primary (its daemon killed, its writer stopped, its devices removed, the
     NBD device too): `up` builds the stack from the disks and resyncs what era recorded;
@@ -25,11 +27,13 @@ import hashlib
 import os
 import random
 import signal
+import threading
 import time
 
 from daemons_lab import DISK, Writer, both_roles, cli_of, image, name_of, status_of, up_as
 
 from dmrepl import poll
+from dmrepl.daemon import control
 from dmrepl.kernel import blockdev
 from dmrepl.names import StackNames
 
@@ -37,7 +41,7 @@ KiB = 1024
 B4 = 4 * KiB
 STALL_BOUND_S = 5.0     # the issue's default bound for a write after a fault
 FAULTS = ("daemon killed", "nbdkit killed", "link down", "packet loss", "power loss")
-KINDS = FAULTS + ("primary daemon killed", "primary power loss", "failover")
+KINDS = FAULTS + ("fault during a checkpoint", "primary daemon killed", "primary power loss", "failover")
 
 
 def _digest(data: bytes) -> str:
@@ -140,6 +144,8 @@ class Campaign:
             return self.failover(i, blocks, pause)
         if kind == "primary power loss":
             return self.primary_power_loss(i, blocks, pause)
+        if kind == "fault during a checkpoint":
+            return self.checkpoint_interrupted(i, blocks, pause)
         with Writer(blocks, pause_s=pause, path=self.top) as w:
             time.sleep(self.rnd.uniform(0.1, 1.0))
             if kind == "primary daemon killed":
@@ -157,6 +163,38 @@ class Campaign:
                 second = self.fault_during_resync(w, kind)
             s = self.wait(w, "replicating again", lambda s: s["state"] == "replicating")
         self.settled(i, f"{kind}{' then ' + second + ' during the resync' if second else ''}", w.last, w, s)
+
+    def checkpoint_interrupted(self, i: int, blocks: list[int], pause: float) -> None:
+        """A fault of the secondary 0-60 ms into a checkpoint (one takes tens of ms here): before it,
+        in the middle of its two hosts' switches, or after.  The view is then exactly the old
+        image or the new one; once repaired, as after any fault."""
+        with Writer(blocks, pause_s=pause, path=self.top) as w:
+            time.sleep(self.rnd.uniform(0.1, 0.5))
+        image = self.disk(self.pri)
+        kind = self.rnd.choice(FAULTS)
+        outcome: dict = {}
+
+        def take():
+            try:
+                outcome["done"] = control.request(control.socket_path(str(
+                    self.hosts.dir / f"{self.pri}-state" / name_of(self.pri))), "checkpoint", timeout=120)
+            except Exception as e:   # noqa: BLE001 -- a failed checkpoint is one of the outcomes
+                outcome["failed"] = e
+
+        taker = threading.Thread(target=take)
+        taker.start()
+        time.sleep(self.rnd.uniform(0.0, 0.06))
+        self.fault(kind)
+        taker.join(timeout=150)
+        assert not taker.is_alive(), f"scenario {i}: the checkpoint did not return after {kind}"
+        self.wait(None, f"{kind} during a checkpoint: degraded", lambda s: s["state"] == "degraded")
+        if os.path.exists(self.active):
+            view = _digest(blockdev.read_at(self.active, 0, DISK))
+            assert view in (_digest(self.view), _digest(image)), f"scenario {i}: the view after {kind}"
+        self.repair(kind)
+        s = self.wait(None, "replicating again", lambda s: s["state"] == "replicating")
+        self.settled(i, f"{kind} during a checkpoint ({'it completed' if 'done' in outcome else 'it failed'})",
+                     w.last, w, s)
 
     def primary_power_loss(self, i: int, blocks: list[int], pause: float) -> None:
         """The primary's host goes: its daemon is killed under the writer, then everything of it is

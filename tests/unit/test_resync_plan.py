@@ -60,16 +60,17 @@ def test_the_comparison_sends_digests_and_finds_exactly_the_differing_pieces(tmp
     from dmrepl.roles import digests
     asked = []
 
-    def remote(off, n, piece):
-        asked.append((off, n, piece))
-        return lambda: digests.of(str(s), off, n, piece)
+    def remote(spans, piece):
+        asked.append((spans, piece))
+        return lambda: digests.of_spans(str(s), spans, piece)
 
     cmp = resync.compare(str(p), [(0, 16), (196, 256)], 8, remote, fanout=8)
     assert cmp.differing == [5, 200] and cmp.candidate_pieces == 76
     # First a digest per 32 KiB for the whole groups, then per 4 KiB: the ragged start of the second
-    # range (196-199) and the two groups that differ (0-7 and 200-207).
+    # range (196-199), then the two groups that differ (0-7 and 200-207) in one request of two spans.
     K = 4096
-    assert asked == [(0, 16 * K, 8 * K), (200 * K, 56 * K, 8 * K), (196 * K, 4 * K, K), (0, 8 * K, K), (200 * K, 8 * K, K)]
+    assert asked == [([(0, 16 * K), (200 * K, 56 * K)], 8 * K), ([(196 * K, 4 * K)], K),
+                     ([(0, 8 * K), (200 * K, 8 * K)], K)]
     assert cmp.digest_bytes == (2 + 7 + 4 + 8 + 8) * digests.DIGEST_BYTES
     flat = resync.compare(str(p), [(0, 16), (196, 256)], 8, remote, fanout=1)
     assert flat.differing == [5, 200] and flat.digest_bytes == 76 * digests.DIGEST_BYTES
@@ -115,3 +116,30 @@ def test_the_era_of_a_checkpoint_is_the_earliest_recorded_for_it():
         {"checkpoint": 2, "era": 7}, {"checkpoint": 2, "era": 5, "event": "up"}, {"checkpoint": 3, "era": 9},
         {"checkpoint": 4, "time": 1.0}])
     assert (st.era_of(2), st.era_of(3), st.era_of(4), st.era_of(1)) == (5, 9, None, None)
+
+
+def test_scattered_pieces_go_in_few_requests_of_bounded_spans():
+    from dmrepl.roles import digests
+    ranges = [(i * 10, i * 10 + 1) for i in range(2500)]          # 2500 lone pieces
+    batches = list(resync._batches(ranges, 2048))
+    assert [len(b) for b in batches] == [digests.MAX_SPANS, digests.MAX_SPANS, 2500 - 2 * digests.MAX_SPANS]
+    assert [s for b in batches for s in b] == [(r0, 1) for r0, _r1 in ranges]
+    big = list(resync._batches([(0, 5000), (6000, 6001)], 2048))   # at most 2048 pieces a request
+    assert big == [[(0, 2048)], [(2048, 2048)], [(4096, 904), (6000, 1)]]
+
+
+def test_digest_requests_refuse_garbage_spans(tmp_path):
+    from dmrepl.roles import digests
+    p = tmp_path / "d.img"
+    p.write_bytes(b"\x11" * 65536)
+    assert digests.of_spans(str(p), [(0, 4096), (8192, 8192)], 4096) == (
+        digests.of(str(p), 0, 4096, 4096) + digests.of(str(p), 8192, 8192, 4096))
+    for bad in ([], [(0, 4096)] * (digests.MAX_SPANS + 1), [(0, digests.MAX_REQUEST_BYTES), (0, 4096)]):
+        with pytest.raises(ValueError):
+            digests.of_spans(str(p), bad, 4096)
+    with pytest.raises(ValueError):
+        digests.of_spans(str(p), [(100, 4096)], 4096)                 # not on a piece boundary
+    for wire in ("0,4096", [[0]], [["0", 4096]], [[0, 4096.0]], None):
+        with pytest.raises(ValueError):
+            digests.spans_from_wire(wire)
+    assert digests.spans_from_wire([[0, 4096], [8192, 4096]]) == [(0, 4096), (8192, 4096)]
