@@ -140,7 +140,9 @@ class Resync:
             self.phase = "copied"
             self.finished = self.copy_started
             return
-        self.copy_region, self.to_copy = resync.coarsen(self.cmp.differing, self.region, self.pri.size_bytes())
+        budget = resync.copy_budget(self.differing_bytes, self.cmp.digest_bytes)
+        self.copy_region, self.to_copy = resync.coarsen(self.cmp.differing, self.region, self.pri.size_bytes(),
+                                                        budget)
         self.event_nr, self.regions = self.pri.start_recovery(self.devs, self.nbd_path, self.copy_region,
                                                               self.to_copy)
         self.phase = "copying"

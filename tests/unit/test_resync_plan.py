@@ -86,6 +86,18 @@ def test_coarsening_keeps_scattered_pieces_small_and_joins_clustered_ones():
     assert resync.coarsen([], 8, 1 << 30) == (8, [])
 
 
+def test_the_copy_gets_what_the_digests_left_of_the_target():
+    KiB = 1024
+    assert resync.copy_budget(100 * KiB, 3 * KiB) == pytest.approx(1.02)
+    assert resync.copy_budget(10 * KiB, 2 * KiB) == 1.0          # digests alone past 5 %: pieces only
+    assert resync.copy_budget(0, 0) == 1.0
+    # 19 clusters of 4 pieces on 16 KiB boundaries and one off them: 16 KiB regions copy 84 pieces
+    # for 80 (5 % more); once the digests took that 5 %, the copy stays at the pieces.
+    pieces = [p for c in range(0, 19 * 64, 64) for p in range(c, c + 4)] + list(range(19 * 64 + 1, 19 * 64 + 5))
+    assert resync.coarsen(pieces, 8, 1 << 30)[0] == 32
+    assert resync.coarsen(pieces, 8, 1 << 30, resync.copy_budget(80 * 4 * KiB, 16 * KiB)) == (8, pieces)
+
+
 def test_hello_carries_the_primarys_heartbeat_timeout():
     h = Hello("id", "primary", 1 << 20, 8, 2048, [3], heartbeat_timeout_s=2.5)
     assert Hello.from_wire(h.to_wire()).heartbeat_timeout_s == 2.5

@@ -130,7 +130,18 @@ def compare(disk: str, ranges: list[tuple[int, int]], region: int,
     return out
 
 
-def coarsen(differing: list[int], region: int, size_bytes: int, budget: float = 1.05,
+SENT_TARGET = 1.05     # a resync sends at most this times the differing bytes, digests included
+
+
+def copy_budget(differing_bytes: int, digest_bytes: int) -> float:
+    """What the copy may send, as a multiple of the differing bytes: the target less what the
+    digests already sent (never below 1: the differing pieces themselves always go)."""
+    if differing_bytes <= 0:
+        return 1.0
+    return max(1.0, SENT_TARGET - digest_bytes / differing_bytes)
+
+
+def coarsen(differing: list[int], region: int, size_bytes: int, budget: float = SENT_TARGET,
             max_region: int = 1024) -> tuple[int, list[int]]:
     """The largest region (a power-of-two multiple of `region`, at most `max_region` sectors) whose
     copy of `differing` sends at most `budget` times the differing bytes; with its region indexes.
