@@ -41,7 +41,7 @@ class Kind(IntEnum):
     HEARTBEAT = 40
     EARLY_CHECKPOINT = 50  # secondary -> primary: the hidden store is filling, checkpoint soon
     EXPORT_RESTARTED = 51  # secondary -> primary: nbdkit died and was restarted: its NBD connections are gone
-    DIGESTS = 60         # primary -> secondary: digests of S's pieces in [offset, offset + length)
+    DIGESTS = 60         # primary -> secondary: digests of S's pieces in up to 1024 [offset, length] spans
     DIGESTS_REPLY = 61   # secondary -> primary: those digests (base64), or the reason it cannot
 
 

@@ -155,3 +155,26 @@ def test_digest_requests_refuse_garbage_spans(tmp_path):
         with pytest.raises(ValueError):
             digests.spans_from_wire(wire)
     assert digests.spans_from_wire([[0, 4096], [8192, 4096]]) == [(0, 4096), (8192, 4096)]
+
+
+def test_a_progress_callback_that_raises_ends_the_comparison_between_requests(tmp_path):
+    # The daemon's stop: its progress callback raises after a request's answer, and no further
+    # request goes out (each asks for at most MAX_REQUEST_BYTES).
+    from dmrepl.roles import digests
+    p = tmp_path / "p.img"
+    p.write_bytes(b"\x11" * (24 << 20))
+    asked = []
+
+    class Stop(Exception):
+        pass
+
+    def remote(spans, piece):
+        asked.append(spans)
+        return lambda: digests.of_spans(str(p), spans, piece)
+
+    def progress(done, total):
+        raise Stop()
+
+    with pytest.raises(Stop):
+        resync.compare(str(p), [(0, (24 << 20) // 4096)], 8, remote, progress)
+    assert len(asked) == 1 and sum(n for _o, n in asked[0]) == digests.MAX_REQUEST_BYTES
