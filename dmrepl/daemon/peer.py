@@ -82,17 +82,22 @@ def exchange_hello(session: Session, mine: Hello, timeout: float = 10.0) -> Hell
     return theirs
 
 
+def _answer(session: Session, want: Kind, matches: Callable[[dict], bool], timeout: float, what: str) -> dict:
+    """The body of the next frame of kind `want` that `matches`: heartbeats and early-checkpoint
+    requests in between are no answer and are skipped; anything else is a FrameError."""
+    while True:
+        kind, body = session.recv(timeout=timeout)
+        if kind == want and matches(body):
+            return body
+        _skip_or_raise(kind, body)
+        if kind not in (Kind.HEARTBEAT, Kind.EARLY_CHECKPOINT):
+            raise FrameError(f"expected {what}, received {kind.name}")
+
+
 def remote_checkpoint(session: Session, n: int, timeout: float = CHECKPOINT_TIMEOUT) -> float:
     """Ask the secondary for checkpoint n; returns its pause in seconds, raises if it failed."""
     session.send(Kind.CHECKPOINT, {"n": n})
-    while True:
-        kind, body = session.recv(timeout=timeout)
-        if kind == Kind.CHECKPOINT_DONE and body.get("n") == n:
-            break
-        _skip_or_raise(kind, body)
-        if kind in (Kind.HEARTBEAT, Kind.EARLY_CHECKPOINT):
-            continue  # not an answer; the checkpoint answers next
-        raise FrameError(f"expected CHECKPOINT_DONE for {n}, received {kind.name} {body}")
+    body = _answer(session, Kind.CHECKPOINT_DONE, lambda b: b.get("n") == n, timeout, f"CHECKPOINT_DONE for {n}")
     if not body.get("ok"):
         raise PeerCheckpointFailed(f"the secondary could not take checkpoint {n}: {body.get('error')}",
                                    "both hosts stay at the previous checkpoint; see the secondary's log")
@@ -109,14 +114,8 @@ def remote_digests(session: Session, spans: list[tuple[int, int]], piece: int,
 
 
 def _digests_reply(session: Session, offset: int, length: int, piece: int, timeout: float) -> bytes:
-    while True:
-        kind, body = session.recv(timeout=timeout)
-        if kind == Kind.DIGESTS_REPLY and body.get("offset") == offset:
-            break
-        _skip_or_raise(kind, body)
-        if kind in (Kind.HEARTBEAT, Kind.EARLY_CHECKPOINT):
-            continue
-        raise FrameError(f"expected DIGESTS_REPLY for {offset}, received {kind.name}")
+    body = _answer(session, Kind.DIGESTS_REPLY, lambda b: b.get("offset") == offset, timeout,
+                   f"DIGESTS_REPLY for {offset}")
     if "error" in body:
         raise DmreplError(f"the secondary cannot hash S at {offset}: {body['error']}")
     try:
