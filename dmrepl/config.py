@@ -48,6 +48,7 @@ import ipaddress
 import json
 import os
 import re
+import stat
 import tomllib
 from dataclasses import dataclass, replace
 
@@ -334,12 +335,24 @@ def _read(name: str | None, path: str | None) -> tuple[str, str, str]:
         path = default_path(name)
     try:
         with open(path, encoding="utf-8") as f:
+            _check_writers(path, os.fstat(f.fileno()))
             text = f.read()
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file (create it, or pass --config PATH)") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
     return path, text, name or os.path.splitext(os.path.basename(path))[0]
+
+
+def _check_writers(path: str, st: os.stat_result) -> None:
+    """A config names the disks dmrepl overwrites: only root (or this process's user) may change it."""
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o022:
+        raise ConfigError(f"{path}: mode {mode:04o}, so group or others can change it (and with it which "
+                          f"disks dmrepl overwrites): refused; `chmod go-w {path}`")
+    if st.st_uid not in (0, os.geteuid()):
+        raise ConfigError(f"{path}: belongs to uid {st.st_uid}, who could change it: refused; "
+                          f"`chown root: {path}`")
 
 
 def load(name: str | None = None, path: str | None = None, role: str | None = None

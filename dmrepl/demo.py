@@ -94,6 +94,8 @@ class Pair:
                     f'checkpoint_interval_s = 0\nnbd_timeout_s = 15\nheartbeat_misses = 10\n'
                     f'netns = "{lab.hosts["p"].netns}"\n'
                     f'[[primary.secondaries]]\nnbd = "{s}:{NBD_PORT}"\nlink = "{s}:{LINK_PORT}"\n')
+        for host in ("s", "p"):
+            os.chmod(self.config(host), 0o600)      # dmrepl refuses configs others can change
         self.socket = control.socket_path(os.path.join(state.format("p"), NAME))
 
     def config(self, host: str) -> str:

@@ -68,6 +68,7 @@ def run(keep: bool = False) -> int:
         f.write(f'name = "{name}"\nresource_id = "{cfg.resource_id}"\nstate_dir = "{cfg.state_dir}"\n\n'
                 f'[secondary]\ndisk = "{cfg.disk}"\nhidden_stores = ["{cfg.hidden_stores[0]}", '
                 f'"{cfg.hidden_stores[1]}"]\nlisten = "127.0.0.1:{cfg.listen_port}"\n')
+    os.chmod(config_path, 0o600)                    # dmrepl refuses configs others can change
     t_start = time.perf_counter()
     opened = Secondary.open(cfg)
     sec = opened.__enter__()

@@ -13,6 +13,7 @@ import os
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 
+from dmrepl import private
 from dmrepl.roles.transitions import Role
 
 STATE_FILE = "state.json"
@@ -64,7 +65,7 @@ class StateStore:
         the state; without the lock the daemon could write back a checkpoint
         number and store index that a checkpoint had just replaced.
         """
-        os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        private.ensure_dir(self.directory)
         fd = os.open(os.path.join(self.directory, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -76,6 +77,10 @@ class StateStore:
         return os.path.exists(self.path)
 
     def load(self) -> ResourceState | None:
+        if not os.path.exists(self.path):
+            return None
+        private.check_dir(self.directory)
+        private.check_file(self.path)
         try:
             with open(self.path, encoding="utf-8") as f:
                 raw = json.load(f)
@@ -91,7 +96,7 @@ class StateStore:
         return ResourceState(**{k: v for k, v in raw.items() if k in known})
 
     def save(self, state: ResourceState) -> None:
-        os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        private.ensure_dir(self.directory)
         tmp = f"{self.path}.tmp.{os.getpid()}"
         data = dict(asdict(state))
         data["history"] = data["history"][-20:]

@@ -13,6 +13,10 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
+# The configs and keys the tests write get the modes a root shell's umask gives, whatever the
+# caller's: dmrepl refuses group- or world-writable configs.
+os.umask(0o022)
+
 
 def pytest_collection_modifyitems(config, items):
     for item in items:

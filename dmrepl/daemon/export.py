@@ -14,7 +14,7 @@ import socket
 import subprocess
 import time
 
-from dmrepl import tools
+from dmrepl import private, tools
 
 
 class ExportError(RuntimeError):
@@ -51,7 +51,7 @@ class Export:
         if port_accepts(self.host, self.port):
             raise ExportError(f"{self.host}:{self.port} is already in use by another server")
         # No log path: nbdkit inherits our stdout and stderr (the daemon log).
-        log = open(self.log_path, "ab") if self.log_path else None
+        log = private.open_file(self.log_path, "ab") if self.log_path else None
         try:
             self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         finally:

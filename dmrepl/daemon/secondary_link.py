@@ -23,6 +23,7 @@ import threading
 import time
 from typing import Callable
 
+from dmrepl import private
 from dmrepl.config import SecondaryConfig
 from dmrepl.daemon import peer
 from dmrepl.kernel import blockdev
@@ -52,7 +53,7 @@ def read_peer(cfg: SecondaryConfig) -> dict | None:
 
 def _record_peer(cfg: SecondaryConfig, primary: str, peer: str, reason: str) -> None:
     tmp = peer_path(cfg) + ".tmp"
-    with open(tmp, "w") as f:
+    with private.open_file(tmp, "w") as f:
         json.dump({"primary": primary, "peer": peer, "since": time.time(), "reason": reason}, f)
     os.replace(tmp, peer_path(cfg))
 

@@ -11,7 +11,7 @@ import os
 import subprocess
 import sys
 
-from dmrepl import poll
+from dmrepl import poll, private
 from dmrepl.config import SecondaryConfig
 from dmrepl.daemon import supervisor as daemon
 from dmrepl.daemon.export import port_accepts
@@ -38,9 +38,9 @@ def start_daemon(cfg: SecondaryConfig, config_path: str, timeout: float = poll.D
     if port_accepts(cfg.listen_host, cfg.listen_port):
         raise DmreplError(f"listen address {cfg.listen_host}:{cfg.listen_port} is already in use",
                           "stop what listens there, or change 'listen' in the config")
-    os.makedirs(cfg.resource_state_dir, mode=0o700, exist_ok=True)
+    private.ensure_dir(cfg.resource_state_dir)
     log_path = daemon.log_path(cfg)
-    log = open(log_path, "ab")
+    log = private.open_file(log_path, "ab")
     offset = log.tell()
     try:
         proc = subprocess.Popen([sys.executable, "-m", "dmrepl.daemon", "secondary", "--config",

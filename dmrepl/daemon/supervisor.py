@@ -18,7 +18,7 @@ import signal
 import sys
 import time
 
-from dmrepl import poll
+from dmrepl import poll, private
 from dmrepl.config import SecondaryConfig, load_secondary
 from dmrepl.daemon.export import Export, ExportError
 from dmrepl.daemon.secondary_link import LinkServer
@@ -133,7 +133,7 @@ def run_secondary(cfg: SecondaryConfig) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
-    with open(pid_path(cfg) + ".tmp", "w") as f:
+    with private.open_file(pid_path(cfg) + ".tmp", "w") as f:
         f.write(f"{os.getpid()}\n")
     os.replace(pid_path(cfg) + ".tmp", pid_path(cfg))
     with Secondary.open(cfg) as sec:
@@ -167,7 +167,7 @@ def run_secondary(cfg: SecondaryConfig) -> int:
 
 def _start_export(cfg: SecondaryConfig, export: Export) -> None:
     export.start()
-    with open(export_pid_path(cfg), "w") as f:
+    with private.open_file(export_pid_path(cfg), "w") as f:
         f.write(f"{export.proc.pid}\n")
 
 

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+from dmrepl import private
 from dmrepl.config import PrimaryConfig
 from dmrepl.errors import DmreplError
 from dmrepl.kernel import blockdev, dm, era, loop, mirrorlog
@@ -140,8 +141,8 @@ class Primary:
         a loop device for the resync's mirror log (a small file in the state directory)."""
         devs, loops = [], []
         regions = resync.regions(self.size_bytes(), resync.region_sectors(self.size_bytes()))
-        os.makedirs(self.cfg.resource_state_dir, mode=0o700, exist_ok=True)
-        with open(self.resync_log_path, "ab") as f:
+        private.ensure_dir(self.cfg.resource_state_dir)
+        with private.open_file(self.resync_log_path, "ab") as f:
             f.truncate(mirrorlog.device_bytes(regions))
         try:
             for path in [p for _w, p in self.paths()] + [self.resync_log_path]:
