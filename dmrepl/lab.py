@@ -28,7 +28,7 @@ class Host:
 
 class Lab:
     def __init__(self, tag: str, subnet: str = "10.77.0"):
-        self.tag = tag
+        self.tag, self.subnet = tag, subnet
         self.hosts = {
             "p": Host(f"dmrepl-{tag}-p", f"dmr{tag[:6]}p", f"{subnet}.1"),
             "s": Host(f"dmrepl-{tag}-s", f"dmr{tag[:6]}s", f"{subnet}.2"),
@@ -61,6 +61,33 @@ class Lab:
                 idx = ns.link_lookup(ifname=h.ifname)[0]
                 ns.addr("add", index=idx, address=h.address, prefixlen=PREFIX)
                 ns.link("set", index=idx, state="up")
+
+    def add_intruder(self) -> Host:
+        """A third host on the same link: namespace dmrepl-TAG-x (SUBNET.3), its veth on a bridge in
+        p's namespace that now carries p's address, so that x reaches s as p does (tests of what
+        the secondary lets in)."""
+        p = self.hosts["p"]
+        x = Host(f"dmrepl-{self.tag}-x", f"dmr{self.tag[:6]}x", f"{self.subnet}.3")
+        netns.create(x.netns)
+        self.hosts["x"] = x                    # down() removes it with the others
+        port = x.ifname + "b"
+        with IPRoute() as ipr:
+            ipr.link("add", ifname=x.ifname, kind="veth", peer={"ifname": port, "net_ns_fd": p.netns})
+            ipr.link("set", index=ipr.link_lookup(ifname=x.ifname)[0], net_ns_fd=x.netns)
+        with NetNS(p.netns) as ns:
+            ns.link("add", ifname="br0", kind="bridge")
+            br, pidx = ns.link_lookup(ifname="br0")[0], ns.link_lookup(ifname=p.ifname)[0]
+            ns.addr("del", index=pidx, address=p.address, prefixlen=PREFIX)
+            ns.link("set", index=pidx, master=br)
+            ns.link("set", index=ns.link_lookup(ifname=port)[0], master=br, state="up")
+            ns.addr("add", index=br, address=p.address, prefixlen=PREFIX)
+            ns.link("set", index=br, state="up")
+        with NetNS(x.netns) as ns:
+            ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
+            idx = ns.link_lookup(ifname=x.ifname)[0]
+            ns.addr("add", index=idx, address=x.address, prefixlen=PREFIX)
+            ns.link("set", index=idx, state="up")
+        return x
 
     def down(self) -> None:
         present = set(netns.listnetns())

@@ -48,9 +48,13 @@ def _up(sec: Secondary, cfg: SecondaryConfig, config_path: str, args) -> int:
         print_json(out)
         return 0
     print(f"{cfg.name}: up as {st.role}, checkpoint {st.checkpoint}, active device {sec.active_path}")
-    if res["daemon_pid"]:
+    if res["daemon_pid"] and cfg.key_file is not None:
+        print(f"{cfg.name}: NBD gate on {cfg.listen_host}:{cfg.listen_port}: admits only the primary that proves "
+              f"the key on {cfg.link_host}:{cfg.link_port}, from that address (daemon pid {res['daemon_pid']})")
+    elif res["daemon_pid"]:
         print(f"{cfg.name}: NBD export on {cfg.listen_host}:{cfg.listen_port} "
-              f"(export name {cfg.resource_id!r}, daemon pid {res['daemon_pid']})")
+              f"(export name {cfg.resource_id!r}, daemon pid {res['daemon_pid']}); open to any host that "
+              "reaches it: configure link_listen and key_file")
     if st.role == "merging":
         print(f"{cfg.name}: a merge was interrupted and goes on; "
               f"`dmrepl secondary failover {cfg.name}` waits for it")

@@ -63,10 +63,10 @@ class Admission:
         self.name: str | None = None
         self.fenced: str | None = None
 
-    def open(self, peer_address: str) -> str:
-        """A control session authenticated from `peer_address`: its new export name."""
+    def open(self, peer_address: str, name: str | None = None) -> str:
+        """A control session authenticated from `peer_address`: its export name (`name`, or a new one)."""
         with self.lock:
-            self.peer, self.name = _norm(peer_address), new_export_name()
+            self.peer, self.name = _norm(peer_address), name or new_export_name()
             return self.name
 
     def close(self) -> None:
@@ -96,11 +96,14 @@ class Served:
 
 class NbdGate:
     def __init__(self, host: str, port: int, device: str, admit: Callable[[str], str],
-                 log: Callable[[str], None]):
-        """`admit(source address)` returns the export name to serve, or raises Refused."""
+                 log: Callable[[str], None], on_change: Callable[[list[int]], None] = lambda pids: None):
+        """`admit(source address)` returns the export name to serve, or raises Refused;
+        `on_change(pids)` hears the servers' pids whenever they change (the fence kills them)."""
         self.host, self.port, self.device, self.admit, self.log = host, port, device, admit, log
+        self.on_change = on_change
         self.sock: socket.socket | None = None
         self.served: list[Served] = []
+        self.gone: list[Served] = []       # servers that ended on their own, not yet reported
         self.lock = threading.Lock()
         self.thread: threading.Thread | None = None
 
@@ -139,12 +142,26 @@ class NbdGate:
                                 close_fds=True)
         with self.lock:
             self.served.append(Served(source, proc))
+            pids = [s.proc.pid for s in self.served]
+        self.on_change(pids)
 
     def serving(self) -> list[Served]:
         """The servers still running (those that ended are reaped)."""
         with self.lock:
-            self.served = [s for s in self.served if s.proc.poll() is None]
-            return list(self.served)
+            ended = [s for s in self.served if s.proc.poll() is not None]
+            self.served = [s for s in self.served if s not in ended]
+            self.gone += ended
+            running, pids = list(self.served), [s.proc.pid for s in self.served]
+        if ended:
+            self.on_change(pids)
+        return running
+
+    def ended(self) -> list[Served]:
+        """Servers that ended on their own (their client left, or they died) since the last call."""
+        self.serving()
+        with self.lock:
+            gone, self.gone = self.gone, []
+        return gone
 
     def drop_all(self, why: str) -> int:
         """Kill every admitted server (their connections close); returns how many ran."""
@@ -154,6 +171,7 @@ class NbdGate:
             s.proc.kill()
         for s in running:
             s.proc.wait()
+        self.on_change([])
         if running:
             sources = ", ".join(sorted({s.source for s in running}))
             self.log(f"NBD: {len(running)} connection(s) from {sources} closed: {why}")

@@ -138,11 +138,13 @@ def _answer_digests(session: Session, body: dict,
 
 def serve(session: Session, mine: Hello | Callable[[Hello], Hello], take_checkpoint: Callable[[int], float],
           status: Callable[[], dict] = dict, hash_s: Callable[[list[tuple[int, int]], int], bytes] | None = None,
-          on_hello: Callable[[Hello], None] | None = None) -> str:
+          on_hello: Callable[[Hello], str | None] | None = None) -> str:
     """The secondary's side of one authenticated session, until the peer goes or breaks the protocol.
 
     `mine` may be a function of the primary's Hello: the secondary echoes what only the primary
-    decides (the era block size).  Returns why the session ended."""
+    decides (the era block size).  `on_hello(theirs)`, once the hellos agree and before the answer
+    goes, returns the session's export name (its NBD gate admits the primary from then on).
+    Returns why the session ended."""
     kind, body = session.recv(timeout=10.0)
     if kind != Kind.HELLO:
         log.warning("peer %s: expected HELLO, received %s: closing", session.peer, kind.name)
@@ -162,10 +164,9 @@ def serve(session: Session, mine: Hello | Callable[[Hello], Hello], take_checkpo
         session.send(Kind.REFUSED, {"reasons": agreement.reasons, "hello": mine.to_wire()})
         session.close()
         return
-    session.send(Kind.HELLO_OK, mine.to_wire())
+    name = on_hello(theirs) if on_hello is not None else None
+    session.send(Kind.HELLO_OK, {**mine.to_wire(), "export_name": name})
     log.info("peer %s: hello ok (common checkpoint %s)", session.peer, agreement.common_checkpoint)
-    if on_hello is not None:
-        on_hello(theirs)
     silence = theirs.heartbeat_timeout_s or None
     while True:
         try:

@@ -81,7 +81,8 @@ class SecondaryLink:
                     self.saw_split_brain(str(e))
                 raise
             self.split_brain = None
-            self.nbd = attach(self.nl, p.nbd_host, p.nbd_port, self.cfg.resource_id,
+            # The session's export name from the secondary's gate; the resource id for an open export.
+            self.nbd = attach(self.nl, p.nbd_host, p.nbd_port, theirs.export_name or self.cfg.resource_id,
                               expected_size_bytes=self.pri.size_bytes(), connections=self.cfg.nbd_connections,
                               timeout_s=self.cfg.nbd_timeout_s)
         except BaseException:

@@ -26,6 +26,7 @@ from typing import Callable
 from dmrepl import private
 from dmrepl.config import SecondaryConfig
 from dmrepl.daemon import peer
+from dmrepl.daemon.gate import Admission
 from dmrepl.kernel import blockdev
 from dmrepl.link import auth
 from dmrepl.link.frames import FrameError, Kind
@@ -59,9 +60,11 @@ def _record_peer(cfg: SecondaryConfig, primary: str, peer: str, reason: str) -> 
 
 
 class LinkServer:
-    def __init__(self, cfg: SecondaryConfig, stopping: Callable[[], bool]):
+    def __init__(self, cfg: SecondaryConfig, stopping: Callable[[], bool], admission: Admission | None = None):
+        """`admission`: the NBD gate's, opened for the primary's address at each agreed hello."""
         self.cfg = cfg
         self.stopping = stopping
+        self.admission = admission
         self.listener = Listener(cfg.link_host, cfg.link_port, auth.load_key(cfg.key_file))
         self.session: Session | None = None
         self._thread = threading.Thread(target=self._run, name="link", daemon=True)
@@ -126,7 +129,9 @@ class LinkServer:
 
                 def on_hello(_theirs, who=str(session.peer)):
                     connected.append(who)
+                    address = who.rsplit(":", 1)[0]        # Listener: f"{host}:{port}"
                     _record_peer(self.cfg, "connected", who, "hello agreed")
+                    return self.admission.open(address) if self.admission is not None else None
 
                 try:
                     why = peer.serve(session, lambda theirs: self._hello(sec, theirs),
@@ -138,6 +143,8 @@ class LinkServer:
                 finally:
                     self.session = None
                     session.close()
+                    if self.admission is not None:
+                        self.admission.close()      # a new NBD connection needs a new session
                 if connected and not self.stopping():
                     log.warning("PRIMARY LOST: %s (%s); the active view stays at the last checkpoint; "
                                 "`dmrepl failover %s` takes over there", connected[0], why, self.cfg.name)

@@ -53,9 +53,12 @@ def start_daemon(cfg: SecondaryConfig, config_path: str, timeout: float = poll.D
     def ready():
         if proc.poll() is not None:
             return True
-        return (port_accepts(cfg.listen_host, cfg.listen_port) and daemon.running_pid(cfg) == proc.pid
-                and daemon.export_pid(cfg) is not None
-                and (cfg.link_port is None or port_accepts(cfg.link_host, cfg.link_port)))
+        if daemon.running_pid(cfg) != proc.pid:
+            return False
+        if cfg.key_file is not None:    # the gate: its pid file (empty until the primary connects)
+            return (os.path.exists(daemon.export_pid_path(cfg))
+                    and port_accepts(cfg.link_host, cfg.link_port))
+        return port_accepts(cfg.listen_host, cfg.listen_port) and daemon.export_pid(cfg) is not None
 
     came_up = poll.until(ready, timeout=timeout, interval=0.05)
     if proc.poll() is not None:

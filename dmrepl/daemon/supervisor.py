@@ -21,6 +21,7 @@ import time
 from dmrepl import poll, private
 from dmrepl.config import SecondaryConfig, load_secondary
 from dmrepl.daemon.export import Export, ExportError
+from dmrepl.daemon.gate import Admission, NbdGate
 from dmrepl.daemon.secondary_link import LinkServer
 from dmrepl.errors import DmreplError
 from dmrepl.roles.secondary import Secondary
@@ -52,11 +53,25 @@ def log_path(cfg: SecondaryConfig) -> str:
     return os.path.join(cfg.resource_state_dir, LOG_FILE)
 
 
-def _pid_from(path: str, marker: bytes) -> int | None:
-    """The pid in `path` if that process runs and its cmdline contains `marker`."""
+def _pids_from(path: str, marker: bytes) -> list[int]:
+    """The pids in `path` (one a line) whose process runs with `marker` in its cmdline."""
     try:
         with open(path) as f:
-            pid = int(f.read().strip())
+            lines = f.read().split()
+    except OSError:
+        return []
+    return [pid for pid in (_running(line, marker) for line in lines) if pid is not None]
+
+
+def _pid_from(path: str, marker: bytes) -> int | None:
+    """The pid in `path` if that process runs and its cmdline contains `marker`."""
+    pids = _pids_from(path, marker)
+    return pids[0] if pids else None
+
+
+def _running(text: str, marker: bytes) -> int | None:
+    try:
+        pid = int(text)
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             cmdline = f.read()
         with open(f"/proc/{pid}/stat") as f:
@@ -75,6 +90,11 @@ def running_pid(cfg: SecondaryConfig) -> int | None:
 
 def export_pid(cfg: SecondaryConfig) -> int | None:
     return _pid_from(export_pid_path(cfg), b"nbdkit")
+
+
+def export_pids(cfg: SecondaryConfig) -> list[int]:
+    """nbdkit's pid (an open export) or those of the servers the gate admitted, one per connection."""
+    return _pids_from(export_pid_path(cfg), b"nbdkit")
 
 
 def _wait_gone(pid_of, pid: int, timeout: float) -> bool:
@@ -104,15 +124,14 @@ def fence(cfg: SecondaryConfig, timeout: float = poll.DEFAULT_TIMEOUT) -> bool:
     confirmed must not let a failover go on.
     """
     killed = False
-    for what, pid_of in (("daemon", lambda: running_pid(cfg)), ("nbdkit", lambda: export_pid(cfg))):
-        pid = pid_of()
-        if pid is None:
-            continue
+    daemon = running_pid(cfg)
+    for what, pid in ([("daemon", daemon)] if daemon else []) + [("nbdkit", p) for p in export_pids(cfg)]:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             continue
-        if not _wait_gone(pid_of, pid, timeout):
+        alive = (lambda p=pid: running_pid(cfg) == p) if what == "daemon" else (lambda p=pid: p in export_pids(cfg))
+        if not poll.until(lambda: not alive(), timeout=timeout):
             raise DmreplError(f"the {what} (pid {pid}) did not exit within {timeout:.0f} s of SIGKILL",
                               "it is stuck in the kernel (D state?): check `cat /proc/%d/stack`" % pid)
         killed = True
@@ -137,58 +156,109 @@ def run_secondary(cfg: SecondaryConfig) -> int:
         f.write(f"{os.getpid()}\n")
     os.replace(pid_path(cfg) + ".tmp", pid_path(cfg))
     with Secondary.open(cfg) as sec:
-        device = sec.origin_device()
-        # nbdkit writes to our stderr, the daemon log: a start failure's reason is kept there.
-        export = Export(device, cfg.listen_host, cfg.listen_port, cfg.resource_id)
+        if cfg.key_file is None:
+            return _run_open_export(cfg, sec, lambda: stopping)
+        return _run_gated(cfg, sec, lambda: stopping)
+
+
+def _run_gated(cfg: SecondaryConfig, sec: Secondary, stopping) -> int:
+    """The control link and the NBD gate: the primary that proved the key connects from the
+    address it proved it from, with the export name of that session (gate.py)."""
+    admission = Admission()
+    gate = NbdGate(cfg.listen_host, cfg.listen_port, sec.origin_device(), admission, _log,
+                   on_change=lambda pids: _write_export_pids(cfg, pids))
+    link = None
+    try:
+        gate.start()
+        _write_export_pids(cfg, [])      # `up` waits for this file: the gate listens
+        _log(f"NBD gate listening on {cfg.listen_host}:{cfg.listen_port}: only the authenticated primary's "
+             "address, with its session's export name")
+        link = LinkServer(cfg, stopping, admission)
+        link.start()
+        _log(f"control link listening on {cfg.link_host}:{cfg.link_port}")
+
+        def tend() -> bool:
+            for s in gate.ended():
+                told = link.export_restarted(f"nbdkit serving {s.source} exited with status {s.proc.returncode}")
+                _log(f"nbdkit serving {s.source} exited with status {s.proc.returncode}"
+                     + ("; the primary was told" if told else ""))
+            return True
+
+        return _supervise(sec, tend, stopping, link)
+    except (OSError, DmreplError) as e:
+        _log(f"the NBD gate or the control link could not start: {e}")
+        return 1
+    finally:
+        if link is not None:
+            link.close()
+        gate.close()
+        _remove_pid_files(cfg)
+        _log("stopped")
+
+
+def _run_open_export(cfg: SecondaryConfig, sec: Secondary, stopping) -> int:
+    """No control link configured: one nbdkit serves anyone who reaches the port and names the
+    resource id (the secondary-only setups of the first issues), restarted when it dies."""
+    device = sec.origin_device()
+    # nbdkit writes to our stderr, the daemon log: a start failure's reason is kept there.
+    export = Export(device, cfg.listen_host, cfg.listen_port, cfg.resource_id)
+    try:
+        _start_export(cfg, export)
+    except ExportError as e:
+        _log(f"the NBD export could not start: {e}")
+        _remove_pid_files(cfg)
+        return 1
+    _log(f"export of {device} listening on {cfg.listen_host}:{cfg.listen_port} (nbdkit pid {export.proc.pid}); "
+         "WARNING: open to any host that reaches it (configure link_listen and key_file for the gate)")
+    restarts: list[float] = []
+
+    def tend() -> bool:
+        nonlocal restarts
+        if export.alive():
+            return True
+        _log(f"nbdkit exited with status {export.proc.returncode}: restarting it")
+        now = time.monotonic()
+        restarts = [t for t in restarts if now - t < 60] + [now]
+        if len(restarts) > MAX_RESTARTS_PER_MINUTE:
+            _log("nbdkit keeps dying: giving up")
+            return False
         try:
             _start_export(cfg, export)
+            _log(f"nbdkit restarted (pid {export.proc.pid})")
         except ExportError as e:
-            _log(f"the NBD export could not start: {e}")
-            _remove_pid_files(cfg)
-            return 1
-        _log(f"export of {device} listening on {cfg.listen_host}:{cfg.listen_port} (nbdkit pid {export.proc.pid})")
-        link = None
-        try:
-            if cfg.key_file is not None:
-                link = LinkServer(cfg, lambda: stopping)
-                link.start()
-                _log(f"control link listening on {cfg.link_host}:{cfg.link_port}")
-            return _supervise(cfg, sec, export, lambda: stopping, link)
-        except (OSError, DmreplError) as e:
-            _log(f"the control link could not start: {e}")
-            return 1
-        finally:
-            if link is not None:
-                link.close()
-            export.stop(timeout=2.0)
-            _remove_pid_files(cfg)
-            _log("stopped")
+            _log(f"restart failed: {e}")
+        return True
+
+    try:
+        return _supervise(sec, tend, stopping, None)
+    finally:
+        export.stop(timeout=2.0)
+        _remove_pid_files(cfg)
+        _log("stopped")
+
+
+def _write_export_pids(cfg: SecondaryConfig, pids: list[int]) -> None:
+    tmp = export_pid_path(cfg) + ".tmp"
+    with private.open_file(tmp, "w") as f:
+        f.write("".join(f"{pid}\n" for pid in pids))
+    os.replace(tmp, export_pid_path(cfg))
 
 
 def _start_export(cfg: SecondaryConfig, export: Export) -> None:
     export.start()
-    with private.open_file(export_pid_path(cfg), "w") as f:
-        f.write(f"{export.proc.pid}\n")
+    _write_export_pids(cfg, [export.proc.pid])
 
 
-def _supervise(cfg: SecondaryConfig, sec: Secondary, export: Export, stopping, link: LinkServer | None) -> int:
-    """Restart nbdkit when it dies, watch the hidden store; until told to stop."""
-    restarts: list[float] = []
+def _supervise(sec: Secondary, tend, stopping, link: LinkServer | None) -> int:
+    """Tend the export every 50 ms (`tend()`: False gives up: a dead server is noticed at once),
+    watch the hidden store every WATCH_INTERVAL; until told to stop."""
     warned: set[str] = set()
     while not stopping():
-        if not export.alive():
-            _log(f"nbdkit exited with status {export.proc.returncode}: restarting it")
-            now = time.monotonic()
-            restarts = [t for t in restarts if now - t < 60] + [now]
-            if len(restarts) > MAX_RESTARTS_PER_MINUTE:
-                _log("nbdkit keeps dying: giving up (the primary will see the secondary as lost)")
+        deadline = time.monotonic() + WATCH_INTERVAL
+        while not stopping() and time.monotonic() < deadline:
+            if not tend():
                 return 1
-            try:
-                _start_export(cfg, export)
-                told = link is not None and link.export_restarted(f"nbdkit exited with status {export.proc.returncode}")
-                _log(f"nbdkit restarted (pid {export.proc.pid})" + ("; the primary was told" if told else ""))
-            except ExportError as e:
-                _log(f"restart failed: {e}")
+            time.sleep(0.05)
         _state, health = sec.watch_store()
         if health is not None:
             if health.lost and "lost" not in warned:
@@ -202,9 +272,6 @@ def _supervise(cfg: SecondaryConfig, sec: Secondary, export: Export, stopping, l
                 warned.add("fill")
             elif not health.over_threshold and not health.lost:
                 warned.clear()
-        deadline = time.monotonic() + WATCH_INTERVAL
-        while not stopping() and time.monotonic() < deadline and export.alive():
-            time.sleep(0.05)
     return 0
 
 

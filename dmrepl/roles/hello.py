@@ -23,6 +23,9 @@ class Hello:
     # The secondary's writes of its own since its checkpoint (it was primary, or took over, and ran
     # `resolve --discard-my-data`): byte ranges [offset, length] the resync compares too.  None: none.
     diverged: list[list[int]] | None = None
+    # The secondary's HELLO_OK only (never a refusal): the export name of this session, the one
+    # name its NBD gate serves to the primary's address.  None: an export without a gate.
+    export_name: str | None = None
 
     def to_wire(self) -> dict:
         return asdict(self)
@@ -36,13 +39,20 @@ class Hello:
                        checkpoints=[int(n) for n in body.get("checkpoints", [])],
                        store_bytes=int(body.get("store_bytes", 0)),
                        heartbeat_timeout_s=float(body.get("heartbeat_timeout_s", 0)),
-                       diverged=_ranges(body.get("diverged")))
+                       diverged=_ranges(body.get("diverged")),
+                       export_name=_export_name(body.get("export_name")))
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"hello without a valid {e}") from None
 
 
 def _last(h: Hello) -> str:
     return str(max(h.checkpoints)) if h.checkpoints else "none"
+
+
+def _export_name(raw) -> str | None:
+    if raw is not None and not (isinstance(raw, str) and 0 < len(raw) <= 256 and raw.isprintable()):
+        raise ValueError("export name: a printable string of 1 to 256 characters")
+    return raw
 
 
 def _ranges(raw) -> list[list[int]] | None:

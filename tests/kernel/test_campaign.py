@@ -104,7 +104,7 @@ class Campaign:
             if kind == "power loss":
                 self.cli(sec, "down", "--force")
         elif kind == "nbdkit killed":
-            os.kill(int((h.dir / f"{sec}-state" / name_of(sec) / "export.pid").read_text()), signal.SIGKILL)
+            os.kill(int((h.dir / f"{sec}-state" / name_of(sec) / "export.pid").read_text().split()[0]), signal.SIGKILL)
         elif kind == "link down":
             h.lab.link_down(sec)
         else:

@@ -111,3 +111,14 @@ def test_admission_compares_addresses_not_spellings():
     a.close()
     with pytest.raises(Refused, match="no authenticated control session"):
         a("192.0.2.10")
+
+
+def test_a_hello_carries_a_valid_export_name_or_none():
+    from dmrepl.roles.hello import Hello
+
+    h = Hello("vm1", "secondary", 1 << 20, 8, 128, [2], export_name="dmrepl-abc")
+    assert Hello.from_wire(h.to_wire()).export_name == "dmrepl-abc"
+    assert Hello.from_wire({**h.to_wire(), "export_name": None}).export_name is None
+    for bad in ("", 7, "x" * 257, "a\nb"):
+        with pytest.raises(ValueError):
+            Hello.from_wire({**h.to_wire(), "export_name": bad})
