@@ -152,6 +152,7 @@ def run_secondary(cfg: SecondaryConfig) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
+    _remove_pid_files(cfg)      # a killed daemon's: `up` must not take them for this one's
     with private.open_file(pid_path(cfg) + ".tmp", "w") as f:
         f.write(f"{os.getpid()}\n")
     os.replace(pid_path(cfg) + ".tmp", pid_path(cfg))
@@ -185,7 +186,7 @@ def _run_gated(cfg: SecondaryConfig, sec: Secondary, stopping) -> int:
             return True
 
         return _supervise(sec, tend, stopping, link)
-    except (OSError, DmreplError) as e:
+    except (OSError, DmreplError, ExportError) as e:
         _log(f"the NBD gate or the control link could not start: {e}")
         return 1
     finally:
