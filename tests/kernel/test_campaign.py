@@ -52,6 +52,7 @@ class Campaign:
     def __init__(self, hosts, seed: int):
         self.hosts, self.rnd = hosts, random.Random(seed)
         self.pri, self.sec = "p", "s"
+        self.started = 0.0
         self.view = b""          # the image at the last checkpoint
         self.log: list[str] = []
 
@@ -137,6 +138,7 @@ class Campaign:
     # -- scenarios ----------------------------------------------------------------------
 
     def scenario(self, i: int) -> None:
+        self.started = time.monotonic()
         kind = self.rnd.choice(KINDS)
         blocks = self.rnd.sample(range(DISK // B4), 64)
         pause = self.rnd.choice((0.0, 0.01, 0.05))
@@ -259,7 +261,8 @@ class Campaign:
         assert longest < STALL_BOUND_S, f"scenario {i}: a write took {longest:.2f} s ({what})"
         r = s.get("last_resync") or {}
         self.log.append(f"{i}: {what}: longest write {longest:.2f} s, compared {r.get('candidate_bytes', 0) >> 10} "
-                        f"KiB, {r.get('differing_bytes', 0) >> 10} KiB differed, sent {r.get('sent_bytes', 0) >> 10} KiB")
+                        f"KiB, {r.get('differing_bytes', 0) >> 10} KiB differed, sent {r.get('sent_bytes', 0) >> 10} KiB"
+                        f" ({time.monotonic() - self.started:.0f} s)")
         self.checkpoint()   # the resync's own checkpoint moved the view to a P the writer changed
 
 
