@@ -78,6 +78,22 @@ def cmd_ls(args) -> int:
     return 0
 
 
+def cmd_keygen(args) -> int:
+    from dmrepl.config import load
+    from dmrepl.link import auth
+
+    _require_root("dmrepl keygen")
+    cfg = load(args.name, args.config)
+    if cfg.key_file is None:
+        raise UserError(f"{cfg.source} names no key_file: there is no control link to key",
+                        f'add key_file = "/etc/dmrepl/{cfg.name}.key" to its section (both hosts)')
+    os.makedirs(os.path.dirname(cfg.key_file), exist_ok=True)
+    auth.write_new_key(cfg.key_file, replace=False)
+    print(f"{cfg.name}: new key in {cfg.key_file} (mode 0600); copy it to the other host at the path its "
+          "config names, keeping the mode (e.g. `scp -p`)")
+    return 0
+
+
 def cmd_secondary(args) -> int:
     from dmrepl.cli import secondary
 
@@ -123,6 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("ls", help="list the device-mapper devices dmrepl created")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
     ls.set_defaults(func=cmd_ls)
+
+    k = sub.add_parser("keygen", help="write a new pre-shared key to the key_file NAME's config names (never "
+                       "over an existing one)")
+    k.add_argument("name", metavar="NAME", help="resource name (config /etc/dmrepl/NAME.toml)")
+    k.add_argument("--config", metavar="PATH", help="config file instead of /etc/dmrepl/NAME.toml")
+    k.set_defaults(func=cmd_keygen)
 
     resource.add_parsers(sub, cmd_resource)
     secondary.add_parser(sub, cmd_secondary)

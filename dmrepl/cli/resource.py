@@ -107,6 +107,8 @@ def _secondary(cfg, args) -> int:
                 # Its daemon died (kill -9, a crash) and left the stack: serve it again as it is,
                 # after making sure no export of the dead daemon's still holds the port.
                 supervisor.fence(cfg)
+                for line in sec.finish_interrupted_switch():
+                    print(f"{cfg.name}: {line}", file=sys.stderr)
                 print(f"{cfg.name}: the stack is up without its daemon: serving it again "
                       f"(checkpoint {st.checkpoint})", file=sys.stderr)
             else:

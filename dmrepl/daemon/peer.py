@@ -7,7 +7,7 @@
                                    <-      CHECKPOINT_DONE {n, ok, pause_ms | error}
     HEARTBEAT {t}                  ->
                                    <-      HEARTBEAT {t}
-    DIGESTS {offset, length, piece} ->     (hashes those pieces of S)
+    DIGESTS {offset, spans, piece} ->     (hashes those pieces of S)
                                    <-      DIGESTS_REPLY {offset, digests | error}
 
 The secondary ends the session (and reports the primary lost) when no frame

@@ -133,7 +133,7 @@ class PrimaryDaemon:
         except (FrameError, OSError) as e:   # ExportRestarted: the NBD connections died with nbdkit
             event = Event.LINK_DEAD if isinstance(e, peer.ExportRestarted) else Event.LINK_ERROR
             self.lost(event, f"the resync's comparison stopped: {e}")
-        except DmreplError as e:
+        except (DmreplError, ValueError) as e:     # ValueError: a digest request this disk cannot make
             self.lost(Event.RESYNC_FAILED, f"resync failed: {e}")
 
     def step_resync(self, kernel: dict) -> None:

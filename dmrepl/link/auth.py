@@ -40,7 +40,7 @@ def load_key(path: str) -> bytes:
         st = os.stat(path)
     except FileNotFoundError:
         raise KeyFileError(f"key file {path} does not exist", "create it on both hosts with the same key: "
-                           "`dmrepl keygen` or `head -c 32 /dev/urandom | xxd -p -c 64 > FILE; chmod 600 FILE`"
+                           "`dmrepl keygen NAME` on one host, then copy the file to the other keeping its mode 0600"
                            ) from None
     if not stat.S_ISREG(st.st_mode):
         raise KeyFileError(f"key file {path} is not a regular file")
@@ -61,8 +61,9 @@ def load_key(path: str) -> bytes:
     return key
 
 
-def write_new_key(path: str) -> None:
-    """A fresh random key, written atomically with mode 0600."""
+def write_new_key(path: str, replace: bool = True) -> None:
+    """A fresh random key, written atomically with mode 0600; with replace=False an existing file
+    is kept and KeyFileError raised (the other host may hold that key already)."""
     tmp = f"{path}.tmp.{os.getpid()}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
@@ -70,7 +71,16 @@ def write_new_key(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-    os.rename(tmp, path)
+    if replace:
+        os.rename(tmp, path)
+        return
+    try:
+        os.link(tmp, path)          # fails if the path exists: never a key overwritten
+    except FileExistsError:
+        raise KeyFileError(f"key file {path} exists already: kept (the other host may use it)",
+                           f"to make a new one, remove {path} on both hosts first") from None
+    finally:
+        os.unlink(tmp)
 
 
 def _proof(psk: bytes, label: bytes, first: bytes, second: bytes) -> bytes:

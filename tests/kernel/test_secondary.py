@@ -109,6 +109,33 @@ def test_checkpoint_scenarios_exact_bytes(sec):
     assert sec.state().checkpoint == 2  # persisted
 
 
+@pytest.mark.parametrize("committed", [False, True])
+def test_a_checkpoint_switch_cut_between_suspend_and_resume_is_finished_by_the_state(sec, committed):
+    """What a secondary daemon killed inside a checkpoint leaves: active, hidden and origin
+    suspended, hidden's next table loaded, the state saved or not.  The next `up` of the daemon
+    (finish_interrupted_switch) makes the state's checkpoint live: the view is the old one if the
+    commit was not reached, the disk's if it was; and a new checkpoint works after."""
+    st = sec.up()
+    blockdev.write_at(sec.origin_path, 0, b"\x22" * MiB)          # the primary writes after checkpoint 0
+    names = {p: sec.stack.dm(p) for p in ("active", "hidden", "origin")}
+    b = sec.stack.backing()
+    sec.stack.zero_header(b.stores[1])
+    for part in ("active", "hidden", "origin"):
+        sec.ctl.suspend(names[part])
+    sec.ctl.load(names["hidden"], sec.stack.hidden_table(b, 1))
+    if committed:
+        sec.states.save(st.evolve(checkpoint=1, current_store=1))
+    done = sec.finish_interrupted_switch()
+    assert not any(sec.ctl.info(n).suspended or sec.ctl.info(n).inactive_table for n in names.values()), done
+    assert done[-3:] == [f"{names['hidden']} resumed", f"{names['origin']} resumed", f"{names['active']} resumed"]
+    view = b"\x22" if committed else b"\x11"
+    assert_bytes(sec.active_path, [(0, MiB, view), (MiB, DISK - MiB, b"\x11")])
+    assert sec.finish_interrupted_switch() == []                      # nothing left to finish
+    state, _ = sec.checkpoint()
+    assert state.checkpoint == (2 if committed else 1)
+    assert_bytes(sec.active_path, [(0, MiB, b"\x22"), (MiB, DISK - MiB, b"\x11")])
+
+
 def test_failover_rolls_back_primary_writes_and_keeps_consumer_writes(sec):
     sec.up()
     S = disk_of(sec)

@@ -115,3 +115,32 @@ def test_the_control_socket_refuses_a_non_root_caller_even_in_an_open_directory(
             srv.close()
     finally:
         shutil.rmtree(top)
+
+
+def test_keygen_writes_a_private_key_once_and_never_over_one(tmp_path, capsys):
+    from dmrepl import cli
+    from dmrepl.link import auth
+
+    if os.geteuid() != 0:
+        pytest.skip("keygen needs root")
+    key = tmp_path / "keys" / "vm1.key"
+    path = _config(tmp_path, 0o644)
+    with open(path, "a") as f:
+        f.write(f'link_listen = "127.0.0.1:10810"\nkey_file = "{key}"\n')
+    assert cli.main(["keygen", "vm1", "--config", path]) == 0
+    assert stat.S_IMODE(os.stat(key).st_mode) == 0o600 and len(auth.load_key(str(key))) == 32
+    first = key.read_text()
+    assert cli.main(["keygen", "vm1", "--config", path]) == 1
+    err = capsys.readouterr().err
+    assert "exists already: kept" in err and "hint: to make a new one, remove" in err
+    assert key.read_text() == first and os.listdir(key.parent) == ["vm1.key"]     # no temporary left
+
+
+def test_keygen_without_a_key_file_in_the_config_says_what_to_add(tmp_path, capsys):
+    from dmrepl import cli
+
+    if os.geteuid() != 0:
+        pytest.skip("keygen needs root")
+    assert cli.main(["keygen", "vm1", "--config", _config(tmp_path, 0o644)]) == 1
+    err = capsys.readouterr().err
+    assert "names no key_file" in err and 'key_file = "/etc/dmrepl/vm1.key"' in err

@@ -178,3 +178,19 @@ def test_a_progress_callback_that_raises_ends_the_comparison_between_requests(tm
     with pytest.raises(Stop):
         resync.compare(str(p), [(0, (24 << 20) // 4096)], 8, remote, progress)
     assert len(asked) == 1 and sum(n for _o, n in asked[0]) == digests.MAX_REQUEST_BYTES
+
+
+def test_a_first_level_piece_never_outgrows_a_request(tmp_path):
+    # Regions of 2 MiB (disks over 4 TiB): 8 of them would be a 16 MiB first-level piece, more than
+    # a request may hash; the comparison uses 4 (8 MiB) instead.
+    from dmrepl.roles import digests
+    p = tmp_path / "p.img"
+    p.write_bytes(b"\x11" * (16 << 20))
+    asked = []
+
+    def remote(spans, piece):
+        asked.append(piece)
+        return lambda: digests.of_spans(str(p), spans, piece)
+
+    cmp = resync.compare(str(p), [(0, 8)], 4096, remote)          # 8 regions of 2 MiB
+    assert cmp.differing == [] and asked == [digests.MAX_REQUEST_BYTES] * 2     # two pieces of 8 MiB

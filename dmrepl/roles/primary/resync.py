@@ -112,6 +112,8 @@ def compare(disk: str, ranges: list[tuple[int, int]], region: int,
         if progress:
             progress(done[0], total)
 
+    # A first-level piece must fit one request: regions grow past 1 MiB on disks over 4 TiB.
+    fanout = max(1, min(fanout, digests.MAX_REQUEST_BYTES // (region * SECTOR)))
     if fanout == 1:
         out.differing = _level(disk, merge(ranges), region * SECTOR, remote, out, tick)
         return out

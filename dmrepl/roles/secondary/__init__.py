@@ -193,6 +193,12 @@ class Secondary:
         return _checkpoint.checkpoint(self.stack, self.states, self._require_up(), number)
 
     @_locked
+    def finish_interrupted_switch(self) -> list[str]:
+        """After a process died inside a checkpoint's switch: the state file's checkpoint, live and
+        resumed (what was done, one line each; nothing if no switch was interrupted)."""
+        return _checkpoint.finish_interrupted(self.stack, self._require_state())
+
+    @_locked
     def failover(self, fence: Callable[[], None] | None = None) -> ResourceState:
         """Take over: fence the primary, merge the hidden store into S under the active device."""
         return _failover.failover(self.stack, self.states, self._require_up(), fence)

@@ -9,12 +9,13 @@ hence two stores used in turn.  The pause is a handful of ioctls.
 
 from __future__ import annotations
 
+import os
 import time
 
 from dmrepl.errors import DmreplError
 from dmrepl.kernel import switch
 from dmrepl.roles.secondary.stack import Stack
-from dmrepl.roles.transitions import Op, check
+from dmrepl.roles.transitions import Op, Role, check
 from dmrepl.state import ResourceState, StateStore
 
 
@@ -48,3 +49,46 @@ def checkpoint(stack: Stack, states: StateStore, st: ResourceState,
         revert=lambda: states.save(st)))
     stack.discard_store(b.stores[k])
     return new, result.pause_seconds
+
+
+def finish_interrupted(stack: Stack, st: ResourceState) -> list[str]:
+    """A process that died inside a checkpoint's switch -- between its first suspend and its last
+    resume -- leaves active, hidden or origin suspended (reading the view would hang), maybe with
+    hidden's next table loaded.  The state file is the switch's commit, so it decides: the store
+    it names goes live (the loaded table if that is the one, else loaded now), any other loaded
+    table is cleared, and the three are resumed in the switch's order.  Returns what was done."""
+    active, hidden, origin = stack.dm("active"), stack.dm("hidden"), stack.dm("origin")
+    infos = {n: stack.ctl.info(n) for n in (active, hidden, origin)}
+    if not any(i.suspended or i.inactive_table for i in infos.values()):
+        return []
+    if st.role != Role.SECONDARY.value:
+        raise DmreplError(f"a switch of {stack.cfg.name}'s {st.role} stack was interrupted (devices left "
+                          "suspended)", f"`dmrepl secondary down {stack.cfg.name} --force`, then `up` again")
+    b = stack.backing()
+    want = _devno(b.stores[st.current_store])
+    done = []
+    if _cow(stack.ctl.table(hidden)) != want:
+        if not (infos[hidden].inactive_table and _cow(stack.ctl.table(hidden, inactive=True)) == want):
+            if infos[hidden].inactive_table:
+                stack.ctl.clear(hidden)
+            stack.ctl.load(hidden, stack.hidden_table(b, st.current_store))
+        done.append(f"{hidden}: store {st.current_store} of checkpoint {st.checkpoint} goes live (committed)")
+    elif infos[hidden].inactive_table:
+        stack.ctl.clear(hidden)
+        done.append(f"{hidden}: the next store's table cleared (checkpoint {st.checkpoint} + 1 was not committed)")
+    for name in (hidden, origin, active):       # the switch's resume order
+        info = stack.ctl.info(name)
+        if info.suspended or info.inactive_table:
+            stack.ctl.resume(name)
+            done.append(f"{name} resumed")
+    return done
+
+
+def _devno(path: str) -> str:
+    rdev = os.stat(path).st_rdev
+    return f"{os.major(rdev)}:{os.minor(rdev)}"
+
+
+def _cow(specs) -> str:
+    """The COW device of a snapshot table, as the kernel prints it (major:minor)."""
+    return specs[0].text.split()[1]
