@@ -180,6 +180,9 @@ def _run_gated(cfg: SecondaryConfig, sec: Secondary, stopping) -> int:
 
         def tend() -> bool:
             for s in gate.ended():
+                if s.proc.returncode == 0:      # its client closed the connection
+                    _log(f"NBD connection from {s.source} closed")
+                    continue
                 told = link.export_restarted(f"nbdkit serving {s.source} exited with status {s.proc.returncode}")
                 _log(f"nbdkit serving {s.source} exited with status {s.proc.returncode}"
                      + ("; the primary was told" if told else ""))
