@@ -44,26 +44,27 @@ Unknown keys and wrong types are errors that name the file and the key.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
-import re
 import stat
 import tomllib
 from dataclasses import dataclass, replace
 
+from dmrepl.config.fields import (
+    DEFAULT_PORT,
+    NAME_RE,
+    ConfigError,
+    check_keys,
+    chunk_sectors,
+    distinct,
+    expect,
+    number,
+    parse_address,
+    parse_listen,
+)
+
 CONFIG_DIR = "/etc/dmrepl"
 DEFAULT_STATE_DIR = "/var/lib/dmrepl"
-DEFAULT_PORT = 10809
-
-# dm names are dmrepl-NAME-origin etc. (at most 127 bytes, no '/'); udev rules
-# and paths take NAME as it is, so NAME is kept to a plain, portable set.
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot be used; the message names the file and the key."""
-
 
 def check_name(name: str) -> str:
     if not NAME_RE.match(name or ""):
@@ -139,85 +140,25 @@ def default_path(name: str) -> str:
     return os.path.join(CONFIG_DIR, f"{check_name(name)}.toml")
 
 
-def _parse_address(value: str, where: str, what: str = "listen", default_port: int = DEFAULT_PORT
-                   ) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep:
-        host, port = value, str(default_port)
-    host = host.strip("[]")
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        raise ConfigError(f"{where}: {what} address {value!r}: expected IP:PORT, "
-                          f"e.g. 127.0.0.1:{default_port}") from None
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"{where}: {what} port {port!r} must be 1-65535")
-    return host, int(port)
-
-
-def _parse_listen(value: str, where: str) -> tuple[str, int]:
-    return _parse_address(value, where)
-
-
-def _expect(table: dict, key: str, kind, where: str, default=None, required: bool = False):
-    if key not in table:
-        if required:
-            raise ConfigError(f"{where}: missing required key '{key}'")
-        return default
-    value = table[key]
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-        raise ConfigError(f"{where}: key '{key}' must be {kind.__name__}, got {type(value).__name__}")
-    return value
-
-
-def _check_keys(table: dict, known: set[str], where: str) -> None:
-    for key in table:
-        if key not in known:
-            raise ConfigError(f"{where}: unknown key '{key}' (known: {', '.join(sorted(known))})")
-
-
-def _chunk_sectors(table: dict, where: str) -> int:
-    chunk_kib = _expect(table, "chunk_kib", int, where, 4)
-    if chunk_kib < 4 or chunk_kib > 512 or chunk_kib & (chunk_kib - 1):
-        raise ConfigError(f"{where}: 'chunk_kib' must be a power of two from 4 to 512, got {chunk_kib}")
-    return chunk_kib * 2
-
-
-def _number(table: dict, key: str, kind, where: str, default, low, high):
-    value = _expect(table, key, kind, where, default)
-    if not low <= value <= high:
-        raise ConfigError(f"{where}: '{key}' must be from {low} to {high}, got {value}")
-    return value
-
-
-def _distinct(paths: list[str], where: str, what: str) -> list[str]:
-    out = [os.path.abspath(p) for p in paths]
-    if len(set(out)) != len(out):
-        raise ConfigError(f"{where}: {what} must be different paths")
-    return out
-
-
 def _secondary(doc: dict, common: dict, source: str) -> SecondaryConfig:
-    sec = _expect(doc, "secondary", dict, source, required=True)
+    sec = expect(doc, "secondary", dict, source, required=True)
     where = f"{source} [secondary]"
-    _check_keys(sec, {"disk", "hidden_stores", "listen", "chunk_kib", "store_fill_warn", "link_listen",
+    check_keys(sec, {"disk", "hidden_stores", "listen", "chunk_kib", "store_fill_warn", "link_listen",
                       "key_file"}, where)
-    disk = _expect(sec, "disk", str, where, required=True)
-    stores = _expect(sec, "hidden_stores", list, where, required=True)
+    disk = expect(sec, "disk", str, where, required=True)
+    stores = expect(sec, "hidden_stores", list, where, required=True)
     if len(stores) != 2 or not all(isinstance(s, str) and s for s in stores):
         raise ConfigError(f"{where}: 'hidden_stores' must list exactly two paths")
-    host, port = _parse_listen(_expect(sec, "listen", str, where, f"127.0.0.1:{DEFAULT_PORT}"), where)
-    fill = _expect(sec, "store_fill_warn", float, where, 0.75)
+    host, port = parse_listen(expect(sec, "listen", str, where, f"127.0.0.1:{DEFAULT_PORT}"), where)
+    fill = expect(sec, "store_fill_warn", float, where, 0.75)
     if not 0.0 < fill < 1.0:
         raise ConfigError(f"{where}: 'store_fill_warn' must be between 0 and 1, got {fill}")
-    paths = _distinct([disk, *stores], where, "the disk and the two hidden stores")
-    key_file = _expect(sec, "key_file", str, where)
+    paths = distinct([disk, *stores], where, "the disk and the two hidden stores")
+    key_file = expect(sec, "key_file", str, where)
     link_host = link_port = None
     if key_file is not None:
         default = f"{host}:{port + 1 if port < 65535 else 1}"
-        link_host, link_port = _parse_address(_expect(sec, "link_listen", str, where, default), where,
+        link_host, link_port = parse_address(expect(sec, "link_listen", str, where, default), where,
                                               "link_listen", port + 1)
         if (link_host, link_port) == (host, port):
             raise ConfigError(f"{where}: 'link_listen' and 'listen' must differ (the control link "
@@ -226,12 +167,12 @@ def _secondary(doc: dict, common: dict, source: str) -> SecondaryConfig:
     elif "link_listen" in sec:
         raise ConfigError(f"{where}: 'link_listen' needs 'key_file' (the control link is authenticated)")
     return SecondaryConfig(disk=paths[0], hidden_stores=(paths[1], paths[2]), listen_host=host,
-                           listen_port=port, chunk_sectors=_chunk_sectors(sec, where), store_fill_warn=fill,
+                           listen_port=port, chunk_sectors=chunk_sectors(sec, where), store_fill_warn=fill,
                            link_host=link_host, link_port=link_port, key_file=key_file, **common)
 
 
 def _peers(pri: dict, where: str) -> tuple[Peer, ...]:
-    raw = _expect(pri, "secondaries", list, where, required=True)
+    raw = expect(pri, "secondaries", list, where, required=True)
     if len(raw) != 1:
         raise ConfigError(f"{where}: [[primary.secondaries]] lists {len(raw)} secondaries: "
                           "this dmrepl drives exactly one")
@@ -240,42 +181,42 @@ def _peers(pri: dict, where: str) -> tuple[Peer, ...]:
         at = f"{where} secondaries[{i}]"
         if not isinstance(table, dict):
             raise ConfigError(f"{at}: must be a table with 'nbd' and 'link'")
-        _check_keys(table, {"nbd", "link"}, at)
-        nbd_host, nbd_port = _parse_address(_expect(table, "nbd", str, at, required=True), at, "nbd")
-        link_host, link_port = _parse_address(_expect(table, "link", str, at, required=True), at, "link",
+        check_keys(table, {"nbd", "link"}, at)
+        nbd_host, nbd_port = parse_address(expect(table, "nbd", str, at, required=True), at, "nbd")
+        link_host, link_port = parse_address(expect(table, "link", str, at, required=True), at, "link",
                                               DEFAULT_PORT + 1)
         peers.append(Peer(nbd_host, nbd_port, link_host, link_port))
     return tuple(peers)
 
 
 def _primary(doc: dict, common: dict, source: str) -> PrimaryConfig:
-    pri = _expect(doc, "primary", dict, source, required=True)
+    pri = expect(doc, "primary", dict, source, required=True)
     where = f"{source} [primary]"
-    _check_keys(pri, {"disk", "era_metadata", "key_file", "era_block_kib", "chunk_kib", "checkpoint_interval_s",
+    check_keys(pri, {"disk", "era_metadata", "key_file", "era_block_kib", "chunk_kib", "checkpoint_interval_s",
                       "heartbeat_interval_s", "heartbeat_misses", "nbd_connections", "nbd_timeout_s",
                       "secondaries", "netns", "reconnect_interval_s"}, where)
-    netns = _expect(pri, "netns", str, where)
+    netns = expect(pri, "netns", str, where)
     if netns is not None and not NAME_RE.match(netns):
         raise ConfigError(f"{where}: 'netns' {netns!r} is not a network namespace name (see `ip netns list`)")
-    disk, meta = _distinct([_expect(pri, "disk", str, where, required=True),
-                            _expect(pri, "era_metadata", str, where, required=True)],
+    disk, meta = distinct([expect(pri, "disk", str, where, required=True),
+                            expect(pri, "era_metadata", str, where, required=True)],
                            where, "'disk' and 'era_metadata'")
-    era_kib = _expect(pri, "era_block_kib", int, where, 1024)
+    era_kib = expect(pri, "era_block_kib", int, where, 1024)
     if era_kib < 4 or era_kib > 1 << 20 or era_kib & (era_kib - 1):
         raise ConfigError(f"{where}: 'era_block_kib' must be a power of two from 4 to 1048576, got {era_kib}")
-    interval = _number(pri, "checkpoint_interval_s", float, where, 5.0, 0.0, 86400.0)
+    interval = number(pri, "checkpoint_interval_s", float, where, 5.0, 0.0, 86400.0)
     if 0 < interval < 0.05:
         raise ConfigError(f"{where}: 'checkpoint_interval_s' must be 0 (on demand only) or at least 0.05")
     return PrimaryConfig(
         disk=disk, era_metadata=meta,
-        key_file=os.path.abspath(_expect(pri, "key_file", str, where, required=True)),
-        secondaries=_peers(pri, where), era_block_sectors=era_kib * 2, chunk_sectors=_chunk_sectors(pri, where),
+        key_file=os.path.abspath(expect(pri, "key_file", str, where, required=True)),
+        secondaries=_peers(pri, where), era_block_sectors=era_kib * 2, chunk_sectors=chunk_sectors(pri, where),
         checkpoint_interval_s=interval,
-        heartbeat_interval_s=_number(pri, "heartbeat_interval_s", float, where, 1.0, 0.05, 60.0),
-        heartbeat_misses=_number(pri, "heartbeat_misses", int, where, 3, 1, 100),
-        nbd_connections=_number(pri, "nbd_connections", int, where, 4, 1, 16),
-        nbd_timeout_s=_number(pri, "nbd_timeout_s", int, where, 5, 1, 600), netns=netns,
-        reconnect_interval_s=_number(pri, "reconnect_interval_s", float, where, 5.0, 0.1, 3600.0), **common)
+        heartbeat_interval_s=number(pri, "heartbeat_interval_s", float, where, 1.0, 0.05, 60.0),
+        heartbeat_misses=number(pri, "heartbeat_misses", int, where, 3, 1, 100),
+        nbd_connections=number(pri, "nbd_connections", int, where, 4, 1, 16),
+        nbd_timeout_s=number(pri, "nbd_timeout_s", int, where, 5, 1, 600), netns=netns,
+        reconnect_interval_s=number(pri, "reconnect_interval_s", float, where, 5.0, 0.1, 3600.0), **common)
 
 
 ROLES = ("primary", "secondary")
@@ -289,12 +230,12 @@ def parse(text: str, *, source: str, default_name: str | None = None, role: str 
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{source}: not valid TOML: {e}") from None
-    _check_keys(doc, {"name", "resource_id", "state_dir", "secondary", "primary", "start_as"}, source)
-    name = check_name(_expect(doc, "name", str, source, default_name, required=default_name is None))
-    common = dict(name=name, resource_id=_expect(doc, "resource_id", str, source, name),
-                  state_dir=os.path.abspath(_expect(doc, "state_dir", str, source, DEFAULT_STATE_DIR)),
+    check_keys(doc, {"name", "resource_id", "state_dir", "secondary", "primary", "start_as"}, source)
+    name = check_name(expect(doc, "name", str, source, default_name, required=default_name is None))
+    common = dict(name=name, resource_id=expect(doc, "resource_id", str, source, name),
+                  state_dir=os.path.abspath(expect(doc, "state_dir", str, source, DEFAULT_STATE_DIR)),
                   source=source)
-    start_as = _expect(doc, "start_as", str, source)
+    start_as = expect(doc, "start_as", str, source)
     if start_as is not None and start_as not in ROLES:
         raise ConfigError(f"{source}: 'start_as' must be \"primary\" or \"secondary\", got {start_as!r}")
     if "primary" in doc and "secondary" in doc:
