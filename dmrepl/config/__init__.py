@@ -39,6 +39,8 @@ From then on the resource's state file says which role the host plays
 (`config.role_of`).  With both sections, the secondary's failover starts dm-era
 on [primary]'s era_metadata, so that the failback copies only what changed.
 
+An optional [link] table runs the link inside a WireGuard tunnel (config/tunnel.py).
+
 Unknown keys and wrong types are errors that name the file and the key.
 """
 
@@ -50,6 +52,7 @@ import stat
 import tomllib
 from dataclasses import dataclass, replace
 
+from dmrepl.config import tunnel as tunnel_table
 from dmrepl.config.fields import (
     DEFAULT_PORT,
     NAME_RE,
@@ -62,6 +65,7 @@ from dmrepl.config.fields import (
     parse_address,
     parse_listen,
 )
+from dmrepl.config.tunnel import Tunnel, check_inside
 
 CONFIG_DIR = "/etc/dmrepl"
 DEFAULT_STATE_DIR = "/var/lib/dmrepl"
@@ -90,6 +94,7 @@ class SecondaryConfig:
     key_file: str | None = None
     era_metadata: str | None = None   # [primary]'s, when this host has both: the failover tracks writes there
     era_block_sectors: int = 2048
+    tunnel: Tunnel | None = None      # [link] encrypt = "wireguard"
     role = "secondary"
 
     @property
@@ -129,6 +134,7 @@ class PrimaryConfig:
     # With both sections: [secondary]'s link address, where this host, while primary, answers a
     # hello from another primary (split brain: seen on both hosts).  None: nowhere.
     hello_listen: tuple[str, int] | None = None
+    tunnel: Tunnel | None = None      # [link] encrypt = "wireguard"
     role = "primary"
 
     @property
@@ -154,6 +160,7 @@ def _secondary(doc: dict, common: dict, source: str) -> SecondaryConfig:
     if not 0.0 < fill < 1.0:
         raise ConfigError(f"{where}: 'store_fill_warn' must be between 0 and 1, got {fill}")
     paths = distinct([disk, *stores], where, "the disk and the two hidden stores")
+    check_inside(common["tunnel"], where, "'listen'", host, "address")
     key_file = expect(sec, "key_file", str, where)
     link_host = link_port = None
     if key_file is not None:
@@ -163,6 +170,7 @@ def _secondary(doc: dict, common: dict, source: str) -> SecondaryConfig:
         if (link_host, link_port) == (host, port):
             raise ConfigError(f"{where}: 'link_listen' and 'listen' must differ (the control link "
                               "and the NBD export need a port each)")
+        check_inside(common["tunnel"], where, "'link_listen'", link_host, "address")
         key_file = os.path.abspath(key_file)
     elif "link_listen" in sec:
         raise ConfigError(f"{where}: 'link_listen' needs 'key_file' (the control link is authenticated)")
@@ -171,7 +179,7 @@ def _secondary(doc: dict, common: dict, source: str) -> SecondaryConfig:
                            link_host=link_host, link_port=link_port, key_file=key_file, **common)
 
 
-def _peers(pri: dict, where: str) -> tuple[Peer, ...]:
+def _peers(pri: dict, where: str, tunnel: Tunnel | None) -> tuple[Peer, ...]:
     raw = expect(pri, "secondaries", list, where, required=True)
     if len(raw) != 1:
         raise ConfigError(f"{where}: [[primary.secondaries]] lists {len(raw)} secondaries: "
@@ -185,6 +193,8 @@ def _peers(pri: dict, where: str) -> tuple[Peer, ...]:
         nbd_host, nbd_port = parse_address(expect(table, "nbd", str, at, required=True), at, "nbd")
         link_host, link_port = parse_address(expect(table, "link", str, at, required=True), at, "link",
                                               DEFAULT_PORT + 1)
+        check_inside(tunnel, at, "'nbd'", nbd_host, "peer_address")
+        check_inside(tunnel, at, "'link'", link_host, "peer_address")
         peers.append(Peer(nbd_host, nbd_port, link_host, link_port))
     return tuple(peers)
 
@@ -192,9 +202,9 @@ def _peers(pri: dict, where: str) -> tuple[Peer, ...]:
 def _primary(doc: dict, common: dict, source: str) -> PrimaryConfig:
     pri = expect(doc, "primary", dict, source, required=True)
     where = f"{source} [primary]"
-    check_keys(pri, {"disk", "era_metadata", "key_file", "era_block_kib", "chunk_kib", "checkpoint_interval_s",
-                      "heartbeat_interval_s", "heartbeat_misses", "nbd_connections", "nbd_timeout_s",
-                      "secondaries", "netns", "reconnect_interval_s"}, where)
+    check_keys(pri, {"disk", "era_metadata", "key_file", "era_block_kib", "chunk_kib",
+                     "checkpoint_interval_s", "heartbeat_interval_s", "heartbeat_misses", "nbd_connections",
+                     "nbd_timeout_s", "secondaries", "netns", "reconnect_interval_s"}, where)
     netns = expect(pri, "netns", str, where)
     if netns is not None and not NAME_RE.match(netns):
         raise ConfigError(f"{where}: 'netns' {netns!r} is not a network namespace name (see `ip netns list`)")
@@ -210,7 +220,8 @@ def _primary(doc: dict, common: dict, source: str) -> PrimaryConfig:
     return PrimaryConfig(
         disk=disk, era_metadata=meta,
         key_file=os.path.abspath(expect(pri, "key_file", str, where, required=True)),
-        secondaries=_peers(pri, where), era_block_sectors=era_kib * 2, chunk_sectors=chunk_sectors(pri, where),
+        secondaries=_peers(pri, where, common["tunnel"]), era_block_sectors=era_kib * 2,
+        chunk_sectors=chunk_sectors(pri, where),
         checkpoint_interval_s=interval,
         heartbeat_interval_s=number(pri, "heartbeat_interval_s", float, where, 1.0, 0.05, 60.0),
         heartbeat_misses=number(pri, "heartbeat_misses", int, where, 3, 1, 100),
@@ -230,11 +241,11 @@ def parse(text: str, *, source: str, default_name: str | None = None, role: str 
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{source}: not valid TOML: {e}") from None
-    check_keys(doc, {"name", "resource_id", "state_dir", "secondary", "primary", "start_as"}, source)
+    check_keys(doc, {"name", "resource_id", "state_dir", "secondary", "primary", "start_as", "link"}, source)
     name = check_name(expect(doc, "name", str, source, default_name, required=default_name is None))
     common = dict(name=name, resource_id=expect(doc, "resource_id", str, source, name),
                   state_dir=os.path.abspath(expect(doc, "state_dir", str, source, DEFAULT_STATE_DIR)),
-                  source=source)
+                  source=source, tunnel=tunnel_table.parse(doc, source, name))
     start_as = expect(doc, "start_as", str, source)
     if start_as is not None and start_as not in ROLES:
         raise ConfigError(f"{source}: 'start_as' must be \"primary\" or \"secondary\", got {start_as!r}")
