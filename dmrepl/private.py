@@ -15,14 +15,20 @@ class NotPrivate(DmreplError):
     pass
 
 
-def _check(path: str, st: os.stat_result, widest: int, kind: str) -> None:
+def _check(path: str, st: os.stat_result, widest: int, kind: str, *, error: type[DmreplError] = None,
+           reach: str = "reach it", owners: tuple[int, ...] | None = None, after: str = "check who changed it",
+           chmod: str | None = None) -> None:
+    """Refuse `st` if its mode has a bit beyond `widest` or it belongs to a uid other than `owners`
+    (default: this process's)."""
+    error = error or NotPrivate
     mode = stat.S_IMODE(st.st_mode)
     if mode & ~widest & 0o777:
-        raise NotPrivate(f"{kind} {path} is mode {mode:04o}: group or others can reach it",
-                         f"chmod {widest:o} {path}, and check who changed it")
-    if st.st_uid != os.geteuid():
-        raise NotPrivate(f"{kind} {path} belongs to uid {st.st_uid}, not to this process's uid {os.geteuid()}",
-                         f"chown root: {path}")
+        raise error(f"{kind} {path} is mode {mode:04o}: group or others can {reach}",
+                    f"chmod {chmod or f'{widest:o}'} {path}, and {after}")
+    owners = owners or (os.geteuid(),)
+    if st.st_uid not in owners:
+        raise error(f"{kind} {path} belongs to uid {st.st_uid}, not to this process's uid {os.geteuid()}",
+                    f"chown root: {path}")
 
 
 def ensure_dir(path: str) -> None:
@@ -51,3 +57,26 @@ def open_file(path: str, mode: str = "ab") -> IO:
     check_file(path)
     fd = os.open(path, flags | os.O_CREAT | os.O_CLOEXEC, 0o600)
     return os.fdopen(fd, mode)
+
+
+def read_secret(path: str, kind: str, error: type[DmreplError] = None, missing: str | None = None) -> str:
+    """The text of a secret (a key file): a regular file that only this process's user can read;
+    `missing` is the hint when there is no such file."""
+    error = error or NotPrivate
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise error(f"{kind} {path} does not exist", missing) from None
+    except OSError as e:
+        raise error(f"{kind} {path}: cannot read: {e.strerror}") from None
+    with os.fdopen(fd, "r") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise error(f"{kind} {path} is not a regular file")
+        _check(path, st, 0o600, kind, error=error, reach="read it", after="change the key: it may have been read")
+        return f.read()
+
+
+def check_writers(path: str, st: os.stat_result, kind: str, error: type[DmreplError] = None) -> None:
+    """A file that says what dmrepl may overwrite: only root or this process's user may change it."""
+    _check(path, st, 0o755, kind, error=error, reach="change it", owners=(0, os.geteuid()), chmod="go-w")

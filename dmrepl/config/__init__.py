@@ -48,10 +48,10 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 import tomllib
 from dataclasses import dataclass, replace
 
+from dmrepl import private
 from dmrepl.config import tunnel as tunnel_table
 from dmrepl.config.fields import (
     DEFAULT_PORT,
@@ -298,13 +298,10 @@ def _read(name: str | None, path: str | None) -> tuple[str, str, str]:
 
 def _check_writers(path: str, st: os.stat_result) -> None:
     """A config names the disks dmrepl overwrites: only root (or this process's user) may change it."""
-    mode = stat.S_IMODE(st.st_mode)
-    if mode & 0o022:
-        raise ConfigError(f"{path}: mode {mode:04o}, so group or others can change it (and with it which "
-                          f"disks dmrepl overwrites): refused; `chmod go-w {path}`")
-    if st.st_uid not in (0, os.geteuid()):
-        raise ConfigError(f"{path}: belongs to uid {st.st_uid}, who could change it: refused; "
-                          f"`chown root: {path}`")
+    try:
+        private.check_writers(path, st, "config")
+    except private.NotPrivate as e:
+        raise ConfigError(f"{e}: refused (it says which disks dmrepl overwrites); {e.hint}") from None
 
 
 def load(name: str | None = None, path: str | None = None, role: str | None = None

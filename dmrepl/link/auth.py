@@ -16,8 +16,8 @@ import hashlib
 import hmac
 import os
 import socket
-import stat
 
+from dmrepl import private
 from dmrepl.errors import DmreplError
 from dmrepl.link import frames
 from dmrepl.link.frames import FrameError, Kind
@@ -36,22 +36,9 @@ class KeyFileError(DmreplError):
 
 def load_key(path: str) -> bytes:
     """The pre-shared key from a file that only its owner (root) can read: hex, at least 32 bytes."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise KeyFileError(f"key file {path} does not exist", "create it on both hosts with the same key: "
-                           "`dmrepl keygen NAME` on one host, then copy the file to the other keeping its mode 0600"
-                           ) from None
-    if not stat.S_ISREG(st.st_mode):
-        raise KeyFileError(f"key file {path} is not a regular file")
-    if st.st_mode & 0o077:
-        raise KeyFileError(f"key file {path} is mode {stat.S_IMODE(st.st_mode):04o}: others can read it",
-                           f"chmod 600 {path} (and change the key: it may have been read)")
-    if st.st_uid != os.geteuid():
-        raise KeyFileError(f"key file {path} belongs to uid {st.st_uid}, not to this process's uid {os.geteuid()}",
-                           f"chown root: {path}")
-    with open(path) as f:
-        text = f.read().strip()
+    text = private.read_secret(path, "key file", KeyFileError, missing=(
+        "create it on both hosts with the same key: `dmrepl keygen NAME` on one host, then copy the file "
+        "to the other keeping its mode 0600")).strip()
     try:
         key = bytes.fromhex(text)
     except ValueError:

@@ -196,7 +196,7 @@ def test_key_file_checks(tmp_path):
     os.chmod(path, 0o644)
     with pytest.raises(auth.KeyFileError) as e:
         auth.load_key(str(path))
-    assert str(e.value) == f"key file {path} is mode 0644: others can read it" and "chmod 600" in e.value.hint
+    assert str(e.value) == f"key file {path} is mode 0644: group or others can read it" and "chmod 600" in e.value.hint
     os.chmod(path, 0o600)
     path.write_text("abcd\n")
     with pytest.raises(auth.KeyFileError) as e:

@@ -29,7 +29,7 @@ def _config(tmp_path, mode: int) -> str:
 @pytest.mark.parametrize("mode", [0o664, 0o646, 0o666, 0o620])
 def test_a_config_others_can_change_is_refused(tmp_path, mode):
     path = _config(tmp_path, mode)
-    with pytest.raises(ConfigError, match=rf"mode {mode:04o}, so group or others can change it.*chmod go-w"):
+    with pytest.raises(ConfigError, match=rf"mode {mode:04o}: group or others can change it.*chmod go-w"):
         load("vm1", path)
 
 
