@@ -80,3 +80,22 @@ def read_secret(path: str, kind: str, error: type[DmreplError] = None, missing: 
 def check_writers(path: str, st: os.stat_result, kind: str, error: type[DmreplError] = None) -> None:
     """A file that says what dmrepl may overwrite: only root or this process's user may change it."""
     _check(path, st, 0o755, kind, error=error, reach="change it", owners=(0, os.geteuid()), chmod="go-w")
+
+
+def write_secret(path: str, text: str, replace: bool = True) -> None:
+    """`text` in `path`, mode 0600, written whole or not at all (temporary file, fsync, rename);
+    with replace=False an existing file is kept and FileExistsError raised."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, text.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if replace:
+        os.rename(tmp, path)
+        return
+    try:
+        os.link(tmp, path)          # fails if the path exists: never a key overwritten
+    finally:
+        os.unlink(tmp)

@@ -78,11 +78,38 @@ def cmd_ls(args) -> int:
     return 0
 
 
+def _wireguard_keygen(args) -> int:
+    from dmrepl import private
+    from dmrepl.cli.render import print_json
+    from dmrepl.config import tunnel_key_file
+    from dmrepl.link import x25519
+
+    name, path = tunnel_key_file(args.name, args.config)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    try:
+        private.write_secret(path, x25519.encode(x25519.new_private()) + "\n", replace=False)
+        made = True
+    except FileExistsError:
+        made = False
+    key = x25519.decode(private.read_secret(path, "WireGuard key file", UserError))
+    pub = x25519.encode(x25519.public(key))
+    if args.json:
+        print_json({"name": name, "private_key_file": path, "created": made, "public_key": pub})
+    elif made:
+        print(f"{name}: new WireGuard key in {path} (mode 0600; it stays on this host).\n"
+              f"public key, for the other host's [link] peer_public_key:\n{pub}")
+    else:
+        print(f"{name}: {path} exists: kept.\npublic key, for the other host's [link] peer_public_key:\n{pub}")
+    return 0
+
+
 def cmd_keygen(args) -> int:
     from dmrepl.config import load
     from dmrepl.link import auth
 
     _require_root("dmrepl keygen")
+    if args.wireguard:
+        return _wireguard_keygen(args)
     cfg = load(args.name, args.config)
     if cfg.key_file is None:
         raise UserError(f"{cfg.source} names no key_file: there is no control link to key",
@@ -140,10 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--json", action="store_true", help="machine-readable output")
     ls.set_defaults(func=cmd_ls)
 
-    k = sub.add_parser("keygen", help="write a new pre-shared key to the key_file NAME's config names (never "
-                       "over an existing one)")
+    k = sub.add_parser("keygen", help="write a new pre-shared key to the key_file NAME's config names, or with "
+                       "--wireguard this host's WireGuard key (never over an existing one)")
     k.add_argument("name", metavar="NAME", help="resource name (config /etc/dmrepl/NAME.toml)")
     k.add_argument("--config", metavar="PATH", help="config file instead of /etc/dmrepl/NAME.toml")
+    k.add_argument("--wireguard", action="store_true",
+                   help="the [link] private_key_file instead, and print its public key for the other host")
+    k.add_argument("--json", action="store_true", help="machine-readable output (with --wireguard)")
     k.set_defaults(func=cmd_keygen)
 
     resource.add_parsers(sub, cmd_resource)

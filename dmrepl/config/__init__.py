@@ -304,6 +304,22 @@ def _check_writers(path: str, st: os.stat_result) -> None:
         raise ConfigError(f"{e}: refused (it says which disks dmrepl overwrites); {e.hint}") from None
 
 
+def tunnel_key_file(name: str | None = None, path: str | None = None) -> tuple[str, str]:
+    """(resource name, [link] private_key_file) read before the rest of the config can be complete:
+    `dmrepl keygen NAME --wireguard` runs before the other host's public key is known."""
+    path, text, default_name = _read(name, path)
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    table = expect(doc, "link", dict, path, {})
+    key_file = expect(table, "private_key_file", str, f"{path} [link]")
+    if key_file is None:
+        raise ConfigError(f"{path} [link]: no 'private_key_file': say where this host's WireGuard key goes, "
+                          f"e.g. private_key_file = \"/etc/dmrepl/{name or default_name}.wg\"")
+    return check_name(expect(doc, "name", str, path, default_name)), os.path.abspath(key_file)
+
+
 def load(name: str | None = None, path: str | None = None, role: str | None = None
          ) -> SecondaryConfig | PrimaryConfig:
     """Read the config of resource `name` (from /etc/dmrepl/NAME.toml) or from `path`; with both

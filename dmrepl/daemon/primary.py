@@ -31,7 +31,7 @@ from concurrent.futures import Future
 from pyroute2 import netns
 
 from dmrepl.config import PrimaryConfig
-from dmrepl.daemon import control, peer, primary_start
+from dmrepl.daemon import control, peer, primary_start, tunnel
 from dmrepl.daemon.machine import Event, Machine, State
 from dmrepl.daemon.primary_link import Lost, SecondaryLink
 from dmrepl.daemon.primary_resync import Resync, ResyncStopped, verify
@@ -308,35 +308,40 @@ def run(cfg: PrimaryConfig, *, assume_clean: bool = False) -> int:
     with Primary.open(cfg) as pri, netlink.NBDNetlink() as nl, netlink.LinkEvents() as events:
         if cfg.netns is not None:
             enter_netns(cfg.netns)
-        d = PrimaryDaemon(cfg, pri, nl, events)
+        with tunnel.opened(cfg, log):       # in the link's namespace, before any link socket
+            return _serve(cfg, pri, nl, events, assume_clean)
 
-        def on_term(signum, frame):
-            d.stopping = True
-            d.wake_w.send(b"x")
 
-        signal.signal(signal.SIGTERM, on_term)
-        signal.signal(signal.SIGINT, on_term)
-        server = control.ControlServer(control.socket_path(cfg.resource_state_dir), d.submit, log)
-        responder = None
+def _serve(cfg: PrimaryConfig, pri: Primary, nl, events, assume_clean: bool) -> int:
+    d = PrimaryDaemon(cfg, pri, nl, events)
+
+    def on_term(signum, frame):
+        d.stopping = True
+        d.wake_w.send(b"x")
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    server = control.ControlServer(control.socket_path(cfg.resource_state_dir), d.submit, log)
+    responder = None
+    try:
+        if cfg.hello_listen is not None:
+            responder = HelloResponder(*cfg.hello_listen, cfg.key_file, d.link.hello, d.link.saw_split_brain)
         try:
-            if cfg.hello_listen is not None:
-                responder = HelloResponder(*cfg.hello_listen, cfg.key_file, d.link.hello, d.link.saw_split_brain)
-            try:
-                d.start(assume_clean)
-            except (DmreplError, AttachError, FrameError, OSError) as e:
-                d.machine.fire(Event.START_FAILED, str(e))
-                log(f"could not start: {e}")
-                d.teardown()
-                raise
-            every = (f"every {cfg.checkpoint_interval_s:g} s and on demand" if cfg.checkpoint_interval_s
-                     else "on demand only")
-            log(f"replicating; checkpoints {every}; control socket {server.path}")
-            d.run()
-            d.machine.fire(Event.STOP, "stop requested")
-            log("stopping")
+            d.start(assume_clean)
+        except (DmreplError, AttachError, FrameError, OSError) as e:
+            d.machine.fire(Event.START_FAILED, str(e))
+            log(f"could not start: {e}")
             d.teardown()
-            return 0
-        finally:
-            if responder is not None:
-                responder.close()
-            server.close()
+            raise
+        every = (f"every {cfg.checkpoint_interval_s:g} s and on demand" if cfg.checkpoint_interval_s
+                 else "on demand only")
+        log(f"replicating; checkpoints {every}; control socket {server.path}")
+        d.run()
+        d.machine.fire(Event.STOP, "stop requested")
+        log("stopping")
+        d.teardown()
+        return 0
+    finally:
+        if responder is not None:
+            responder.close()
+        server.close()

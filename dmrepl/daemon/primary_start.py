@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from dmrepl.daemon import peer
+from dmrepl.daemon import peer, tunnel
 from dmrepl.daemon.machine import Event
 from dmrepl.daemon.primary_resync import initial_sync
 from dmrepl.daemon.progress import log
@@ -93,7 +93,7 @@ def down_without_daemon(pri: "Primary") -> list[str]:
             if nl.is_connected(index):
                 nl.disconnect(index)
                 done.append(f"/dev/nbd{index}")
-    return done
+    return done + tunnel.remove_left(pri.cfg)
 
 
 def load_modules() -> None:

@@ -14,6 +14,7 @@ import sys
 from dmrepl import poll, private
 from dmrepl.config import SecondaryConfig
 from dmrepl.daemon import supervisor as daemon
+from dmrepl.daemon import tunnel
 from dmrepl.daemon.export import port_accepts
 from dmrepl.errors import DmreplError
 from dmrepl.roles.secondary import Secondary
@@ -38,6 +39,8 @@ def start_daemon(cfg: SecondaryConfig, config_path: str, timeout: float = poll.D
     if port_accepts(cfg.listen_host, cfg.listen_port):
         raise DmreplError(f"listen address {cfg.listen_host}:{cfg.listen_port} is already in use",
                           "stop what listens there, or change 'listen' in the config")
+    if cfg.tunnel is not None:
+        tunnel.private_key(cfg)         # a missing or readable key: said here, not in the daemon's log
     private.ensure_dir(cfg.resource_state_dir)
     log_path = daemon.log_path(cfg)
     log = private.open_file(log_path, "ab")
@@ -86,7 +89,7 @@ def down(sec: Secondary, force: bool = False) -> list[str]:
     if sec.active_openers() and not force:
         sec.down(force=False)  # raises the clear error, changes nothing
     daemon.stop(sec.cfg)
-    return sec.down(force=force)
+    return sec.down(force=force) + tunnel.remove_left(sec.cfg)
 
 
 def failover(sec: Secondary):

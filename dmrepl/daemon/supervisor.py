@@ -20,6 +20,7 @@ import time
 
 from dmrepl import poll, private
 from dmrepl.config import SecondaryConfig, load_secondary
+from dmrepl.daemon import tunnel
 from dmrepl.daemon.export import Export, ExportError
 from dmrepl.daemon.gate import Admission, NbdGate
 from dmrepl.daemon.secondary_link import LinkServer
@@ -156,10 +157,15 @@ def run_secondary(cfg: SecondaryConfig) -> int:
     with private.open_file(pid_path(cfg) + ".tmp", "w") as f:
         f.write(f"{os.getpid()}\n")
     os.replace(pid_path(cfg) + ".tmp", pid_path(cfg))
-    with Secondary.open(cfg) as sec:
-        if cfg.key_file is None:
-            return _run_open_export(cfg, sec, lambda: stopping)
-        return _run_gated(cfg, sec, lambda: stopping)
+    try:
+        with tunnel.opened(cfg, _log), Secondary.open(cfg) as sec:
+            if cfg.key_file is None:
+                return _run_open_export(cfg, sec, lambda: stopping)
+            return _run_gated(cfg, sec, lambda: stopping)
+    except tunnel.TunnelError as e:
+        _log(f"could not start: {e}" + (f" ({e.hint})" if e.hint else ""))
+        _remove_pid_files(cfg)
+        return 1
 
 
 def _run_gated(cfg: SecondaryConfig, sec: Secondary, stopping) -> int:

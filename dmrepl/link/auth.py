@@ -51,23 +51,11 @@ def load_key(path: str) -> bytes:
 def write_new_key(path: str, replace: bool = True) -> None:
     """A fresh random key, written atomically with mode 0600; with replace=False an existing file
     is kept and KeyFileError raised (the other host may hold that key already)."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        os.write(fd, (os.urandom(MIN_KEY_BYTES).hex() + "\n").encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    if replace:
-        os.rename(tmp, path)
-        return
-    try:
-        os.link(tmp, path)          # fails if the path exists: never a key overwritten
+        private.write_secret(path, os.urandom(MIN_KEY_BYTES).hex() + "\n", replace=replace)
     except FileExistsError:
         raise KeyFileError(f"key file {path} exists already: kept (the other host may use it)",
                            f"to make a new one, remove {path} on both hosts first") from None
-    finally:
-        os.unlink(tmp)
 
 
 def _proof(psk: bytes, label: bytes, first: bytes, second: bytes) -> bytes:

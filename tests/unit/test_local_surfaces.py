@@ -1,6 +1,7 @@
 """Local surfaces (issue 11, point 3): configs others can change, state and logs others can read,
 and the control socket, refused or closed (unit tier)."""
 
+import json
 import os
 import shutil
 import stat
@@ -144,3 +145,36 @@ def test_keygen_without_a_key_file_in_the_config_says_what_to_add(tmp_path, caps
     assert cli.main(["keygen", "vm1", "--config", _config(tmp_path, 0o644)]) == 1
     err = capsys.readouterr().err
     assert "names no key_file" in err and 'key_file = "/etc/dmrepl/vm1.key"' in err
+
+
+def test_keygen_wireguard_before_the_peer_key_is_known_prints_the_public_key(tmp_path, capsys):
+    from dmrepl import cli
+    from dmrepl.link import x25519
+
+    if os.geteuid() != 0:
+        pytest.skip("keygen needs root")
+    wg = tmp_path / "keys" / "vm1.wg"
+    path = _config(tmp_path, 0o644)
+    with open(path, "a") as f:      # peer_public_key still missing: the other host has no key yet
+        f.write(f'[link]\nencrypt = "wireguard"\nprivate_key_file = "{wg}"\n')
+    assert cli.main(["keygen", "vm1", "--config", path, "--wireguard", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    key = x25519.decode(wg.read_text())
+    assert stat.S_IMODE(os.stat(wg).st_mode) == 0o600 and out["created"] is True
+    assert out["public_key"] == x25519.encode(x25519.public(key)) and out["private_key_file"] == str(wg)
+    # Again: the key is kept and its public key printed once more.
+    assert cli.main(["keygen", "vm1", "--config", path, "--wireguard"]) == 0
+    text = capsys.readouterr().out
+    assert "exists: kept" in text and out["public_key"] in text and x25519.decode(wg.read_text()) == key
+    os.chmod(wg, 0o640)
+    assert cli.main(["keygen", "vm1", "--config", path, "--wireguard"]) == 1
+    assert "WireGuard key file" in capsys.readouterr().err
+
+
+def test_keygen_wireguard_without_a_key_path_says_what_to_add(tmp_path, capsys):
+    from dmrepl import cli
+
+    if os.geteuid() != 0:
+        pytest.skip("keygen needs root")
+    assert cli.main(["keygen", "vm1", "--config", _config(tmp_path, 0o644), "--wireguard"]) == 1
+    assert 'private_key_file = "/etc/dmrepl/vm1.wg"' in capsys.readouterr().err
