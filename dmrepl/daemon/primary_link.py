@@ -71,8 +71,12 @@ class SecondaryLink:
         try:
             self.session = Session.connect(p.link_host, p.link_port, auth.load_key(self.cfg.key_file))
         except (OSError, FrameError) as e:
-            raise DmreplError(f"the secondary's control link at {p.link_host}:{p.link_port}: {e}",
-                              "is the secondary up (`dmrepl up NAME` there) with the same key file?") from None
+            hint = "is the secondary up (`dmrepl up NAME` there) with the same key file?"
+            if self.cfg.tunnel is not None and isinstance(e, TimeoutError):
+                hint += (" Inside the WireGuard tunnel a silent peer is also one whose keys do not match: "
+                         "each host's peer_public_key must be what `dmrepl keygen NAME --wireguard` prints on "
+                         "the other, and peer_endpoint its address and listen_port")
+            raise DmreplError(f"the secondary's control link at {p.link_host}:{p.link_port}: {e}", hint) from None
         try:
             try:
                 theirs = peer.exchange_hello(self.session, self.hello())

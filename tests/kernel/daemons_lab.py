@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import socket
 import subprocess
 import sys
 import threading
@@ -22,12 +23,15 @@ from dmrepl.daemon import control
 from dmrepl.daemon.export import port_accepts
 from dmrepl.kernel import blockdev
 from dmrepl.lab import Lab
+from dmrepl.link import x25519
 from dmrepl.names import StackNames
 
 KiB, MiB = 1 << 10, 1 << 20
 DISK = 32 * MiB
 NBD_PORT, LINK_PORT = 10809, 10810
 NAME = "r5"
+TUNNEL = {"p": "10.99.0.1", "s": "10.99.0.2"}      # the hosts inside the WireGuard tunnel
+WG_PORT = 51820
 START_TIMEOUT = 240     # a Python start under TCG takes seconds; a minute and more beside another VM
 TOP = StackNames(NAME).mapper_path_top()
 ACTIVE = StackNames(NAME).mapper_path("active")
@@ -69,6 +73,27 @@ class Hosts:
             f'nbd_timeout_s = {self.nbd_timeout_s}\n'
             f'netns = "{self.lab.hosts["p"].netns}"\n'
             f'{primary}[[primary.secondaries]]\nnbd = "{self.s_addr}:{NBD_PORT}"\nlink = "{self.s_addr}:{LINK_PORT}"\n')
+
+    def use_tunnel(self, peer_key_of_s: str | None = None) -> dict[str, str]:
+        """Both configs with [link] encrypt = "wireguard": a key pair per host, the link on
+        TUNNEL["s"] inside the tunnel, the tunnel over the lab's veth.  `peer_key_of_s`: the
+        public key p's config expects of s (another key: a wrong one).  Returns the public keys."""
+        keys, public = {}, {}
+        for h in ("p", "s"):
+            keys[h] = x25519.new_private()
+            public[h] = x25519.encode(x25519.public(keys[h]))
+            path = self.dir / f"{h}.wg"
+            path.write_text(x25519.encode(keys[h]) + "\n")
+            path.chmod(0o600)
+        self.s_addr = TUNNEL["s"]
+        self.write_configs()
+        for h, other in (("p", "s"), ("s", "p")):
+            peer_key = peer_key_of_s if h == "p" and peer_key_of_s else public[other]
+            with open(self.config(h), "a") as f:
+                f.write(f'[link]\nencrypt = "wireguard"\nprivate_key_file = "{self.dir}/{h}.wg"\n'
+                        f'peer_public_key = "{peer_key}"\naddress = "{TUNNEL[h]}"\npeer_address = "{TUNNEL[other]}"\n'
+                        f'peer_endpoint = "{self.lab.hosts[other].address}:{WG_PORT}"\nlisten_port = {WG_PORT}\n')
+        return public
 
     def config(self, host: str) -> str:
         return str(self.dir / f"{host}.toml")
@@ -245,3 +270,38 @@ class Writer:
     def stall_after(self, t: float) -> float:
         """The longest a write that started after `t` took (or was waiting at the end)."""
         return max([s for start, s in self.latencies if start >= t - DEADLINE_S and start + s >= t] or [0.0])
+
+
+class Capture:
+    """Every frame on one host's veth, from an AF_PACKET socket made in its namespace (what a
+    tap on the wire between the hosts would see)."""
+
+    def __init__(self, lab: Lab, host: str):
+        with lab.inside(host):
+            self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))  # ETH_P_ALL
+            self.sock.bind((lab.hosts[host].ifname, 0))
+        self.sock.settimeout(0.2)
+        self.frames: list[bytes] = []
+        self.stopped = False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stopped:
+            try:
+                self.frames.append(self.sock.recv(65536))
+            except TimeoutError:
+                continue
+
+    def __enter__(self) -> "Capture":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stopped = True
+        self.thread.join()
+        self.sock.close()
+
+    def shows(self, pattern: bytes, piece: int = 512) -> int:
+        """How many of `pattern`'s `piece`-byte pieces some frame carries in clear (a TCP segment
+        of the plain link holds whole pieces of every write it carries)."""
+        return sum(any(pattern[i:i + piece] in f for f in self.frames) for i in range(0, len(pattern), piece))

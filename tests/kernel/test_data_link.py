@@ -6,15 +6,20 @@ session's export name (kernel tier, e2e: hosts p and s, and an intruder x on the
 from __future__ import annotations
 
 import hashlib
+import os
 import socket
+import time
 
 import pytest
-from daemons_lab import DISK, NAME, NBD_PORT, image
+from daemons_lab import DISK, NAME, NBD_PORT, TOP, Capture, image
 
 from dmrepl import poll
+from dmrepl.kernel import blockdev
 from dmrepl.nbd.client import NBDClient
 from dmrepl.nbd.handshake import handshake
 from dmrepl.nbd.protocol import NBDOptionError, NBDProtocolError
+
+MiB = 1 << 20
 
 
 def _disk_digest(path) -> str:
@@ -76,3 +81,11 @@ def test_only_the_authenticated_primary_gets_in(hosts):
 
     assert hosts.status()["state"] == "replicating"
     assert _disk_digest(hosts.dir / "s.img") == before      # nothing reached S
+
+    # The plain link carries what is written in clear (the capture of the WireGuard test finds
+    # none of it: test_tunnel.py): this is the control that the capture sees a write.
+    pattern = os.urandom(4096)
+    with Capture(hosts.lab, "p") as cap:
+        blockdev.write_at(TOP, 3 * MiB, pattern)
+        time.sleep(0.5)
+    assert cap.shows(pattern) == len(pattern) // 512
