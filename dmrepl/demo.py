@@ -22,7 +22,7 @@ from dmrepl import inventory, poll, tools
 from dmrepl.daemon import control
 from dmrepl.errors import DmreplError
 from dmrepl.kernel import blockdev
-from dmrepl.lab import Lab
+from dmrepl.lab import TUNNEL, Lab
 from dmrepl.link import auth
 from dmrepl.names import StackNames
 
@@ -75,17 +75,20 @@ def _image(path: str, size: int, value: int | None) -> None:
 class Pair:
     """The work directory, the two configs and the two daemons."""
 
-    def __init__(self, work: str, lab: Lab):
+    def __init__(self, work: str, lab: Lab, wireguard: bool = False):
+        """`wireguard`: the link inside a WireGuard tunnel ([link] encrypt, Lab.wireguard_tables)."""
         self.work, self.lab = work, lab
         self.procs: dict[str, subprocess.Popen] = {}
-        s = lab.hosts["s"].address
+        tables = lab.wireguard_tables(work) if wireguard else {"p": "", "s": ""}
+        s = TUNNEL["s"] if wireguard else lab.hosts["s"].address
         key = os.path.join(work, "demo.key")
         auth.write_new_key(key)
         state = os.path.join(work, "{}-state")
         with open(self.config("s"), "w") as f:
             f.write(f'name = "{NAME}"\nresource_id = "demo-resource"\nstate_dir = "{state.format("s")}"\n'
                     f'[secondary]\ndisk = "{work}/s.img"\nhidden_stores = ["{work}/h0.img", "{work}/h1.img"]\n'
-                    f'listen = "{s}:{NBD_PORT}"\nlink_listen = "{s}:{LINK_PORT}"\nkey_file = "{key}"\n')
+                    f'listen = "{s}:{NBD_PORT}"\nlink_listen = "{s}:{LINK_PORT}"\nkey_file = "{key}"\n'
+                    + tables["s"])
         with open(self.config("p"), "w") as f:
             f.write(f'name = "{NAME}"\nresource_id = "demo-resource"\nstate_dir = "{state.format("p")}"\n'
                     f'[primary]\ndisk = "{work}/p.img"\nera_metadata = "{work}/era.img"\nkey_file = "{key}"\n'
@@ -93,7 +96,8 @@ class Pair:
                     # would read as a dead link.
                     f'checkpoint_interval_s = 0\nnbd_timeout_s = 15\nheartbeat_misses = 10\n'
                     f'netns = "{lab.hosts["p"].netns}"\n'
-                    f'[[primary.secondaries]]\nnbd = "{s}:{NBD_PORT}"\nlink = "{s}:{LINK_PORT}"\n')
+                    f'[[primary.secondaries]]\nnbd = "{s}:{NBD_PORT}"\nlink = "{s}:{LINK_PORT}"\n'
+                    + tables["p"])
         for host in ("s", "p"):
             os.chmod(self.config(host), 0o600)      # dmrepl refuses configs others can change
         self.socket = control.socket_path(os.path.join(state.format("p"), NAME))

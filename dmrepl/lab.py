@@ -11,12 +11,17 @@ injected on the link with `link_down` (and tc netem by the tests).
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 from dataclasses import dataclass
 
 from pyroute2 import IPRoute, NetNS, netns
 
+from dmrepl.link import x25519
+
 PREFIX = 24
+TUNNEL = {"p": "10.99.0.1", "s": "10.99.0.2"}      # the hosts inside a WireGuard tunnel (wireguard_tables)
+WG_PORT = 51820
 
 
 @dataclass(frozen=True)
@@ -88,6 +93,26 @@ class Lab:
             ns.addr("add", index=idx, address=x.address, prefixlen=PREFIX)
             ns.link("set", index=idx, state="up")
         return x
+
+    def wireguard_tables(self, key_dir: str, wrong_key_for_p: bool = False) -> dict[str, str]:
+        """The [link] table of each host for a WireGuard tunnel between p and s (TUNNEL's
+        addresses) over the lab's veth, with a new key pair written to KEY_DIR/HOST.wg (0600).
+        `wrong_key_for_p`: p's table expects another public key of s than s holds."""
+        keys = {h: x25519.new_private() for h in ("p", "s")}
+        public = {h: x25519.encode(x25519.public(k)) for h, k in keys.items()}
+        if wrong_key_for_p:
+            public["s"] = x25519.encode(x25519.public(x25519.new_private()))
+        tables = {}
+        for h, other in (("p", "s"), ("s", "p")):
+            path = os.path.join(key_dir, f"{h}.wg")
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(x25519.encode(keys[h]) + "\n")
+            tables[h] = (f'[link]\nencrypt = "wireguard"\nprivate_key_file = "{path}"\n'
+                         f'peer_public_key = "{public[other]}"\naddress = "{TUNNEL[h]}"\n'
+                         f'peer_address = "{TUNNEL[other]}"\npeer_endpoint = "{self.hosts[other].address}:{WG_PORT}"\n'
+                         f'listen_port = {WG_PORT}\n')
+        return tables
 
     def down(self) -> None:
         present = set(netns.listnetns())

@@ -22,16 +22,13 @@ from dmrepl import poll
 from dmrepl.daemon import control
 from dmrepl.daemon.export import port_accepts
 from dmrepl.kernel import blockdev
-from dmrepl.lab import Lab
-from dmrepl.link import x25519
+from dmrepl.lab import TUNNEL, WG_PORT, Lab  # noqa: F401 (the tunnel tests take them from here)
 from dmrepl.names import StackNames
 
 KiB, MiB = 1 << 10, 1 << 20
 DISK = 32 * MiB
 NBD_PORT, LINK_PORT = 10809, 10810
 NAME = "r5"
-TUNNEL = {"p": "10.99.0.1", "s": "10.99.0.2"}      # the hosts inside the WireGuard tunnel
-WG_PORT = 51820
 START_TIMEOUT = 240     # a Python start under TCG takes seconds; a minute and more beside another VM
 TOP = StackNames(NAME).mapper_path_top()
 ACTIVE = StackNames(NAME).mapper_path("active")
@@ -74,26 +71,15 @@ class Hosts:
             f'netns = "{self.lab.hosts["p"].netns}"\n'
             f'{primary}[[primary.secondaries]]\nnbd = "{self.s_addr}:{NBD_PORT}"\nlink = "{self.s_addr}:{LINK_PORT}"\n')
 
-    def use_tunnel(self, peer_key_of_s: str | None = None) -> dict[str, str]:
-        """Both configs with [link] encrypt = "wireguard": a key pair per host, the link on
-        TUNNEL["s"] inside the tunnel, the tunnel over the lab's veth.  `peer_key_of_s`: the
-        public key p's config expects of s (another key: a wrong one).  Returns the public keys."""
-        keys, public = {}, {}
-        for h in ("p", "s"):
-            keys[h] = x25519.new_private()
-            public[h] = x25519.encode(x25519.public(keys[h]))
-            path = self.dir / f"{h}.wg"
-            path.write_text(x25519.encode(keys[h]) + "\n")
-            path.chmod(0o600)
+    def use_tunnel(self, wrong_key_for_p: bool = False) -> None:
+        """Both configs with [link] encrypt = "wireguard" (Lab.wireguard_tables): the link on
+        TUNNEL["s"], inside the tunnel; `wrong_key_for_p`: p expects another key of s."""
+        tables = self.lab.wireguard_tables(str(self.dir), wrong_key_for_p)
         self.s_addr = TUNNEL["s"]
         self.write_configs()
-        for h, other in (("p", "s"), ("s", "p")):
-            peer_key = peer_key_of_s if h == "p" and peer_key_of_s else public[other]
+        for h in ("p", "s"):
             with open(self.config(h), "a") as f:
-                f.write(f'[link]\nencrypt = "wireguard"\nprivate_key_file = "{self.dir}/{h}.wg"\n'
-                        f'peer_public_key = "{peer_key}"\naddress = "{TUNNEL[h]}"\npeer_address = "{TUNNEL[other]}"\n'
-                        f'peer_endpoint = "{self.lab.hosts[other].address}:{WG_PORT}"\nlisten_port = {WG_PORT}\n')
-        return public
+                f.write(tables[h])
 
     def config(self, host: str) -> str:
         return str(self.dir / f"{host}.toml")
