@@ -282,7 +282,7 @@ def status_reply(d: "PrimaryDaemon", pri: Primary) -> dict:
             "nbd_dead_connections": d.link.dead_sockets, "split_brain": d.link.split_brain,
             "resync": d.resync.status() if d.resync else None, "last_resync": d.last_resync,
             "secondary": f"{d.link.peer_cfg.link_host}:{d.link.peer_cfg.link_port}",
-            "checkpoint_interval_s": d.cfg.checkpoint_interval_s,
+            "checkpoint_interval_s": d.cfg.checkpoint_interval_s, "tunnel": tunnel.status(d.cfg),
             "devices": pri.devices(), **pri.kernel_status(),
             "history": [{"time": t, "event": e, "state": s, "reason": r} for t, e, s, r in m.history]}
 

@@ -91,3 +91,16 @@ def opened(cfg: Config, log: Callable[[str], None]):
     finally:
         remove(cfg)
         log(f"WireGuard tunnel {spec.name} removed")
+
+
+def status(cfg: Config) -> dict | None:
+    """The tunnel as the kernel sees it now (from inside the link's namespace): None without one."""
+    if cfg.tunnel is None:
+        return None
+    t = cfg.tunnel
+    peer = wireguard.peer_status(t.interface)
+    return {"interface": t.interface, "address": t.address, "peer_address": t.peer_address,
+            "peer_endpoint": f"{t.peer_endpoint[0]}:{t.peer_endpoint[1]}", "up": peer is not None,
+            "last_handshake_s": None if peer is None or peer.last_handshake_s is None
+            else round(peer.last_handshake_s, 1),
+            "rx_bytes": peer.rx_bytes if peer else 0, "tx_bytes": peer.tx_bytes if peer else 0}

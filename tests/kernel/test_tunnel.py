@@ -56,7 +56,10 @@ def test_the_link_runs_inside_wireguard_and_the_wire_shows_no_written_byte(hosts
     assert sum(len(f) for f in cap.frames) > 4096, "the write did not cross the captured link"
     assert cap.shows(pattern) == 0
     assert frames and all(f == (17, WG_PORT, WG_PORT) for f in frames), sorted(set(frames))[:5]   # only WireGuard
-    assert hosts.status()["state"] == "replicating"
+    st = hosts.status()
+    assert st["state"] == "replicating" and st["tunnel"]["interface"] == IFNAME
+    assert st["tunnel"]["last_handshake_s"] is not None and st["tunnel"]["tx_bytes"] > 4096
+    assert "tunnel  WireGuard dmrepl-r5: 10.99.0.1 <-> 10.99.0.2 via" in hosts.cli("p", "status").stdout
     assert f"WireGuard tunnel {IFNAME}: {TUNNEL['s']} <-> {TUNNEL['p']}" in hosts.log("s")
 
     r = hosts.cli("p", "down")
