@@ -59,8 +59,9 @@ def _error(e: NetlinkError, call: str, obj: str, detail: str | None = None) -> W
 
 
 def _find(ipr: IPRoute, name: str):
-    links = ipr.get_links(ifname=name) if ipr.link_lookup(ifname=name) else []
-    return links[0] if links else None
+    """The link message of interface `name`, or None."""
+    found = ipr.link_lookup(ifname=name)
+    return ipr.link("get", index=found[0])[0] if found else None
 
 
 def present(name: str) -> str | None:
