@@ -25,9 +25,9 @@ def _check(path: str, st: os.stat_result, widest: int, kind: str, *, error: type
     if mode & ~widest & 0o777:
         raise error(f"{kind} {path} is mode {mode:04o}: group or others can {reach}",
                     f"chmod {chmod or f'{widest:o}'} {path}, and {after}")
-    owners = owners or (os.geteuid(),)
-    if st.st_uid not in owners:
-        raise error(f"{kind} {path} belongs to uid {st.st_uid}, not to this process's uid {os.geteuid()}",
+    if st.st_uid not in (owners or (os.geteuid(),)):
+        who = "root or this process's uid" if owners else "this process's uid"
+        raise error(f"{kind} {path} belongs to uid {st.st_uid}, not to {who} ({os.geteuid()})",
                     f"chown root: {path}")
 
 

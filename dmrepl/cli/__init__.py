@@ -91,7 +91,11 @@ def _wireguard_keygen(args) -> int:
         made = True
     except FileExistsError:
         made = False
-    key = x25519.decode(private.read_secret(path, "WireGuard key file", UserError))
+    try:
+        key = x25519.decode(private.read_secret(path, "WireGuard key file", UserError))
+    except ValueError as e:
+        raise UserError(f"WireGuard key file {path}: {e}", f"remove it and run `dmrepl keygen {name} "
+                        "--wireguard` again (then give the other host the new public key)") from None
     pub = x25519.encode(x25519.public(key))
     if args.json:
         print_json({"name": name, "private_key_file": path, "created": made, "public_key": pub})

@@ -140,10 +140,9 @@ class NbdGate:
         # nbdkit gets the socket as stdin and stdout; this process's copy closes with `conn`.
         proc = subprocess.Popen(nbdkit_single(self.device, name), stdin=conn.fileno(), stdout=conn.fileno(),
                                 close_fds=True)
-        with self.lock:
+        with self.lock:         # pid lists reach on_change in the order they were made
             self.served.append(Served(source, proc))
-            pids = [s.proc.pid for s in self.served]
-        self.on_change(pids)
+            self.on_change([s.proc.pid for s in self.served])
 
     def serving(self) -> list[Served]:
         """The servers still running (those that ended are reaped)."""
@@ -151,10 +150,9 @@ class NbdGate:
             ended = [s for s in self.served if s.proc.poll() is not None]
             self.served = [s for s in self.served if s not in ended]
             self.gone += ended
-            running, pids = list(self.served), [s.proc.pid for s in self.served]
-        if ended:
-            self.on_change(pids)
-        return running
+            if ended:
+                self.on_change([s.proc.pid for s in self.served])
+            return list(self.served)
 
     def ended(self) -> list[Served]:
         """Servers that ended on their own (their client left, or they died) since the last call."""
@@ -167,11 +165,11 @@ class NbdGate:
         """Kill every admitted server (their connections close); returns how many ran."""
         with self.lock:
             running, self.served = [s for s in self.served if s.proc.poll() is None], []
-        for s in running:
-            s.proc.kill()
-        for s in running:
-            s.proc.wait()
-        self.on_change([])
+            for s in running:
+                s.proc.kill()
+            for s in running:
+                s.proc.wait()
+            self.on_change([])
         if running:
             sources = ", ".join(sorted({s.source for s in running}))
             self.log(f"NBD: {len(running)} connection(s) from {sources} closed: {why}")

@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 
 from dmrepl import poll, private
@@ -114,30 +115,58 @@ def stop(cfg: SecondaryConfig, timeout: float = 10.0) -> bool:
     return True
 
 
-def fence(cfg: SecondaryConfig, timeout: float = poll.DEFAULT_TIMEOUT) -> bool:
-    """Cut the primary off now: SIGKILL the daemon (so it restarts nothing), then nbdkit.
+def _state_of(pid: int) -> str | None:
+    """The process's state letter (R, S, D, T, Z...), None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
 
-    nbdkit answers SIGTERM by waiting for its clients to disconnect, and a
-    primary stays connected: a fence cannot wait for it.  Writes nbdkit had
-    acknowledged are on the origin; the failover's suspend flushes them.
-    Returns once both are gone (a SIGKILLed process exits asynchronously);
-    raises DmreplError if one outlives `timeout`: a fence that cannot be
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                continue
+    return out
+
+
+def fence(cfg: SecondaryConfig, timeout: float = poll.DEFAULT_TIMEOUT) -> bool:
+    """Cut the primary off now: stop the daemon (so it starts no server), SIGKILL every nbdkit
+    it runs, then the daemon.
+
+    The servers are the pid file's and the daemon's children: the gate writes a server's pid
+    only after starting it, so a fence that trusted the file alone could miss one started just
+    before.  nbdkit answers SIGTERM by waiting for its clients to disconnect, and a primary
+    stays connected: a fence cannot wait for it.  Writes nbdkit had acknowledged are on the
+    origin; the failover's suspend flushes them.  Returns once all are gone (exited: a zombie
+    holds no file open); raises DmreplError if one outlives `timeout`: a fence that cannot be
     confirmed must not let a failover go on.
     """
-    killed = False
     daemon = running_pid(cfg)
-    for what, pid in ([("daemon", daemon)] if daemon else []) + [("nbdkit", p) for p in export_pids(cfg)]:
+    if daemon is not None:
+        os.kill(daemon, signal.SIGSTOP)
+    servers = sorted(set(export_pids(cfg)) | set(_children(daemon) if daemon is not None else []))
+    victims = [("nbdkit", p) for p in servers] + ([("daemon", daemon)] if daemon is not None else [])
+    killed = []
+    for what, pid in victims:
         try:
             os.kill(pid, signal.SIGKILL)
+            killed.append((what, pid))
         except ProcessLookupError:
             continue
-        alive = (lambda p=pid: running_pid(cfg) == p) if what == "daemon" else (lambda p=pid: p in export_pids(cfg))
-        if not poll.until(lambda: not alive(), timeout=timeout):
+    for what, pid in killed:
+        if not poll.until(lambda p=pid: _state_of(p) in (None, "Z"), timeout=timeout):
             raise DmreplError(f"the {what} (pid {pid}) did not exit within {timeout:.0f} s of SIGKILL",
                               "it is stuck in the kernel (D state?): check `cat /proc/%d/stack`" % pid)
-        killed = True
     _remove_pid_files(cfg)
-    return killed
+    return bool(killed)
 
 
 def _log(msg: str) -> None:
@@ -163,7 +192,7 @@ def run_secondary(cfg: SecondaryConfig) -> int:
                 return _run_open_export(cfg, sec, lambda: stopping)
             return _run_gated(cfg, sec, lambda: stopping)
     except tunnel.TunnelError as e:
-        _log(f"could not start: {e}" + (f" ({e.hint})" if e.hint else ""))
+        _log(f"WireGuard tunnel: {e}" + (f" ({e.hint})" if e.hint else ""))
         _remove_pid_files(cfg)
         return 1
 
@@ -180,7 +209,7 @@ def _run_gated(cfg: SecondaryConfig, sec: Secondary, stopping) -> int:
         _write_export_pids(cfg, [])      # `up` waits for this file: the gate listens
         _log(f"NBD gate listening on {cfg.listen_host}:{cfg.listen_port}: only the authenticated primary's "
              "address, with its session's export name")
-        link = LinkServer(cfg, stopping, admission)
+        link = LinkServer(cfg, stopping, admission, on_session_end=gate.drop_all)
         link.start()
         _log(f"control link listening on {cfg.link_host}:{cfg.link_port}")
 
@@ -247,11 +276,15 @@ def _run_open_export(cfg: SecondaryConfig, sec: Secondary, stopping) -> int:
         _log("stopped")
 
 
+_pid_file_lock = threading.Lock()      # the gate's accept thread and the main loop both write it
+
+
 def _write_export_pids(cfg: SecondaryConfig, pids: list[int]) -> None:
-    tmp = export_pid_path(cfg) + ".tmp"
-    with private.open_file(tmp, "w") as f:
-        f.write("".join(f"{pid}\n" for pid in pids))
-    os.replace(tmp, export_pid_path(cfg))
+    with _pid_file_lock:
+        tmp = export_pid_path(cfg) + ".tmp"
+        with private.open_file(tmp, "w") as f:
+            f.write("".join(f"{pid}\n" for pid in pids))
+        os.replace(tmp, export_pid_path(cfg))
 
 
 def _start_export(cfg: SecondaryConfig, export: Export) -> None:

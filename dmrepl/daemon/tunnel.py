@@ -6,6 +6,7 @@ before anything listens on or connects to the tunnel's addresses, and removed wh
 from __future__ import annotations
 
 import contextlib
+import errno
 from typing import Callable
 
 from pyroute2 import netns
@@ -51,8 +52,9 @@ def remove(cfg: Config) -> bool:
     try:
         return wireguard.remove(cfg.tunnel.interface, wireguard.alias_of(cfg.name))
     except wireguard.WireGuardError as e:
-        raise TunnelError(str(e), f"another program owns interface {cfg.tunnel.interface}: set link.interface "
-                                  "to a name of dmrepl's own") from None
+        hint = (f"another program owns interface {cfg.tunnel.interface}: set link.interface to a name of "
+                "dmrepl's own" if e.errno == errno.EBUSY else None)
+        raise TunnelError(str(e), hint) from None
 
 
 def remove_left(cfg: Config) -> list[str]:
@@ -82,8 +84,11 @@ def opened(cfg: Config, log: Callable[[str], None]):
     try:
         wireguard.create(spec)
     except wireguard.WireGuardError as e:
-        raise TunnelError(f"cannot make the WireGuard tunnel: {e}",
-                          "check the [link] table (`modprobe wireguard` if the module is missing)") from None
+        hint = {errno.EADDRINUSE: f"UDP port {spec.listen_port} is taken: change [link] listen_port (and the "
+                                  "other host's peer_endpoint)",
+                errno.EOPNOTSUPP: "`modprobe wireguard` (Linux 5.6 and later have it)"}.get(e.errno,
+                                                                                       "check the [link] table")
+        raise TunnelError(f"cannot make the WireGuard tunnel: {e}", hint) from None
     log(f"WireGuard tunnel {spec.name}: {spec.address} <-> {spec.peer_address} via "
         f"{spec.peer_endpoint[0]}:{spec.peer_endpoint[1]}, listening on UDP port {spec.listen_port}")
     try:

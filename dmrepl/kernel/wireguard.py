@@ -82,10 +82,11 @@ def create(spec: Interface) -> None:
             detail = ("the kernel has no wireguard module (modprobe wireguard)" if e.code == errno.EOPNOTSUPP
                       else "an interface of that name exists" if e.code == errno.EEXIST else None)
             raise _error(e, "RTM_NEWLINK", spec.name, detail) from None
+        call = "RTM_SETLINK"
         try:
             index = ipr.link_lookup(ifname=spec.name)[0]
-            call = "RTM_SETLINK"
             ipr.link("set", index=index, ifalias=spec.alias)
+            _no_ipv6(spec.name)
             call = "WG_CMD_SET_DEVICE"
             with WireGuard() as wg:
                 wg.set(spec.name, private_key=spec.private_key, listen_port=spec.listen_port,
@@ -95,10 +96,25 @@ def create(spec: Interface) -> None:
             call = "RTM_NEWADDR"
             ipr.addr("add", index=index, local=spec.address, address=spec.peer_address, prefixlen=host_bits)
             call = "RTM_SETLINK"
-            ipr.link("set", index=index, state="up")
-        except NetlinkError as e:
-            ipr.link("del", ifname=spec.name)
-            raise _error(e, call, spec.name) from None
+            ipr.link("set", index=index, state="up")    # binds the UDP port: EADDRINUSE here
+        except BaseException as e:
+            try:
+                ipr.link("del", ifname=spec.name)
+            except NetlinkError:
+                pass                # the error that matters is the first one
+            if isinstance(e, NetlinkError):
+                raise _error(e, call, spec.name) from None
+            raise
+
+
+def _no_ipv6(name: str) -> None:
+    """No IPv6 on the tunnel: the kernel would give it a link-local address and an fe80::/64
+    route (addrconf on an ARPHRD_NONE device), a route nobody asked for."""
+    try:
+        with open(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6", "w") as f:
+            f.write("1")
+    except FileNotFoundError:
+        pass                        # a kernel without IPv6
 
 
 def remove(name: str, alias: str) -> bool:

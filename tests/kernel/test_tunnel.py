@@ -6,6 +6,7 @@ sees no written byte, a wrong key gets no connection (kernel tier, e2e: hosts p 
 from __future__ import annotations
 
 import os
+import socket
 import struct
 import time
 
@@ -19,13 +20,14 @@ MiB = 1 << 20
 
 
 def _routes_via(lab, host: str) -> list[tuple[str, int]] | None:
-    """(destination, prefix) of the main table's routes through the tunnel; None: no interface."""
+    """(destination, prefix) of the main table's IPv4 and IPv6 routes through the tunnel; None:
+    no interface."""
     with NetNS(lab.hosts[host].netns) as ns:
         found = ns.link_lookup(ifname=IFNAME)
         if not found:
             return None
-        return sorted((r.get_attr("RTA_DST"), r["dst_len"]) for r in ns.get_routes(table=254)
-                      if r.get_attr("RTA_OIF") == found[0])
+        return sorted((r.get_attr("RTA_DST"), r["dst_len"]) for family in (socket.AF_INET, socket.AF_INET6)
+                      for r in ns.get_routes(family=family, table=254) if r.get_attr("RTA_OIF") == found[0])
 
 
 def _ip_frames(cap: Capture) -> list[tuple[int, int, int]]:
