@@ -10,8 +10,10 @@ spoken, then served by an `nbdkit -s` of its own (issue 11, point 1).
 
 Why not nbdkit's own listener with its ip filter: Debian 12's nbdkit 1.32.5 parses no address
 rule (docs/kernel-notes.md), and the address to allow is only known once the primary has proved
-the key on the control link.  `drop_all` (a failover's fence, the end of the control session)
-kills every server the gate admitted.
+the key on the control link.  A connection admitted in one control session outlives it: it is
+the primary kernel's, and a dead or restarting primary daemon must not stall its consumer's
+writes (kill -9 of it under load: tests/kernel/test_faults.py).  `drop_all` (the daemon stops) and
+the fence of a failover (supervisor.fence) kill every server the gate admitted.
 """
 
 from __future__ import annotations

@@ -60,15 +60,14 @@ def _record_peer(cfg: SecondaryConfig, primary: str, peer: str, reason: str) -> 
 
 
 class LinkServer:
-    def __init__(self, cfg: SecondaryConfig, stopping: Callable[[], bool], admission: Admission | None = None,
-                 on_session_end: Callable[[str], None] = lambda why: None):
+    def __init__(self, cfg: SecondaryConfig, stopping: Callable[[], bool], admission: Admission | None = None):
         """`admission`: the NBD gate's, opened for the primary's address at each agreed hello and
-        closed when the session ends; then `on_session_end(why)` (the gate drops the connections
-        the session admitted: NBD runs only inside an authenticated control session)."""
+        closed when the session ends.  Connections it admitted stay: they are the primary kernel's,
+        and its consumer's writes must not stall because the primary's daemon died or restarts
+        (the next daemon takes them over or disconnects them; a failover's fence kills them)."""
         self.cfg = cfg
         self.stopping = stopping
         self.admission = admission
-        self.on_session_end = on_session_end
         self.listener = Listener(cfg.link_host, cfg.link_port, auth.load_key(cfg.key_file))
         self.session: Session | None = None
         self._thread = threading.Thread(target=self._run, name="link", daemon=True)
@@ -137,7 +136,6 @@ class LinkServer:
                     _record_peer(self.cfg, "connected", who, "hello agreed")
                     return self.admission.open(address) if self.admission is not None else None
 
-                why = "the control session ended"
                 try:
                     why = peer.serve(session, lambda theirs: self._hello(sec, theirs),
                                      lambda n: sec.checkpoint(number=n)[1],
@@ -150,8 +148,6 @@ class LinkServer:
                     session.close()
                     if self.admission is not None:
                         self.admission.close()      # a new NBD connection needs a new session
-                    if connected:
-                        self.on_session_end(f"the control session of {connected[0]} ended ({why})")
                 if connected and not self.stopping():
                     log.warning("PRIMARY LOST: %s (%s); the active view stays at the last checkpoint; "
                                 "`dmrepl failover %s` takes over there", connected[0], why, self.cfg.name)

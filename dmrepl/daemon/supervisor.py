@@ -209,7 +209,7 @@ def _run_gated(cfg: SecondaryConfig, sec: Secondary, stopping) -> int:
         _write_export_pids(cfg, [])      # `up` waits for this file: the gate listens
         _log(f"NBD gate listening on {cfg.listen_host}:{cfg.listen_port}: only the authenticated primary's "
              "address, with its session's export name")
-        link = LinkServer(cfg, stopping, admission, on_session_end=gate.drop_all)
+        link = LinkServer(cfg, stopping, admission)
         link.start()
         _log(f"control link listening on {cfg.link_host}:{cfg.link_port}")
 
