@@ -178,11 +178,15 @@ def cli_of(hosts: Hosts, host: str, *argv: str) -> subprocess.CompletedProcess:
                            hosts.config(host), *argv[1:]], capture_output=True, text=True, timeout=180)
 
 
+def socket_of(hosts: Hosts, host: str) -> str:
+    """The control socket of the primary daemon on `host` (with its own resource name)."""
+    return control.socket_path(str(hosts.dir / f"{host}-state" / name_of(host)))
+
+
 def status_of(hosts: Hosts, host: str) -> dict | None:
     """The primary daemon's status on `host` (None: no daemon answers)."""
     try:
-        return control.request(control.socket_path(str(hosts.dir / f"{host}-state" / name_of(host))), "status",
-                               timeout=10)
+        return control.request(socket_of(hosts, host), "status", timeout=10)
     except control.DaemonNotRunning:
         return None
 

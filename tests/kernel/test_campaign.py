@@ -30,7 +30,7 @@ import signal
 import threading
 import time
 
-from daemons_lab import DISK, Writer, both_roles, cli_of, image, name_of, status_of, up_as
+from daemons_lab import DISK, Writer, both_roles, cli_of, image, name_of, socket_of, status_of, up_as
 
 from dmrepl import poll
 from dmrepl.daemon import control
@@ -179,8 +179,7 @@ class Campaign:
 
         def take():
             try:
-                outcome["done"] = control.request(control.socket_path(str(
-                    self.hosts.dir / f"{self.pri}-state" / name_of(self.pri))), "checkpoint", timeout=120)
+                outcome["done"] = control.request(socket_of(self.hosts, self.pri), "checkpoint", timeout=120)
             except Exception as e:   # noqa: BLE001 -- a failed checkpoint is one of the outcomes
                 outcome["failed"] = e
 
