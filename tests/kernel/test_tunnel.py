@@ -89,7 +89,10 @@ def test_the_link_runs_inside_wireguard_the_wire_shows_no_written_byte_and_a_wro
     assert _routes_via(hosts.lab, "p") is None                     # the failed start removed its tunnel
     with hosts.lab.inside("s"):
         assert wireguard.peer_status(IFNAME).rx_bytes == rx_before  # not a byte got through
-    assert hosts.log("s")[s_log_before:] == ""                      # no refusal, session or NBD connection
+    # Nothing of this attempt reached the secondary's sockets: every connection that does is
+    # logged as authenticated or refused (lines of the ended session may still come in).
+    late = hosts.log("s")[s_log_before:]
+    assert "authenticated" not in late and "refused" not in late, late
 
     r = hosts.cli("s", "down")
     assert r.returncode == 0, r.stderr
