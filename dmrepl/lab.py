@@ -94,11 +94,14 @@ class Lab:
             ns.link("set", index=idx, state="up")
         return x
 
-    def wireguard_tables(self, key_dir: str) -> dict[str, str]:
+    def wireguard_tables(self, key_dir: str, wrong_key_for_p: bool = False) -> dict[str, str]:
         """The [link] table of each host for a WireGuard tunnel between p and s (TUNNEL's
-        addresses) over the lab's veth, with a new key pair written to KEY_DIR/HOST.wg (0600)."""
+        addresses) over the lab's veth, with a new key pair written to KEY_DIR/HOST.wg (0600).
+        `wrong_key_for_p`: p's table expects another public key of s than s holds."""
         keys = {h: x25519.new_private() for h in ("p", "s")}
         public = {h: x25519.encode(x25519.public(k)) for h, k in keys.items()}
+        if wrong_key_for_p:
+            public["s"] = x25519.encode(x25519.public(x25519.new_private()))
         tables = {}
         for h, other in (("p", "s"), ("s", "p")):
             path = os.path.join(key_dir, f"{h}.wg")

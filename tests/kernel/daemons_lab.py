@@ -71,10 +71,10 @@ class Hosts:
             f'netns = "{self.lab.hosts["p"].netns}"\n'
             f'{primary}[[primary.secondaries]]\nnbd = "{self.s_addr}:{NBD_PORT}"\nlink = "{self.s_addr}:{LINK_PORT}"\n')
 
-    def use_tunnel(self) -> None:
+    def use_tunnel(self, wrong_key_for_p: bool = False) -> None:
         """Both configs with [link] encrypt = "wireguard" (Lab.wireguard_tables): the link on
-        TUNNEL["s"], inside the tunnel."""
-        tables = self.lab.wireguard_tables(str(self.dir))
+        TUNNEL["s"], inside the tunnel; `wrong_key_for_p`: p expects another key of s."""
+        tables = self.lab.wireguard_tables(str(self.dir), wrong_key_for_p)
         self.s_addr = TUNNEL["s"]
         self.write_configs()
         for h in ("p", "s"):
