@@ -65,10 +65,10 @@ class Admission:
         self.name: str | None = None
         self.fenced: str | None = None
 
-    def open(self, peer_address: str, name: str | None = None) -> str:
-        """A control session authenticated from `peer_address`: its export name (`name`, or a new one)."""
+    def open(self, peer_address: str) -> str:
+        """A control session authenticated from `peer_address`: its new export name."""
         with self.lock:
-            self.peer, self.name = _norm(peer_address), name or new_export_name()
+            self.peer, self.name = _norm(peer_address), new_export_name()
             return self.name
 
     def close(self) -> None:

@@ -64,13 +64,6 @@ def _find(ipr: IPRoute, name: str):
     return ipr.link("get", index=found[0])[0] if found else None
 
 
-def present(name: str) -> str | None:
-    """The alias of interface `name` ("" if it has none), or None if there is no such interface."""
-    with IPRoute() as ipr:
-        link = _find(ipr, name)
-        return None if link is None else (link.get_attr("IFLA_IFALIAS") or "")
-
-
 def create(spec: Interface) -> None:
     """Create and bring up the interface; on any failure what was made is removed again.
     An interface of that name must not exist (`remove` first): EEXIST otherwise."""
