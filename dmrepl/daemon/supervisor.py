@@ -71,16 +71,25 @@ def _pid_from(path: str, marker: bytes) -> int | None:
     return pids[0] if pids else None
 
 
+def _stat(pid: int) -> list[str] | None:
+    """/proc/PID/stat's fields after the command name (state, ppid, ...); None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
 def _running(text: str, marker: bytes) -> int | None:
     try:
         pid = int(text)
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             cmdline = f.read()
-        with open(f"/proc/{pid}/stat") as f:
-            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                return None  # exited, not yet reaped
-    except (OSError, ValueError, IndexError):
+    except (OSError, ValueError):
         return None
+    fields = _stat(pid)
+    if not fields or fields[0] == "Z":
+        return None  # gone, or exited and not yet reaped
     return pid if marker in cmdline else None
 
 
@@ -115,26 +124,15 @@ def stop(cfg: SecondaryConfig, timeout: float = 10.0) -> bool:
     return True
 
 
-def _state_of(pid: int) -> str | None:
-    """The process's state letter (R, S, D, T, Z...), None once it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return None
+def _exited(pid: int) -> bool:
+    """Gone, or a zombie (it holds no file open any more)."""
+    fields = _stat(pid)
+    return not fields or fields[0] == "Z"
 
 
 def _children(pid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        out.append(int(entry))
-            except (OSError, IndexError, ValueError):
-                continue
-    return out
+    return [int(e) for e in os.listdir("/proc")
+            if e.isdigit() and (fields := _stat(int(e))) and fields[1] == str(pid)]
 
 
 def fence(cfg: SecondaryConfig, timeout: float = poll.DEFAULT_TIMEOUT) -> bool:
@@ -162,7 +160,7 @@ def fence(cfg: SecondaryConfig, timeout: float = poll.DEFAULT_TIMEOUT) -> bool:
         except ProcessLookupError:
             continue
     for what, pid in killed:
-        if not poll.until(lambda p=pid: _state_of(p) in (None, "Z"), timeout=timeout):
+        if not poll.until(lambda p=pid: _exited(p), timeout=timeout):
             raise DmreplError(f"the {what} (pid {pid}) did not exit within {timeout:.0f} s of SIGKILL",
                               "it is stuck in the kernel (D state?): check `cat /proc/%d/stack`" % pid)
     _remove_pid_files(cfg)
