@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from pyroute2 import IPRoute, NetNS, netns
 
+from dmrepl import private
 from dmrepl.link import x25519
 
 PREFIX = 24
@@ -105,9 +106,7 @@ class Lab:
         tables = {}
         for h, other in (("p", "s"), ("s", "p")):
             path = os.path.join(key_dir, f"{h}.wg")
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(x25519.encode(keys[h]) + "\n")
+            private.write_secret(path, x25519.encode(keys[h]) + "\n")
             tables[h] = (f'[link]\nencrypt = "wireguard"\nprivate_key_file = "{path}"\n'
                          f'peer_public_key = "{public[other]}"\naddress = "{TUNNEL[h]}"\n'
                          f'peer_address = "{TUNNEL[other]}"\npeer_endpoint = "{self.hosts[other].address}:{WG_PORT}"\n'

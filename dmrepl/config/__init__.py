@@ -233,14 +233,18 @@ def _primary(doc: dict, common: dict, source: str) -> PrimaryConfig:
 ROLES = ("primary", "secondary")
 
 
+def _toml(text: str, source: str) -> dict:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source}: not valid TOML: {e}") from None
+
+
 def parse(text: str, *, source: str, default_name: str | None = None, role: str | None = None
           ) -> SecondaryConfig | PrimaryConfig:
     """The config of one role: the section present says which; with both sections, `role`
     (the state file's, see `role_of`) or else the file's `start_as`."""
-    try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{source}: not valid TOML: {e}") from None
+    doc = _toml(text, source)
     check_keys(doc, {"name", "resource_id", "state_dir", "secondary", "primary", "start_as", "link"}, source)
     name = check_name(expect(doc, "name", str, source, default_name, required=default_name is None))
     common = dict(name=name, resource_id=expect(doc, "resource_id", str, source, name),
@@ -308,10 +312,7 @@ def tunnel_key_file(name: str | None = None, path: str | None = None) -> tuple[s
     """(resource name, [link] private_key_file) read before the rest of the config can be complete:
     `dmrepl keygen NAME --wireguard` runs before the other host's public key is known."""
     path, text, default_name = _read(name, path)
-    try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    doc = _toml(text, path)
     table = expect(doc, "link", dict, path, {})
     key_file = expect(table, "private_key_file", str, f"{path} [link]")
     if key_file is None:
