@@ -289,7 +289,16 @@ class Capture:
     def __exit__(self, *exc) -> None:
         self.stopped = True
         self.thread.join()
-        self.sock.close()
+        # What the kernel queued before now and the thread had no time to read (a busy host):
+        # the frames of a write that returned are all in the queue already.
+        self.sock.setblocking(False)
+        try:
+            while True:
+                self.frames.append(self.sock.recv(65536))
+        except BlockingIOError:
+            pass
+        finally:
+            self.sock.close()
 
     def shows(self, pattern: bytes, piece: int = 512) -> int:
         """How many of `pattern`'s `piece`-byte pieces some frame carries in clear (a TCP segment
