@@ -23,6 +23,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 
@@ -79,13 +80,62 @@ def check_host() -> None:
         raise VMError("busybox on the host is dynamically linked: apt-get install busybox-static")
 
 
-def guest_script(command: list[str], marker: str, project_dir: str) -> str:
+# The guest reads the host's files over 9p without a cache: every stat and read of a Python
+# start is a round trip through QEMU (TCG), so `python -m dmrepl.cli --help` took 25 s and
+# `import pyroute2` 21 s.  The interpreter's files are therefore carried in one tar file, unpacked
+# into a tmpfs of the guest and bind-mounted over their own paths (4.6 s each then;
+# docs/kernel-notes.md).  Left out: what no test imports and only makes the tar bigger.
+_STDLIB_SKIP = ("test", "site-packages", "idlelib", "tkinter", "turtledemo", "lib2to3", "ensurepip", "pydoc_data",
+                f"config-{sys.version_info.major}.{sys.version_info.minor}-*")
+_VENV_SKIP = ("bin/ruff", *(f"lib/python{sys.version_info.major}.{sys.version_info.minor}/site-packages/{p}"
+                            for p in ("pip", "Cython", "setuptools", "virtme", "virtme_ng")))
+
+
+def interpreter_paths() -> list[str]:
+    """What a Python start reads: the standard library, the shared libpython, the venv."""
+    paths = [sysconfig.get_paths()["stdlib"]]
+    if sysconfig.get_config_var("Py_ENABLE_SHARED"):
+        lib = os.path.join(sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("INSTSONAME"))
+        if os.path.isfile(lib):
+            paths.append(lib)
+    if sys.prefix != sys.base_prefix:
+        paths.append(sys.prefix)
+    return paths
+
+
+def pack_interpreter(tar_path: str) -> list[str]:
+    """Write the interpreter's files to `tar_path`, one member per path (named 0, 1, ...);
+    returns the paths in that order."""
+    paths = interpreter_paths()
+    for i, path in enumerate(paths):
+        skip = _STDLIB_SKIP if i == 0 else _VENV_SKIP if path == sys.prefix else ()
+        parent, base = os.path.split(path.rstrip("/"))
+        argv = ["tar", "-r" if i else "-c", "-f", tar_path, "-C", parent, f"--transform=s,^{re.escape(base)},{i},",
+                "--exclude=*.opt-1.pyc", "--exclude=*.opt-2.pyc"]
+        argv += [f"--exclude={base}/{s}" for s in skip] + [base]
+        subprocess.run(argv, check=True)
+    return paths
+
+
+def unpack_lines(tar_path: str, paths: list[str]) -> list[str]:
+    """Guest lines that unpack `tar_path` into a tmpfs and bind-mount each copy over its path; if
+    anything fails the guest goes on reading over 9p, only slower."""
+    fast = "/run/dmrepl-testvm"
+    binds = " && ".join(f"mount --bind {fast}/{i} {shlex.quote(p)}" for i, p in enumerate(paths))
+    return [f"mkdir -p {fast} && mount -t tmpfs -o size=1G tmpfs {fast} && "
+            f"tar -x -f {shlex.quote(tar_path)} -C {fast} && {binds} || "
+            "echo 'testvm: the interpreter stays on 9p (slower): its copy into a tmpfs failed' >&2"]
+
+
+def guest_script(command: list[str], marker: str, project_dir: str, fast: list[str] = ()) -> str:
+    """`fast`: unpack_lines() for the interpreter's copy, run before the command."""
     venv_bin = os.path.dirname(sys.executable)
     mods = " ".join(GUEST_MODULES)
     return "\n".join([
         "set -u",
         f"echo started > {shlex.quote(marker)}",
         f"for m in {mods}; do modprobe $m 2>/dev/null || echo \"testvm: modprobe $m failed\" >&2; done",
+        *fast,
         f"export PATH={shlex.quote(venv_bin)}:/usr/sbin:/usr/bin:/sbin:/bin",
         "export DMREPL_IN_VM=1",
         f"cd {shlex.quote(project_dir)}",
@@ -103,8 +153,10 @@ def run(command: list[str], *, memory: str = "4G", cpus: int = 2, timeout: float
     rundir = tempfile.mkdtemp(prefix="run-", dir=os.path.join(project_dir, ".vm"))
     marker = os.path.join(rundir, "started")
     script = os.path.join(rundir, "guest.sh")
+    tar_path = os.path.join(rundir, "interpreter.tar")
+    fast = unpack_lines(tar_path, pack_interpreter(tar_path))
     with open(script, "w") as f:
-        f.write(guest_script(command, marker, project_dir) + "\n")
+        f.write(guest_script(command, marker, project_dir, fast) + "\n")
     argv = [vng, "--run", kernel, "--disable-kvm", "--memory", memory, "--cpus", str(cpus),
             "--rwdir", project_dir, "--exec", f"bash {shlex.quote(script)}"]
     env = dict(os.environ)

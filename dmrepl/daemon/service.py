@@ -31,7 +31,12 @@ def _log_since(path: str, offset: int, lines: int = 8) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
 
 
-def start_daemon(cfg: SecondaryConfig, config_path: str, timeout: float = poll.DEFAULT_TIMEOUT) -> int:
+# A Python start plus nbdkit's: well under a second on a host, tens of seconds on a loaded host
+# under emulation (a test VM once took more than 30 s).
+DAEMON_START_TIMEOUT = 90.0
+
+
+def start_daemon(cfg: SecondaryConfig, config_path: str, timeout: float = DAEMON_START_TIMEOUT) -> int:
     """Start the supervisor detached; return its pid once the export accepts connections."""
     pid = daemon.running_pid(cfg)
     if pid is not None:

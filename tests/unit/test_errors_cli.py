@@ -66,6 +66,23 @@ def test_vm_guest_script_loads_modules_and_marks_start():
     assert lines[-1] == "python -m pytest -m kernel"
 
 
+def test_vm_carries_the_interpreter_in_one_tar(tmp_path):
+    import os
+    import tarfile
+    tar = str(tmp_path / "i.tar")
+    paths = testvm.pack_interpreter(tar)
+    assert paths[0] == os.path.dirname(os.__file__) and paths[-1] == sys.prefix
+    with tarfile.open(tar) as t:
+        names = set(t.getnames())
+    assert "0/os.py" in names and not any(n.startswith(("0/test/", "0/site-packages/")) for n in names)
+    venv = str(len(paths) - 1)
+    assert f"{venv}/bin/python" in names
+    assert any(n.startswith(f"{venv}/lib/") and "/site-packages/pyroute2/" in n for n in names)
+    assert not any("/site-packages/pip/" in n for n in names)
+    line, = testvm.unpack_lines(tar, paths)
+    assert f"mount --bind /run/dmrepl-testvm/0 {paths[0]}" in line and "|| echo" in line
+
+
 def test_vm_runner_refuses_without_a_command(capsys):
     with pytest.raises(SystemExit) as e:
         testvm.main([])
