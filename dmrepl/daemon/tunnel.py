@@ -7,21 +7,29 @@ from __future__ import annotations
 
 import contextlib
 import errno
-from typing import Callable
-
-from pyroute2 import netns
+from typing import TYPE_CHECKING, Callable
 
 from dmrepl import private
 from dmrepl.config import PrimaryConfig, SecondaryConfig
 from dmrepl.errors import DmreplError
-from dmrepl.kernel import wireguard
 from dmrepl.link import x25519
+
+if TYPE_CHECKING:
+    from dmrepl.kernel import wireguard
 
 Config = PrimaryConfig | SecondaryConfig
 
 
 class TunnelError(DmreplError):
     pass
+
+
+def _wireguard():
+    """dmrepl.kernel.wireguard, imported when a tunnel is configured: it brings pyroute2, whose
+    import costs a tenth of a second on a host and 3.5 s in the test VM (docs/kernel-notes.md),
+    for every command and daemon start, most of which have no tunnel."""
+    from dmrepl.kernel import wireguard
+    return wireguard
 
 
 def private_key(cfg: Config) -> bytes:
@@ -38,7 +46,7 @@ def private_key(cfg: Config) -> bytes:
 
 
 def interface(cfg: Config) -> wireguard.Interface:
-    t = cfg.tunnel
+    t, wireguard = cfg.tunnel, _wireguard()
     return wireguard.Interface(
         name=t.interface, alias=wireguard.alias_of(cfg.name), private_key=x25519.encode(private_key(cfg)),
         listen_port=t.listen_port, address=t.address, peer_address=t.peer_address,
@@ -49,6 +57,7 @@ def remove(cfg: Config) -> bool:
     """Remove the resource's interface if it is there, in this thread's network namespace."""
     if cfg.tunnel is None:
         return False
+    wireguard = _wireguard()
     try:
         return wireguard.remove(cfg.tunnel.interface, wireguard.alias_of(cfg.name))
     except wireguard.WireGuardError as e:
@@ -64,6 +73,7 @@ def remove_left(cfg: Config) -> list[str]:
         return []
     ns = getattr(cfg, "netns", None)
     if ns is not None:
+        from pyroute2 import netns
         netns.pushns(ns)
     try:
         return [f"WireGuard interface {cfg.tunnel.interface}"] if remove(cfg) else []
@@ -78,7 +88,7 @@ def opened(cfg: Config, log: Callable[[str], None]):
     if cfg.tunnel is None:
         yield None
         return
-    spec = interface(cfg)
+    wireguard, spec = _wireguard(), interface(cfg)
     if remove(cfg):
         log(f"WireGuard interface {spec.name} left by an earlier daemon: removed")
     try:
@@ -103,7 +113,7 @@ def status(cfg: Config) -> dict | None:
     if cfg.tunnel is None:
         return None
     t = cfg.tunnel
-    peer = wireguard.peer_status(t.interface)
+    peer = _wireguard().peer_status(t.interface)
     return {"interface": t.interface, "address": t.address, "peer_address": t.peer_address,
             "peer_endpoint": f"{t.peer_endpoint[0]}:{t.peer_endpoint[1]}", "up": peer is not None,
             "last_handshake_s": None if peer is None or peer.last_handshake_s is None
