@@ -144,9 +144,11 @@ def _p_down(cfg: PrimaryConfig, args) -> int:
         with Primary.open(cfg) as pri:
             done = down_without_daemon(pri)
     else:
+        from dmrepl.daemon.supervisor import exited
         control.request(_sock(cfg), "stop")
-        poll.wait_for(lambda: os.path.exists(_sock(cfg)), f"daemon pid {reply['pid']} to stop",
-                      ok=lambda there: not there, timeout=60)
+        # Its socket goes first, then the process: done once the process has exited too.
+        poll.wait_for(lambda: not os.path.exists(_sock(cfg)) and exited(reply["pid"]),
+                      f"daemon pid {reply['pid']} to stop", timeout=60)
         done = [d["name"] for d in reply["devices"].values()] + ([reply["nbd"]] if reply.get("nbd") else [])
     if args.json:
         print_json({"name": cfg.name, "removed": done})

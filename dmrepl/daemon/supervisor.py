@@ -108,23 +108,22 @@ def export_pids(cfg: SecondaryConfig) -> list[int]:
     return _pids_from(export_pid_path(cfg), b"nbdkit")
 
 
-def _wait_gone(pid_of, pid: int, timeout: float) -> bool:
-    return poll.until(lambda: pid_of() != pid, timeout=timeout)
-
-
 def stop(cfg: SecondaryConfig, timeout: float = 10.0) -> bool:
     """SIGTERM the daemon and wait until it is gone (it stops nbdkit first). True if one ran."""
     pid = running_pid(cfg)
     if pid is None:
         return fence(cfg)
     os.kill(pid, signal.SIGTERM)
-    if not _wait_gone(lambda: running_pid(cfg), pid, timeout):
+    # Its pid file goes first, then the process: `down` returns once the process has exited too
+    # (one was seen alive after a `down`, finishing its interpreter's exit).
+    if not poll.until(lambda: running_pid(cfg) != pid and exited(pid), timeout=timeout):
         os.kill(pid, signal.SIGKILL)
+        poll.until(lambda: exited(pid), timeout=timeout)
     fence(cfg)
     return True
 
 
-def _exited(pid: int) -> bool:
+def exited(pid: int) -> bool:
     """Gone, or a zombie (it holds no file open any more)."""
     fields = _stat(pid)
     return not fields or fields[0] == "Z"
@@ -160,7 +159,7 @@ def fence(cfg: SecondaryConfig, timeout: float = poll.DEFAULT_TIMEOUT) -> bool:
         except ProcessLookupError:
             continue
     for what, pid in killed:
-        if not poll.until(lambda p=pid: _exited(p), timeout=timeout):
+        if not poll.until(lambda p=pid: exited(p), timeout=timeout):
             raise DmreplError(f"the {what} (pid {pid}) did not exit within {timeout:.0f} s of SIGKILL",
                               "it is stuck in the kernel (D state?): check `cat /proc/%d/stack`" % pid)
     _remove_pid_files(cfg)
