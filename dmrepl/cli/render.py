@@ -34,6 +34,16 @@ def human_bytes(n: int) -> str:
     return str(n)
 
 
+def tunnel_line(t: dict) -> str:
+    """The status line of a WireGuard tunnel (daemon.tunnel.status), for either role."""
+    if not t["up"]:
+        return f"  tunnel  WireGuard {t['interface']}: MISSING (the link cannot run)"
+    shake = ("no handshake yet" if t["last_handshake_s"] is None
+             else f"last handshake {t['last_handshake_s']:.0f} s ago")
+    return (f"  tunnel  WireGuard {t['interface']}: {t['address']} <-> {t['peer_address']} via {t['peer_endpoint']}, "
+            f"{shake}, {t['tx_bytes'] >> 10} KiB sent, {t['rx_bytes'] >> 10} KiB received")
+
+
 def resource_parser(sub, action: str, text: str):
     """A subcommand on one resource: NAME, --config, --json."""
     a = sub.add_parser(action, help=text)

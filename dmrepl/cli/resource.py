@@ -14,7 +14,7 @@ import sys
 import time
 
 from dmrepl import poll
-from dmrepl.cli.render import print_json, resource_parser
+from dmrepl.cli.render import print_json, resource_parser, tunnel_line
 from dmrepl.config import PrimaryConfig, load
 from dmrepl.daemon import control
 from dmrepl.errors import DmreplError
@@ -187,13 +187,8 @@ def _p_status(cfg: PrimaryConfig, args) -> int:
               f", era {s.get('era', '?')}")
     elif s.get("nbd_leg") == "dropped":
         print(f"  nbd     none: the leg to {s['secondary']} is dropped, writes reach P only (era {s.get('era', '?')})")
-    t = s.get("tunnel")
-    if t:
-        shake = ("no handshake yet" if t["last_handshake_s"] is None
-                 else f"last handshake {t['last_handshake_s']:.0f} s ago")
-        print(f"  tunnel  WireGuard {t['interface']}: {t['address']} <-> {t['peer_address']} via {t['peer_endpoint']}, "
-              f"{shake}, {t['tx_bytes'] >> 10} KiB sent, {t['rx_bytes'] >> 10} KiB received" if t["up"]
-              else f"  tunnel  WireGuard {t['interface']}: MISSING (the link cannot run)")
+    if s.get("tunnel"):
+        print(tunnel_line(s["tunnel"]))
     for key, label in (("resync", "resync"), ("last_resync", "last resync")):
         r = s.get(key)
         if r:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import sys
 import time
 
-from dmrepl.cli.render import human_bytes, print_json, resource_parser
+from dmrepl.cli.render import human_bytes, print_json, resource_parser, tunnel_line
 from dmrepl.config import SecondaryConfig, default_path, load_secondary
-from dmrepl.daemon import running_pid, service
+from dmrepl.daemon import running_pid, service, tunnel
 from dmrepl.daemon.secondary_link import read_peer
 from dmrepl.roles.secondary import Secondary, SecondaryStatus
 
@@ -134,6 +134,8 @@ def status_dict(s: SecondaryStatus, cfg: SecondaryConfig) -> dict:
                                       for d in s.deferred],
                  "warnings": warnings(s, cfg), "daemon_pid": running_pid(cfg),
                  "listen": f"{cfg.listen_host}:{cfg.listen_port}", "primary": read_peer(cfg)}
+    if cfg.tunnel is not None and out["daemon_pid"] is not None:   # the daemon makes it and removes it
+        out["tunnel"] = tunnel.status(cfg)
     if st is not None:
         out.update(checkpoint=st.checkpoint, current_store=st.current_store, store_path=s.store_path,
                    checkpoint_lost=st.checkpoint_lost, early_checkpoint_requested=st.early_checkpoint_requested)
@@ -178,6 +180,8 @@ def _status(sec: Secondary, cfg: SecondaryConfig, config_path: str, args) -> int
         pr = out["primary"]
         print(f"  primary {pr['peer']} {pr['primary'].upper() if pr['primary'] == 'lost' else pr['primary']}"
               f" since {time.strftime('%H:%M:%S', time.localtime(pr['since']))}: {pr['reason']}")
+    if out.get("tunnel"):
+        print(tunnel_line(out["tunnel"]))
     for w in out["warnings"]:
         print(f"  WARNING {w}")
     return 0

@@ -63,6 +63,9 @@ def test_the_link_runs_inside_wireguard_and_the_wire_shows_no_written_byte(hosts
     assert st["tunnel"]["last_handshake_s"] is not None and st["tunnel"]["tx_bytes"] > 4096
     assert "tunnel  WireGuard dmrepl-r5: 10.99.0.1 <-> 10.99.0.2 via" in hosts.cli("p", "status").stdout
     assert f"WireGuard tunnel {IFNAME}: {TUNNEL['s']} <-> {TUNNEL['p']}" in hosts.log("s")
+    with hosts.lab.inside("s"):                         # an admin on host s
+        r = hosts.cli("s", "status")
+    assert f"tunnel  WireGuard {IFNAME}: {TUNNEL['s']} <-> {TUNNEL['p']} via" in r.stdout, (r.stdout, r.stderr)
 
     r = hosts.cli("p", "down")
     assert r.returncode == 0, r.stderr
