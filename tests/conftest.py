@@ -18,9 +18,17 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 os.umask(0o022)
 
 
+# A kernel test that hangs fails after this many seconds with every thread's stack printed, and
+# the tier goes on; without it one hang ate the whole CI run. About four times the slowest
+# test's time on a quiet host; a test that needs longer says so with its own timeout marker.
+KERNEL_TEST_TIMEOUT = 480
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         rel = os.path.relpath(str(item.fspath), HERE)
         tier = rel.split(os.sep, 1)[0]
         if tier in ("unit", "kernel"):
             item.add_marker(getattr(pytest.mark, tier))
+        if tier == "kernel" and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(KERNEL_TEST_TIMEOUT, method="signal"))

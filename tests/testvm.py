@@ -21,6 +21,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -143,6 +144,34 @@ def guest_script(command: list[str], marker: str, project_dir: str, fast: list[s
     ])
 
 
+def kill_group(pgid: int) -> None:
+    """SIGKILL every process left in the process group `pgid` (vng's QEMU among them)."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def run_group(argv: list[str], env: dict, timeout: float) -> int:
+    """Run `argv` in a process group of its own and return its exit status. At `timeout` seconds
+    the whole group is killed, not only vng: a QEMU that outlived a killed vng once kept the
+    console pipe open, and scripts/test waited on it until CI's own limit."""
+    proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        print(f"testvm: the VM run exceeded {timeout:.0f} s; it and every process it started "
+              "were killed", file=sys.stderr)
+        rc = VM_FAILED
+    except BaseException:
+        kill_group(proc.pid)
+        proc.wait()
+        raise
+    kill_group(proc.pid)
+    proc.wait()
+    return rc
+
+
 def run(command: list[str], *, memory: str = "4G", cpus: int = 2, timeout: float = 3600,
         project_dir: str = PROJECT_DIR, verbose: bool = False) -> int:
     """Boot the VM, run `command` in it, return its exit status (VM_FAILED if it never ran)."""
@@ -165,11 +194,7 @@ def run(command: list[str], *, memory: str = "4G", cpus: int = 2, timeout: float
         print(f"testvm: kernel {version}: {shlex.join(argv)}", file=sys.stderr)
     t0 = time.monotonic()
     try:
-        proc = subprocess.run(argv, env=env, timeout=timeout, stdin=subprocess.DEVNULL)
-        rc = proc.returncode
-    except subprocess.TimeoutExpired:
-        print(f"testvm: the VM run exceeded {timeout:.0f} s and was killed", file=sys.stderr)
-        rc = VM_FAILED
+        rc = run_group(argv, env, timeout)
     finally:
         started = os.path.exists(marker)
         shutil.rmtree(rundir, ignore_errors=True)

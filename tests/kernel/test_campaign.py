@@ -30,6 +30,7 @@ import signal
 import threading
 import time
 
+import pytest
 from daemons_lab import DISK, Writer, both_roles, cli_of, image, name_of, socket_of, status_of, up_as
 
 from dmrepl import poll
@@ -269,8 +270,14 @@ class Campaign:
         self.checkpoint()   # the resync's own checkpoint moved the view to a P the writer changed
 
 
+CAMPAIGN_N = int(os.environ.get("DMREPL_CAMPAIGN_N", "20"))
+
+
+# A scenario takes about 25 s on a quiet host; a hang fails the test well before the VM is killed
+# (scripts/campaign gives the VM 600 + 60 N seconds).
+@pytest.mark.timeout(240 + 50 * CAMPAIGN_N, method="signal")
 def test_fault_campaign(hosts):
-    n = int(os.environ.get("DMREPL_CAMPAIGN_N", "20"))
+    n = CAMPAIGN_N
     # CI replays one seed (scripts/campaign picks a new one each run): a landing should not depend
     # on the draw; new seeds are for the long runs recorded in docs/campaign.md.
     seed = int(os.environ.get("DMREPL_CAMPAIGN_SEED", "1795730550"))

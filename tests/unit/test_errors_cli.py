@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import testvm
@@ -87,3 +88,34 @@ def test_vm_runner_refuses_without_a_command(capsys):
     with pytest.raises(SystemExit) as e:
         testvm.main([])
     assert e.value.code == 2
+
+
+def test_vm_runner_kills_what_the_vm_started_at_its_timeout(tmp_path, capsys):
+    # vng's QEMU is its child: a timeout that kills vng alone left QEMU holding the console pipe.
+    pidfile = tmp_path / "grandchild"
+    script = f"sleep 300 & echo $! > {pidfile}; wait"
+    rc = testvm.run_group(["bash", "-c", script], dict(os.environ), timeout=1.0)
+    assert rc == testvm.VM_FAILED
+    assert "exceeded 1 s" in capsys.readouterr().err
+    pid = int(pidfile.read_text())
+    assert poll_until_gone(pid)
+
+
+def test_vm_runner_leaves_nothing_after_a_normal_exit(tmp_path):
+    pidfile = tmp_path / "grandchild"
+    rc = testvm.run_group(["bash", "-c", f"sleep 300 & echo $! > {pidfile}; exit 3"], dict(os.environ), timeout=30)
+    assert rc == 3
+    assert poll_until_gone(int(pidfile.read_text()))
+
+
+def poll_until_gone(pid: int, within: float = 5.0) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return True     # killed; its reaper has not reaped it yet
+        except FileNotFoundError:
+            return True
+        time.sleep(0.05)
+    return False
