@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import queue
+import threading
 import time
 from typing import Callable
 
@@ -82,11 +84,30 @@ def exchange_hello(session: Session, mine: Hello, timeout: float = 10.0) -> Hell
     return theirs
 
 
-def _answer(session: Session, want: Kind, matches: Callable[[dict], bool], timeout: float, what: str) -> dict:
-    """The body of the next frame of kind `want` that `matches`: heartbeats and early-checkpoint
-    requests in between are no answer and are skipped; anything else is a FrameError."""
+class PeerSilent(TimeoutError):
+    """The secondary sent no frame at all, not even a heartbeat's answer, for the heartbeat timeout."""
+
+
+def _answer(session: Session, want: Kind, matches: Callable[[dict], bool], timeout: float, what: str,
+            silence: float | None = None) -> dict:
+    """The body of the next frame of kind `want` that `matches`, within `timeout`: heartbeats and
+    early-checkpoint requests in between are no answer and are skipped; anything else is a
+    FrameError.  `silence`: the longest gap between two frames of any kind (a secondary that
+    answers heartbeats while it works is alive; one that answers nothing is lost)."""
+    deadline = time.monotonic() + timeout
     while True:
-        kind, body = session.recv(timeout=timeout)
+        left = deadline - time.monotonic()
+        wait = min(left, silence) if silence else left
+        if left <= 0:
+            session.close()
+            raise TimeoutError(f"no {what} within {timeout:g} s")
+        try:
+            kind, body = session.recv(timeout=wait)
+        except TimeoutError:
+            if wait < left:
+                raise PeerSilent(f"the secondary sent nothing for {wait:.1f} s, not even a heartbeat's "
+                                 f"answer, while this host waited for {what}") from None
+            raise TimeoutError(f"no {what} within {timeout:g} s") from None
         if kind == want and matches(body):
             return body
         _skip_or_raise(kind, body)
@@ -104,24 +125,53 @@ def remote_checkpoint(session: Session, n: int, timeout: float = CHECKPOINT_TIME
     return float(body.get("pause_ms", 0)) / 1000
 
 
-def remote_digests(session: Session, spans: list[tuple[int, int]], piece: int,
+def remote_digests(session: Session, spans: list[tuple[int, int]], piece: int, silence: float,
                    timeout: float = CHECKPOINT_TIMEOUT) -> Callable[[], bytes]:
     """Ask the secondary for its digests of S's pieces in the (offset, length) spans; the returned
-    call waits for them.  In between, this host hashes its own pieces: both hosts work at once."""
+    call waits for them.  In between, this host hashes its own pieces: both hosts work at once.
+    The secondary hashes on a thread of its own and answers heartbeats meanwhile: after `silence`
+    seconds without any frame it is lost (PeerSilent), however long its hashing may take."""
     offset = spans[0][0]
     session.send(Kind.DIGESTS, {"offset": offset, "spans": [list(s) for s in spans], "piece": piece})
-    return lambda: _digests_reply(session, offset, sum(n for _o, n in spans), piece, timeout)
+    return lambda: _digests_reply(session, offset, sum(n for _o, n in spans), piece, timeout, silence)
 
 
-def _digests_reply(session: Session, offset: int, length: int, piece: int, timeout: float) -> bytes:
+def _digests_reply(session: Session, offset: int, length: int, piece: int, timeout: float,
+                   silence: float) -> bytes:
     body = _answer(session, Kind.DIGESTS_REPLY, lambda b: b.get("offset") == offset, timeout,
-                   f"DIGESTS_REPLY for {offset}")
+                   f"DIGESTS_REPLY for {offset}", silence)
     if "error" in body:
         raise DmreplError(f"the secondary cannot hash S at {offset}: {body['error']}")
     try:
         return digests.decode(str(body.get("digests", "")), length // piece)
     except ValueError as e:
         raise FrameError(f"DIGESTS_REPLY: {e}") from None
+
+
+class _Hasher:
+    """The secondary's digests, on a thread of its own, one request after the other: the session's
+    loop answers heartbeats meanwhile (a link that goes down during a resync's comparison is then
+    noticed in the heartbeat timeout, not after the primary's whole wait for an answer)."""
+
+    def __init__(self, session: Session, hash_s: Callable[[list[tuple[int, int]], int], bytes] | None):
+        self.session, self.hash_s = session, hash_s
+        self.requests: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name="digests", daemon=True)
+        self.thread.start()
+
+    def submit(self, body: dict) -> None:
+        self.requests.put(body)
+
+    def close(self) -> None:
+        """No more requests; one being hashed finishes on its own (its reply fails on the closed session)."""
+        self.requests.put(None)
+
+    def _run(self) -> None:
+        while (body := self.requests.get()) is not None:
+            try:
+                _answer_digests(self.session, body, self.hash_s)
+            except OSError:
+                return      # the session broke: its loop sees it too
 
 
 def _answer_digests(session: Session, body: dict,
@@ -167,7 +217,15 @@ def serve(session: Session, mine: Hello | Callable[[Hello], Hello], take_checkpo
     name = on_hello(theirs) if on_hello is not None else None
     session.send(Kind.HELLO_OK, {**mine.to_wire(), "export_name": name})
     log.info("peer %s: hello ok (common checkpoint %s)", session.peer, agreement.common_checkpoint)
-    silence = theirs.heartbeat_timeout_s or None
+    hasher = _Hasher(session, hash_s)
+    try:
+        return _serve_loop(session, theirs.heartbeat_timeout_s or None, take_checkpoint, status, hasher)
+    finally:
+        hasher.close()
+
+
+def _serve_loop(session: Session, silence: float | None, take_checkpoint: Callable[[int], float],
+                status: Callable[[], dict], hasher: _Hasher) -> str:
     while True:
         try:
             kind, body = session.recv(timeout=silence)
@@ -192,6 +250,6 @@ def serve(session: Session, mine: Hello | Callable[[Hello], Hello], take_checkpo
         elif kind == Kind.STATUS:
             session.send(Kind.STATUS_REPLY, status())
         elif kind == Kind.DIGESTS:
-            _answer_digests(session, body, hash_s)
+            hasher.submit(body)
         else:
             log.warning("peer %s: unexpected %s: ignored", session.peer, kind.name)

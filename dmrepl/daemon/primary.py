@@ -124,14 +124,15 @@ class PrimaryDaemon:
         base = self.pri.resync_base(theirs.checkpoints, theirs.diverged)
         self.machine.fire(Event.RECONNECTED, f"resync: {base.describe()}")
         self.resync = Resync(self.pri, self.devs, self.link.nbd.path, self.link.session, base,
-                             self.link.silence_s, stopping=lambda: self.stopping)
+                             self.link.heartbeat_silence_s, stopping=lambda: self.stopping)
         try:
             self.resync.begin()
         except ResyncStopped:
             log(f"resync: stopped while comparing ({self.resync.compared} pieces compared); the next start "
                 "compares again")
         except (FrameError, OSError) as e:   # ExportRestarted: the NBD connections died with nbdkit
-            event = Event.LINK_DEAD if isinstance(e, peer.ExportRestarted) else Event.LINK_ERROR
+            event = (Event.LINK_DEAD if isinstance(e, peer.ExportRestarted) else
+                     Event.HEARTBEAT_MISSED if isinstance(e, peer.PeerSilent) else Event.LINK_ERROR)
             self.lost(event, f"the resync's comparison stopped: {e}")
         except (DmreplError, ValueError) as e:     # ValueError: a digest request this disk cannot make
             self.lost(Event.RESYNC_FAILED, f"resync failed: {e}")
@@ -240,14 +241,15 @@ class PrimaryDaemon:
     def verify(self, repair: bool) -> dict:
         """Compare all of P and S by digests; with `repair`, resync the pieces that differ."""
         try:
-            report, pieces, region = verify(self.pri, self.devs, self.link.session, self.link.silence_s)
+            report, pieces, region = verify(self.pri, self.devs, self.link.session,
+                                            self.link.heartbeat_silence_s)
         except (FrameError, OSError) as e:
             self.lost(Event.LINK_ERROR, f"the control link broke during verify: {e}")
             raise DmreplError(f"verify stopped: the control link broke ({e})") from None
         if repair and pieces:
             self.machine.fire(Event.REPAIR, f"verify --repair: {len(pieces)} piece(s) differ")
             self.resync = Resync(self.pri, self.devs, self.link.nbd.path, self.link.session,
-                                 ResyncBase(None, None), self.link.silence_s)
+                                 ResyncBase(None, None), self.link.heartbeat_silence_s)
             self.resync.begin(known=(region, pieces))
             report["repair"] = "started: `dmrepl status` shows the resync"
         return report

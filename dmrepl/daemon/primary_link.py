@@ -59,6 +59,12 @@ class SecondaryLink:
         """How long the secondary may stay silent before it is lost (heartbeats, checkpoint answers)."""
         return max(2.0, self.cfg.heartbeat_interval_s * self.cfg.heartbeat_misses)
 
+    @property
+    def heartbeat_silence_s(self) -> float:
+        """How long the secondary may send nothing while it has only heartbeats to answer (it
+        answers them while it hashes, too): heartbeat interval x misses."""
+        return self.cfg.heartbeat_interval_s * self.cfg.heartbeat_misses
+
     def hello(self) -> Hello:
         st = self.pri.state()
         return Hello(resource_id=self.cfg.resource_id, role="primary", size_bytes=self.pri.size_bytes(),
@@ -174,6 +180,6 @@ class SecondaryLink:
         """Raise Lost if the secondary answered nothing for too long (the keepalive thread sends)."""
         session = self.session
         silent = now - session.last_recv if session is not None else 0.0
-        if session is not None and silent > self.cfg.heartbeat_interval_s * self.cfg.heartbeat_misses:
+        if session is not None and silent > self.heartbeat_silence_s:
             raise Lost(Event.HEARTBEAT_MISSED, f"the secondary answered no heartbeat for {silent:.1f} s "
                        f"({self.cfg.heartbeat_misses} missed)")

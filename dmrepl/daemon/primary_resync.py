@@ -36,7 +36,7 @@ class ResyncStopped(Exception):
 VERIFY_PASSES = 3   # a piece must differ this many times in a row: a write in flight is not a difference
 
 
-def verify(pri: Primary, devs: Devices, session: Session, timeout_s: float) -> tuple[dict, list[int], int]:
+def verify(pri: Primary, devs: Devices, session: Session, silence_s: float) -> tuple[dict, list[int], int]:
     """All of P against all of S by digests while replication runs; returns (report, differing
     pieces, piece sectors).  Pieces that differ are compared again: a write between the two
     reads of a piece makes it differ once, a real difference every time."""
@@ -44,7 +44,7 @@ def verify(pri: Primary, devs: Devices, session: Session, timeout_s: float) -> t
     region = resync.region_sectors(size)
     piece = region * 512
     t0 = time.time()
-    remote = lambda spans, p: peer.remote_digests(session, spans, p, timeout=timeout_s)  # noqa: E731
+    remote = lambda spans, p: peer.remote_digests(session, spans, p, silence_s)  # noqa: E731
     shown = [-1]
 
     def progress(done, total):
@@ -86,9 +86,11 @@ def initial_sync(disk: str, nbd_path: str, session: Session, store_bytes: int, s
 
 class Resync:
     def __init__(self, pri: Primary, devs: Devices, nbd_path: str, session: Session, base: ResyncBase,
-                 timeout_s: float, stopping: Callable[[], bool] = lambda: False):
+                 silence_s: float, stopping: Callable[[], bool] = lambda: False):
+        """`silence_s`: the longest the secondary may send nothing while it hashes (its heartbeat
+        answers go on meanwhile): the heartbeat timeout, as outside a comparison."""
         self.pri, self.devs, self.nbd_path, self.session, self.base = pri, devs, nbd_path, session, base
-        self.timeout_s = timeout_s
+        self.silence_s = silence_s
         self.stopping = stopping
         self.phase = "comparing"
         self.started = time.time()
@@ -133,7 +135,7 @@ class Resync:
 
             self.cmp = resync.compare(self.devs.disk, ranges, self.region,
                                       lambda spans, piece: peer.remote_digests(self.session, spans, piece,
-                                                                                timeout=self.timeout_s),
+                                                                                self.silence_s),
                                       progress)
         self.copy_started = time.time()
         if not self.cmp.differing:
