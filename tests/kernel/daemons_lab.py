@@ -226,6 +226,7 @@ class Writer:
         self.blocks, self.pause_s, self.path = blocks, pause_s, path
         self.last: dict[int, bytes] = {}
         self.latencies: list[tuple[float, float]] = []   # (start time, seconds)
+        self.written: list[tuple[float, int]] = []       # (start time, block) of every write
         self.seq = 0
         self.started: float | None = None
         self.stop = threading.Event()
@@ -240,6 +241,7 @@ class Writer:
             self.started = time.monotonic()
             blockdev.write_at(self.path, blk * 4 * KiB, data)
             self.latencies.append((self.started, time.monotonic() - self.started))
+            self.written.append((self.started, blk))
             self.started = None
             self.last[blk] = data
             time.sleep(self.pause_s)
@@ -256,6 +258,11 @@ class Writer:
         self.stop.set()
         self.thread.join(timeout=DEADLINE_S)
         assert not self.thread.is_alive(), "a write hung past its deadline"
+
+    def changed_bytes(self, since: float = 0.0) -> int:
+        """The bytes this writer changed: its distinct 4 KiB blocks written from `since` on (what a
+        resync's "at most 1.05x the bytes changed" counts against)."""
+        return len({blk for start, blk in self.written if start >= since}) * 4 * KiB
 
     def stall_after(self, t: float) -> float:
         """The longest a write that started after `t` took (or was waiting at the end)."""
