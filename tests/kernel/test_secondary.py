@@ -202,8 +202,8 @@ def test_power_loss_then_up_restores_checkpoint_plus_consumer_writes(sec, ctl, r
 
 
 def test_power_loss_in_the_middle_of_a_slow_merge_resumes_it(tmp_path, ctl, loops):
-    """S sits on dm-delay (writes held 10 ms) and the store holds 1024 separate
-    chunks, merged one run at a time: the power loss surely cuts the merge short,
+    """S sits on dm-delay (writes held 10 ms) and the store holds 512 separate
+    chunks, merged one run at a time (5 s at least): the power loss surely cuts the merge short,
     and the test checks that it did.  The merge must roll back the primary's
     post-checkpoint writes and keep the consumer's, across the power loss."""
     import mmap
@@ -223,17 +223,17 @@ def test_power_loss_in_the_middle_of_a_slow_merge_resumes_it(tmp_path, ctl, loop
     cfg = make_cfg(tmp_path)
     cfg = cfg.__class__(**{**cfg.__dict__, "disk": slow_disk(), "hidden_stores": (h0, h1)})
     s = Secondary(cfg, ctl)
-    # In [0, 8M), chunk by chunk: the consumer writes 0x33 to even 4 KiB chunks,
+    # In [0, 4M), chunk by chunk: the consumer writes 0x33 to even 4 KiB chunks,
     # the primary 0x22 to odd ones.  No two touch; after the merge the odd ones
     # are back at the checkpoint (0x11).
-    expect = (b"\x33" * 4096 + b"\x11" * 4096) * 1024 + b"\x11" * (DISK - 8 * MiB)
+    expect = (b"\x33" * 4096 + b"\x11" * 4096) * 512 + b"\x11" * (DISK - 4 * MiB)
 
     def write_every_other(path, first, value):
         fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
         buf = mmap.mmap(-1, 4096)
         buf.write(value * 4096)
         try:
-            for i in range(first, 2048, 2):
+            for i in range(first, 1024, 2):
                 os.pwritev(fd, [buf], i * 4096)
             os.fsync(fd)
         finally:
