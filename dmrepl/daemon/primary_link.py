@@ -91,6 +91,9 @@ class SecondaryLink:
                     self.saw_split_brain(str(e))
                 raise
             self.split_brain = None
+            # Heartbeats from the hello on: the NBD attach below took over 2 s on a loaded host, and
+            # a secondary that hears nothing for the heartbeat timeout ends the session.
+            threading.Thread(target=self._keepalive, args=(self.session,), name="keepalive", daemon=True).start()
             # The session's export name from the secondary's gate; the resource id for an open export.
             self.nbd = attach(self.nl, p.nbd_host, p.nbd_port, theirs.export_name or self.cfg.resource_id,
                               expected_size_bytes=self.pri.size_bytes(), connections=self.cfg.nbd_connections,
@@ -100,7 +103,6 @@ class SecondaryLink:
             self.session = None
             raise
         self.dead_sockets = 0
-        threading.Thread(target=self._keepalive, args=(self.session,), name="keepalive", daemon=True).start()
         log(f"hello: the secondary at {self.session.peer} agrees (its checkpoints {theirs.checkpoints}); "
             f"NBD: {self.nbd.path} attached to {p.nbd_host}:{p.nbd_port} ({self.nbd.connections} connection(s))")
         return theirs

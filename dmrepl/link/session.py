@@ -30,6 +30,7 @@ class Session:
         self._send_lock = threading.Lock()   # the secondary's watch sends EARLY_CHECKPOINT beside serve()
         self.peer = peer
         self.last_recv = time.monotonic()    # when the peer last sent a frame (liveness, whoever read it)
+        self.closed_why: str | None = None   # a send that failed on another thread says why here
 
     @classmethod
     def connect(cls, host: str, port: int, psk: bytes, *, timeout: float = HANDSHAKE_TIMEOUT) -> "Session":
@@ -48,11 +49,14 @@ class Session:
             self._send_seq += 1
             try:
                 self.sock.sendall(data)
-            except OSError:
+            except OSError as e:
+                self.closed_why = f"sending {kind.name} failed: {e.strerror or e}"
                 self.close()
                 raise
 
     def recv(self, timeout: float | None = None) -> tuple[Kind, dict]:
+        if self.closed_why is not None:      # not a bare EBADF: the keepalive thread's send broke it
+            raise FrameError(f"the session was closed: {self.closed_why}")
         self.sock.settimeout(timeout)
         try:
             kind, body = frames.decode(self.sock, key=self._key, direction=self._recv_dir, seq=self._recv_seq)

@@ -208,3 +208,21 @@ def test_key_file_checks(tmp_path):
     with pytest.raises(auth.KeyFileError) as e:
         auth.load_key(str(tmp_path / "missing"))
     assert "does not exist" in str(e.value)
+
+
+def test_a_send_that_broke_the_session_is_what_a_later_recv_reports():
+    # The primary's keepalive thread sends while its main thread waits to read: when the peer has
+    # gone, the send closes the socket, and the read must say why, not "Bad file descriptor".
+    listener = Listener("127.0.0.1", 0, KEY)
+    accepted = []
+    t = threading.Thread(target=lambda: accepted.append(listener.accept(timeout=10)), daemon=True)
+    t.start()
+    s = Session.connect("127.0.0.1", listener.port, KEY)
+    t.join(timeout=10)
+    accepted[0].close()                       # the peer ends the session
+    with pytest.raises(OSError):
+        for _ in range(100):
+            s.send(Kind.HEARTBEAT, {"n": 1})
+    with pytest.raises(FrameError, match="the session was closed: sending HEARTBEAT failed"):
+        s.recv(timeout=1)
+    listener.close()
