@@ -152,6 +152,12 @@ def kill_group(pgid: int) -> None:
         pass
 
 
+def stop_on_sigterm() -> None:
+    """A SIGTERM (scripts/test stopped, a CI limit) ends the VM too: the SystemExit it raises
+    unwinds run_group, which kills the VM's process group."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(VM_FAILED))
+
+
 def run_group(argv: list[str], env: dict, timeout: float) -> int:
     """Run `argv` in a process group of its own and return its exit status. At `timeout` seconds
     the whole group is killed, not only vng: a QEMU that outlived a killed vng once kept the
@@ -218,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         p.error("no command given: scripts/vm -- CMD [ARG...]")
+    stop_on_sigterm()
     try:
         return run(command, memory=args.memory, cpus=args.cpus, timeout=args.timeout, verbose=args.verbose)
     except VMError as e:

@@ -119,3 +119,18 @@ def poll_until_gone(pid: int, within: float = 5.0) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+def test_vm_runner_stopped_by_sigterm_stops_what_it_started(tmp_path):
+    pidfile = tmp_path / "grandchild"
+    code = ("import testvm\n"
+            "testvm.stop_on_sigterm()\n"
+            f"testvm.run_group(['bash', '-c', 'sleep 300 & echo $! > {pidfile}; wait'], {{}}, timeout=60)\n")
+    runner = subprocess.Popen([sys.executable, "-c", code], cwd=os.path.dirname(testvm.__file__))
+    deadline = time.monotonic() + 10
+    while not pidfile.exists() or not pidfile.read_text().strip():
+        assert time.monotonic() < deadline, "the runner did not start its command"
+        time.sleep(0.05)
+    runner.terminate()
+    assert runner.wait(timeout=10) == testvm.VM_FAILED
+    assert poll_until_gone(int(pidfile.read_text()))
