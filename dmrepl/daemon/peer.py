@@ -170,7 +170,7 @@ class _Hasher:
         while (body := self.requests.get()) is not None:
             try:
                 _answer_digests(self.session, body, self.hash_s)
-            except OSError:
+            except (OSError, FrameError):
                 return      # the session broke: its loop sees it too
 
 

@@ -43,8 +43,15 @@ class Session:
             raise
         return cls(sock, key, client=True, peer=f"{host}:{port}")
 
+    def _check_open(self) -> None:
+        """Not a bare EBADF once another thread's send broke the session: why it did.  An OSError,
+        as the failed send was, for the callers that catch only that."""
+        if self.closed_why is not None:
+            raise ConnectionAbortedError(f"the session was closed: {self.closed_why}")
+
     def send(self, kind: Kind, body: dict) -> None:
         with self._send_lock:
+            self._check_open()
             data = frames.encode(kind, body, key=self._key, direction=self._send_dir, seq=self._send_seq)
             self._send_seq += 1
             try:
@@ -55,8 +62,7 @@ class Session:
                 raise
 
     def recv(self, timeout: float | None = None) -> tuple[Kind, dict]:
-        if self.closed_why is not None:      # not a bare EBADF: the keepalive thread's send broke it
-            raise FrameError(f"the session was closed: {self.closed_why}")
+        self._check_open()
         self.sock.settimeout(timeout)
         try:
             kind, body = frames.decode(self.sock, key=self._key, direction=self._recv_dir, seq=self._recv_seq)

@@ -223,6 +223,8 @@ def test_a_send_that_broke_the_session_is_what_a_later_recv_reports():
     with pytest.raises(OSError):
         for _ in range(100):
             s.send(Kind.HEARTBEAT, {"n": 1})
-    with pytest.raises(FrameError, match="the session was closed: sending HEARTBEAT failed"):
+    with pytest.raises(ConnectionAbortedError, match="the session was closed: sending HEARTBEAT failed"):
         s.recv(timeout=1)
+    with pytest.raises(ConnectionAbortedError, match="the session was closed: sending HEARTBEAT failed"):
+        s.send(Kind.DIGESTS, {"offset": 0})
     listener.close()
