@@ -164,18 +164,14 @@ def run_group(argv: list[str], env: dict, timeout: float) -> int:
     console pipe open, and scripts/test waited on it until CI's own limit."""
     proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
     try:
-        rc = proc.wait(timeout=timeout)
+        return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         print(f"testvm: the VM run exceeded {timeout:.0f} s; it and every process it started "
               "were killed", file=sys.stderr)
-        rc = VM_FAILED
-    except BaseException:
+        return VM_FAILED
+    finally:        # a normal end, the timeout, or a SIGTERM's SystemExit: nothing of it stays
         kill_group(proc.pid)
         proc.wait()
-        raise
-    kill_group(proc.pid)
-    proc.wait()
-    return rc
 
 
 def run(command: list[str], *, memory: str = "4G", cpus: int = 2, timeout: float = 3600,

@@ -57,7 +57,7 @@ class SecondaryLink:
     @property
     def silence_s(self) -> float:
         """How long the secondary may stay silent before it is lost (heartbeats, checkpoint answers)."""
-        return max(2.0, self.cfg.heartbeat_interval_s * self.cfg.heartbeat_misses)
+        return max(2.0, self.heartbeat_silence_s)
 
     @property
     def heartbeat_silence_s(self) -> float:

@@ -270,10 +270,14 @@ class Writer:
         self.thread.join(timeout=DEADLINE_S)
         assert not self.thread.is_alive(), "a write hung past its deadline"
 
+    def changed_blocks(self, since: float = 0.0) -> set[int]:
+        """The distinct 4 KiB blocks this writer wrote from `since` on."""
+        return {blk for start, blk in self.written if start >= since}
+
     def changed_bytes(self, since: float = 0.0) -> int:
-        """The bytes this writer changed: its distinct 4 KiB blocks written from `since` on (what a
-        resync's "at most 1.05x the bytes changed" counts against)."""
-        return len({blk for start, blk in self.written if start >= since}) * 4 * KiB
+        """The bytes this writer changed from `since` on (what a resync's "at most 1.05x the bytes
+        changed" counts against)."""
+        return len(self.changed_blocks(since)) * 4 * KiB
 
     def stall_after(self, t: float) -> float:
         """The longest a write that started after `t` took (or was waiting at the end)."""
