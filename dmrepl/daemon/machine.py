@@ -10,6 +10,7 @@ shows the state, since when, and the reason of the last move.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -111,6 +112,7 @@ class Machine:
     reason: str = "starting"
     since: float = field(default_factory=time.time)
     history: list[tuple[float, str, str, str]] = field(default_factory=list)  # (time, event, state, reason)
+    on_move: Callable[["Machine"], None] | None = field(default=None, repr=False, compare=False)  # systemd's STATUS
 
     def fire(self, event: Event, reason: str) -> bool:
         """Move on `event`; returns whether the state changed (a repeated loss keeps its first reason)."""
@@ -120,6 +122,8 @@ class Machine:
         changed = new != self.state
         self.state, self.reason, self.since = new, reason, time.time()
         self.history = (self.history + [(self.since, str(event), str(new), reason)])[-20:]
+        if self.on_move is not None:
+            self.on_move(self)
         return changed
 
     def refuse_unless(self, request: str, resource: str) -> None:

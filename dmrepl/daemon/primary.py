@@ -33,6 +33,7 @@ from pyroute2 import netns
 from dmrepl.config import PrimaryConfig
 from dmrepl.daemon import control, peer, primary_start, tunnel
 from dmrepl.daemon.machine import Event, Machine, State
+from dmrepl.daemon.notify import Notifier
 from dmrepl.daemon.primary_link import Lost, SecondaryLink
 from dmrepl.daemon.primary_resync import Resync, ResyncStopped, verify
 from dmrepl.daemon.progress import log
@@ -60,6 +61,16 @@ class PrimaryDaemon:
         self.built = False
         self.resync: Resync | None = None
         self.last_resync: dict = {}
+        self.notifier = Notifier(None)
+        self.machine.on_move = lambda _m: self.notifier.status(self.status_line())
+
+    def status_line(self) -> str:
+        """systemd's STATUS=: role, state and reason, checkpoint."""
+        m, n = self.machine, self.last_checkpoint.get("checkpoint")
+        if n is None:
+            st = self.pri.state()
+            n = st.checkpoint if st else None
+        return f"primary, {m.state} ({m.reason})" + (f", checkpoint {n}" if n is not None else "")
 
     # -- start ------------------------------------------------------------------
 
@@ -199,6 +210,7 @@ class PrimaryDaemon:
         if why != "interval":
             log(f"checkpoint {st.checkpoint} ({why}): pause {pause * 1000:.1f} ms "
                 f"(secondary {peer_pause * 1000:.1f} ms)")
+        self.notifier.status(self.status_line())
         return dict(self.last_checkpoint)
 
     # -- requests from the control socket ---------------------------------------------
@@ -307,15 +319,20 @@ def enter_netns(name: str) -> None:
 
 def run(cfg: PrimaryConfig, *, assume_clean: bool = False) -> int:
     """The daemon, in the foreground, until SIGTERM/SIGINT or `dmrepl down`; returns the exit status."""
-    with Primary.open(cfg) as pri, netlink.NBDNetlink() as nl, netlink.LinkEvents() as events:
-        if cfg.netns is not None:
-            enter_netns(cfg.netns)
-        with tunnel.opened(cfg, log):       # in the link's namespace, before any link socket
-            return _serve(cfg, pri, nl, events, assume_clean)
+    notifier = Notifier.from_environment()
+    try:
+        with Primary.open(cfg) as pri, netlink.NBDNetlink() as nl, netlink.LinkEvents() as events:
+            if cfg.netns is not None:
+                enter_netns(cfg.netns)
+            with tunnel.opened(cfg, log):       # in the link's namespace, before any link socket
+                return _serve(cfg, pri, nl, events, assume_clean, notifier)
+    finally:
+        notifier.close()
 
 
-def _serve(cfg: PrimaryConfig, pri: Primary, nl, events, assume_clean: bool) -> int:
+def _serve(cfg: PrimaryConfig, pri: Primary, nl, events, assume_clean: bool, notifier: Notifier) -> int:
     d = PrimaryDaemon(cfg, pri, nl, events)
+    d.notifier = notifier
 
     def on_term(signum, frame):
         d.stopping = True
@@ -339,7 +356,8 @@ def _serve(cfg: PrimaryConfig, pri: Primary, nl, events, assume_clean: bool) -> 
                  else "on demand only")
         log(f"replicating; checkpoints {every}; control socket {server.path}")
         d.run()
-        d.machine.fire(Event.STOP, "stop requested")
+        d.machine.fire(Event.STOP, "stop requested")     # STATUS= says so
+        notifier.stopping()
         log("stopping")
         d.teardown()
         return 0

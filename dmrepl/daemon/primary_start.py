@@ -46,12 +46,13 @@ def start(d: "PrimaryDaemon", assume_clean: bool) -> None:
         d.machine.fire(Event.START_DEGRADED, f"the secondary is not reachable: {e}")
         log(f"DEGRADED: up without the secondary ({e}); writes reach P only (era records them); "
             f"trying again every {d.cfg.reconnect_interval_s:g} s")
+        d.notifier.ready(d.status_line())
         return
     d.devs = d.pri.attach()
     if st is None and not assume_clean:
         d.machine.fire(Event.CONNECTED, "first start: S gets a full copy of P")
         initial_sync(d.devs.disk, d.link.nbd.path, d.link.session, theirs.store_bytes,
-                     lambda: d.stopping)
+                     lambda: d.stopping, d.notifier)
         event, why = Event.SYNCED, "initial sync verified"
     elif assume_clean:
         event, why = Event.CONNECTED_IN_SYNC, "--assume-clean"
@@ -60,6 +61,7 @@ def start(d: "PrimaryDaemon", assume_clean: bool) -> None:
     d.pri.up(d.devs, d.link.nbd.path)
     d.built = True
     log(f"up: {d.pri.top_path} replicates to the secondary")
+    d.notifier.ready(d.status_line())        # the consumer's device is there: systemd may go on
     if event is None:
         d.begin_resync(theirs)
         return
@@ -81,6 +83,7 @@ def adopt(d: "PrimaryDaemon") -> None:
     log(f"DEGRADED: took over the stack of {d.pri.top_path} that a dead daemon left"
         + (f" (NBD /dev/nbd{index} disconnected, leg dropped)" if index is not None else "")
         + "; a delta resync follows when the secondary answers")
+    d.notifier.ready(d.status_line())
 
 
 def down_without_daemon(pri: "Primary") -> list[str]:

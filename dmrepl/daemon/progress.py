@@ -7,6 +7,8 @@ import time
 
 from dmrepl.errors import DmreplError
 
+EXTEND_S = 120.0      # the start may take this much longer after each percent of an initial sync
+
 
 def log(msg: str) -> None:
     print(time.strftime("%Y-%m-%d %H:%M:%S ") + msg, file=sys.stderr, flush=True)
@@ -15,8 +17,11 @@ def log(msg: str) -> None:
 class Progress:
     """The initial sync's progress on stderr: a live line on a terminal, every 10 % in a log."""
 
-    def __init__(self, stopping=lambda: False):
+    def __init__(self, stopping=lambda: False, notifier=None):
+        """`notifier`: systemd's (daemon/notify.py): each step extends the unit's start timeout,
+        so that a long initial sync that makes progress is not killed, and one that hangs is."""
         self.stopping = stopping
+        self.notifier = notifier
         self.tty = sys.stderr.isatty()
         self.t0 = time.monotonic()
         self.shown = -1
@@ -27,6 +32,9 @@ class Progress:
                               "S is incomplete: the next start copies it again")
         pct = 100 * done // max(total, 1)
         rate = done / max(time.monotonic() - self.t0, 1e-6) / 1e6
+        if self.notifier is not None and pct != self.shown:
+            self.notifier.extend_start(EXTEND_S, f"primary, initial sync: {phase} {pct}% "
+                                       f"({done >> 20} of {total >> 20} MiB, {rate:.1f} MB/s)")
         if self.tty:
             bar = "#" * (pct // 4)
             print(f"\r{phase:6} [{bar:<25}] {pct:3d}%  {rate:7.1f} MB/s", end="", file=sys.stderr, flush=True)

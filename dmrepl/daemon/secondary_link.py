@@ -60,12 +60,16 @@ def _record_peer(cfg: SecondaryConfig, primary: str, peer: str, reason: str) -> 
 
 
 class LinkServer:
-    def __init__(self, cfg: SecondaryConfig, stopping: Callable[[], bool], admission: Admission | None = None):
+    def __init__(self, cfg: SecondaryConfig, stopping: Callable[[], bool], admission: Admission | None = None,
+                 on_change: Callable[[], None] = lambda: None):
         """`admission`: the NBD gate's, opened for the primary's address at each agreed hello and
         closed when the session ends.  Connections it admitted stay: they are the primary kernel's,
         and its consumer's writes must not stall because the primary's daemon died or restarts
-        (the next daemon takes them over or disconnects them; a failover's fence kills them)."""
+        (the next daemon takes them over or disconnects them; a failover's fence kills them).
+        `on_change`: called after each checkpoint and each change of the primary's state (systemd's
+        STATUS=)."""
         self.cfg = cfg
+        self.on_change = on_change
         self.stopping = stopping
         self.admission = admission
         self.listener = Listener(cfg.link_host, cfg.link_port, auth.load_key(cfg.key_file))
@@ -113,6 +117,11 @@ class LinkServer:
                      store_bytes=min(blockdev.size_bytes(d) for d in stores),
                      diverged=st.diverged["ranges"] if st and st.diverged else None)
 
+    def _checkpoint(self, sec: Secondary, number: int) -> float:
+        pause = sec.checkpoint(number=number)[1]
+        self.on_change()
+        return pause
+
     def _run(self) -> None:
         with Secondary.open(self.cfg) as sec:
             while not self.stopping():
@@ -134,11 +143,12 @@ class LinkServer:
                     connected.append(who)
                     address = who.rsplit(":", 1)[0]        # Listener: f"{host}:{port}"
                     _record_peer(self.cfg, "connected", who, "hello agreed")
+                    self.on_change()
                     return self.admission.open(address) if self.admission is not None else None
 
                 try:
                     why = peer.serve(session, lambda theirs: self._hello(sec, theirs),
-                                     lambda n: sec.checkpoint(number=n)[1],
+                                     lambda n: self._checkpoint(sec, n),
                                      hash_s=lambda spans, piece: digests.of_spans(origin, spans, piece),
                                      on_hello=on_hello)
                 except (FrameError, OSError) as e:
@@ -152,3 +162,4 @@ class LinkServer:
                     log.warning("PRIMARY LOST: %s (%s); the active view stays at the last checkpoint; "
                                 "`dmrepl failover %s` takes over there", connected[0], why, self.cfg.name)
                     _record_peer(self.cfg, "lost", connected[0], why)
+                    self.on_change()

@@ -24,7 +24,8 @@ from dmrepl.config import SecondaryConfig, load_secondary
 from dmrepl.daemon import tunnel
 from dmrepl.daemon.export import Export, ExportError
 from dmrepl.daemon.gate import Admission, NbdGate
-from dmrepl.daemon.secondary_link import LinkServer
+from dmrepl.daemon.notify import Notifier
+from dmrepl.daemon.secondary_link import LinkServer, read_peer
 from dmrepl.errors import DmreplError
 from dmrepl.roles.secondary import Secondary
 
@@ -179,6 +180,7 @@ def run_secondary(cfg: SecondaryConfig) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
+    notifier = Notifier.from_environment()
     _remove_pid_files(cfg)      # a killed daemon's: `up` must not take them for this one's
     with private.open_file(pid_path(cfg) + ".tmp", "w") as f:
         f.write(f"{os.getpid()}\n")
@@ -186,15 +188,25 @@ def run_secondary(cfg: SecondaryConfig) -> int:
     try:
         with tunnel.opened(cfg, _log), Secondary.open(cfg) as sec:
             if cfg.key_file is None:
-                return _run_open_export(cfg, sec, lambda: stopping)
-            return _run_gated(cfg, sec, lambda: stopping)
+                return _run_open_export(cfg, sec, lambda: stopping, notifier)
+            return _run_gated(cfg, sec, lambda: stopping, notifier)
     except tunnel.TunnelError as e:
         _log(f"WireGuard tunnel: {e}" + (f" ({e.hint})" if e.hint else ""))
         _remove_pid_files(cfg)
         return 1
+    finally:
+        notifier.close()
 
 
-def _run_gated(cfg: SecondaryConfig, sec: Secondary, stopping) -> int:
+def status_line(cfg: SecondaryConfig, sec: Secondary) -> str:
+    """systemd's STATUS=: role, checkpoint, the primary as the link last saw it."""
+    st, peer = sec.state(), read_peer(cfg)
+    where = (f"primary {peer['primary']} ({peer['peer']})" if peer and cfg.key_file
+             else "no control link" if not cfg.key_file else "no primary yet")
+    return f"secondary, checkpoint {st.checkpoint if st else '-'}, {where}"
+
+
+def _run_gated(cfg: SecondaryConfig, sec: Secondary, stopping, notifier: Notifier) -> int:
     """The control link and the NBD gate: the primary that proved the key connects from the
     address it proved it from, with the export name of that session (gate.py)."""
     admission = Admission()
@@ -206,9 +218,10 @@ def _run_gated(cfg: SecondaryConfig, sec: Secondary, stopping) -> int:
         _write_export_pids(cfg, [])      # `up` waits for this file: the gate listens
         _log(f"NBD gate listening on {cfg.listen_host}:{cfg.listen_port}: only the authenticated primary's "
              "address, with its session's export name")
-        link = LinkServer(cfg, stopping, admission)
+        link = LinkServer(cfg, stopping, admission, on_change=lambda: notifier.status(status_line(cfg, sec)))
         link.start()
         _log(f"control link listening on {cfg.link_host}:{cfg.link_port}")
+        notifier.ready(status_line(cfg, sec))
 
         def tend() -> bool:
             for s in gate.ended():
@@ -225,6 +238,7 @@ def _run_gated(cfg: SecondaryConfig, sec: Secondary, stopping) -> int:
         _log(f"the NBD gate or the control link could not start: {e}")
         return 1
     finally:
+        notifier.stopping()
         if link is not None:
             link.close()
         gate.close()
@@ -232,7 +246,7 @@ def _run_gated(cfg: SecondaryConfig, sec: Secondary, stopping) -> int:
         _log("stopped")
 
 
-def _run_open_export(cfg: SecondaryConfig, sec: Secondary, stopping) -> int:
+def _run_open_export(cfg: SecondaryConfig, sec: Secondary, stopping, notifier: Notifier) -> int:
     """No control link configured: one nbdkit serves anyone who reaches the port and names the
     resource id (the secondary-only setups of the first issues), restarted when it dies."""
     device = sec.origin_device()
@@ -246,6 +260,7 @@ def _run_open_export(cfg: SecondaryConfig, sec: Secondary, stopping) -> int:
         return 1
     _log(f"export of {device} listening on {cfg.listen_host}:{cfg.listen_port} (nbdkit pid {export.proc.pid}); "
          "WARNING: open to any host that reaches it (configure link_listen and key_file for the gate)")
+    notifier.ready(status_line(cfg, sec))
     restarts: list[float] = []
 
     def tend() -> bool:
@@ -268,6 +283,7 @@ def _run_open_export(cfg: SecondaryConfig, sec: Secondary, stopping) -> int:
     try:
         return _supervise(sec, tend, stopping, None)
     finally:
+        notifier.stopping()
         export.stop(timeout=2.0)
         _remove_pid_files(cfg)
         _log("stopped")

@@ -1,0 +1,161 @@
+"""systemd/dmrepl@.service's command lines as systemd would run them, without systemd (kernel tier).
+
+The guest runs no systemd: the test plays its part.  It reads the unit's Type, ExecStart and
+ExecStop, puts each host's config where the unit looks (/etc/dmrepl/%i.toml: the guest's /etc is
+a throwaway overlay), runs ExecStart with $NOTIFY_SOCKET on a socket of its own, and checks what
+systemd relies on: READY=1 only once the role's work can start (the secondary's control link
+listens; the primary's consumer device exists), STATUS= lines that say the role, the state and
+the checkpoint, EXTEND_TIMEOUT_USEC while the initial sync copies, then ExecStop ends the main
+process with status 0 and STOPPING=1, and removes every device.
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+import shlex
+import socket
+import subprocess
+import time
+
+import pytest
+from daemons_lab import B_NAME, LINK_PORT, NAME, START_TIMEOUT, TOP, both_roles
+
+from dmrepl.daemon.export import port_accepts
+from dmrepl.kernel import dm
+from dmrepl.names import StackNames
+
+pytestmark = pytest.mark.kernel
+
+UNIT = os.path.join(os.path.dirname(__file__), "..", "..", "systemd", "dmrepl@.service")
+
+
+def unit_lines(instance: str) -> dict[str, str]:
+    parser = configparser.ConfigParser(interpolation=None, strict=False)
+    parser.read(UNIT)
+    service = parser["Service"]
+    return {key: service[key].replace("%i", instance) for key in ("Type", "ExecStart", "ExecStop")}
+
+
+class Notifications:
+    """systemd's side of $NOTIFY_SOCKET for one service."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(path)
+        self.got: list[dict[str, str]] = []
+
+    def wait(self, what: str, ok, proc: subprocess.Popen, log: str, timeout: float = START_TIMEOUT) -> dict:
+        deadline = time.monotonic() + timeout
+        for m in self.got:
+            if ok(m):
+                return m
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, f"ExecStart exited with {proc.returncode} before {what}:\n{_read(log)}"
+            self.sock.settimeout(min(1.0, max(0.01, deadline - time.monotonic())))
+            try:
+                raw = self.sock.recv(4096).decode()
+            except socket.timeout:
+                continue
+            m = dict(line.split("=", 1) for line in raw.splitlines())
+            self.got.append(m)
+            if ok(m):
+                return m
+        raise AssertionError(f"no {what} within {timeout} s; notifications: {self.got}\n{_read(log)}")
+
+    def statuses(self) -> list[str]:
+        return [m["STATUS"] for m in self.got if "STATUS" in m]
+
+
+def _read(path: str) -> str:
+    with open(path, errors="replace") as f:
+        return f.read()
+
+
+def _ours_left() -> list[str]:
+    with dm.Control() as ctl:
+        return [d.name for d in ctl.list_devices() if d.name.startswith((f"dmrepl-{NAME}", f"dmrepl-{B_NAME}"))]
+
+
+def test_the_units_lines_start_notify_and_stop_both_roles(hosts, tmp_path):
+    both_roles(hosts)                       # distinct names (r5 on p, r5b on s): one /etc/dmrepl for both
+    installed = []
+    os.makedirs("/etc/dmrepl", exist_ok=True)
+    for host, name in (("p", NAME), ("s", B_NAME)):
+        path = f"/etc/dmrepl/{name}.toml"
+        with open(hosts.config(host)) as src, open(path, "w") as dst:
+            dst.write(src.read())
+        os.chmod(path, 0o600)
+        installed.append(path)
+    procs: dict[str, subprocess.Popen] = {}
+    try:
+        s_unit, p_unit = unit_lines(B_NAME), unit_lines(NAME)
+        assert s_unit["Type"] == p_unit["Type"] == "notify"
+        s_note, p_note = Notifications(str(tmp_path / "s.notify")), Notifications(str(tmp_path / "p.notify"))
+        s_log, p_log = os.path.join(hosts.logs, "s-unit.log"), os.path.join(hosts.logs, "p-unit.log")
+
+        # The secondary (in its namespace): READY=1 once its control link listens, not before.
+        with open(s_log, "ab") as log:
+            procs["s"] = hosts.lab.popen("s", shlex.split(s_unit["ExecStart"]), stdout=log, stderr=log,
+                                         env={**os.environ, "NOTIFY_SOCKET": s_note.path})
+        ready = s_note.wait("the secondary's READY=1", lambda m: m.get("READY") == "1", procs["s"], s_log)
+        with hosts.lab.inside("s"):
+            assert port_accepts(hosts.lab.hosts["s"].address, LINK_PORT)
+        assert ready["STATUS"] == "secondary, checkpoint 0, no primary yet", ready
+
+        # The primary: the initial sync extends the start; READY=1 once the consumer's device exists.
+        with open(p_log, "ab") as log:
+            procs["p"] = subprocess.Popen(shlex.split(p_unit["ExecStart"]), stdout=log, stderr=log,
+                                          env={**os.environ, "NOTIFY_SOCKET": p_note.path})
+        ready = p_note.wait("the primary's READY=1", lambda m: m.get("READY") == "1", procs["p"], p_log)
+        assert os.path.exists(TOP), ready
+        extended = [m for m in p_note.got if "EXTEND_TIMEOUT_USEC" in m]
+        assert extended and all(int(m["EXTEND_TIMEOUT_USEC"]) == 120_000_000 for m in extended)
+        assert "primary, initial sync: copy 100%" in " ".join(m["STATUS"] for m in extended), extended
+        p_note.wait("replicating at checkpoint 1", lambda m: m.get("STATUS", "").startswith(
+            "primary, replicating (initial sync verified), checkpoint 1"), procs["p"], p_log)
+        s_note.wait("the secondary's status at checkpoint 1", lambda m: m.get("STATUS", "").startswith(
+            "secondary, checkpoint 1, primary connected ("), procs["s"], s_log)
+
+        # A checkpoint moves both hosts' STATUS.
+        r = subprocess.run(["dmrepl", "checkpoint", NAME], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        p_note.wait("checkpoint 2", lambda m: m.get("STATUS", "").endswith(", checkpoint 2"), procs["p"], p_log)
+        s_note.wait("the secondary at checkpoint 2", lambda m: m.get("STATUS", "").startswith(
+            "secondary, checkpoint 2, primary connected"), procs["s"], s_log)
+
+        # ExecStop, primary first: the main process ends with 0, having said STOPPING=1.
+        for host, unit, note, log in (("p", p_unit, p_note, p_log), ("s", s_unit, s_note, s_log)):
+            r = subprocess.run(shlex.split(unit["ExecStop"]), capture_output=True, text=True, timeout=180)
+            assert r.returncode == 0, r.stderr
+            assert procs[host].wait(timeout=60) == 0, _read(log)
+            _drain(note)
+            assert any(m.get("STOPPING") == "1" for m in note.got), note.got
+        assert "primary, stopping (stop requested), checkpoint 2" in p_note.statuses()
+        assert _ours_left() == []
+        assert not os.path.exists(StackNames(B_NAME).mapper_path("active"))
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        for host, name in (("p", NAME), ("s", B_NAME)):
+            if _ours_left():
+                subprocess.run(["dmrepl", "down", name, "--force"] if host == "s" else ["dmrepl", "down", name],
+                               capture_output=True, timeout=180)
+        for path in installed:
+            os.unlink(path)
+
+
+def _drain(note: Notifications) -> list[dict[str, str]]:
+    out = []
+    note.sock.setblocking(False)
+    try:
+        while True:
+            raw = note.sock.recv(4096).decode()
+            out.append(dict(line.split("=", 1) for line in raw.splitlines()))
+    except BlockingIOError:
+        pass
+    note.got += out
+    return out
