@@ -6,6 +6,7 @@ Exit status: 0 success, 1 a check or operation failed, 2 usage error.
     cli/__init__.py   the parser, the root and device-mapper checks, error handling
     cli/resource.py   `dmrepl up|down|status|checkpoint|failover NAME`, either role
     cli/secondary.py  `dmrepl secondary ...`
+    cli/events.py     `dmrepl events [NAME]`
     cli/render.py     values to JSON and sentences
 """
 
@@ -141,6 +142,13 @@ def cmd_resource(args) -> int:
     return resource.command(args)
 
 
+def cmd_events(args) -> int:
+    from dmrepl.cli import events
+
+    _require_root("dmrepl events")
+    return events.command(args)
+
+
 def cmd_demo(args) -> int:
     _require_root("dmrepl demo")
     _require_dm()
@@ -154,7 +162,7 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dmrepl.cli import resource, secondary
+    from dmrepl.cli import events, resource, secondary
 
     p = argparse.ArgumentParser(prog="dmrepl", description="Continuous-checkpoint block replication "
                                 "on Linux device-mapper.")
@@ -181,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.set_defaults(func=cmd_keygen)
 
     resource.add_parsers(sub, cmd_resource)
+    events.add_parser(sub, cmd_events)
     secondary.add_parser(sub, cmd_secondary)
 
     demo = sub.add_parser("demo", help="a primary and a secondary in two network namespaces on loop-backed "

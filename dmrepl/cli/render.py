@@ -25,6 +25,14 @@ def print_json(obj) -> None:
     sys.stdout.write("\n")
 
 
+STATUS_SCHEMA_VERSION = 1      # docs/status-schema.json
+
+
+def status_json(stack: str, status: dict) -> dict:
+    """`status --json`: the schema's version and which stack reports (docs/status-schema.json)."""
+    return {"schema_version": STATUS_SCHEMA_VERSION, "stack": stack, **status}
+
+
 def human_bytes(n: int) -> str:
     value = float(n)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):

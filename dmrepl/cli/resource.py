@@ -14,7 +14,7 @@ import sys
 import time
 
 from dmrepl import poll
-from dmrepl.cli.render import print_json, resource_parser, tunnel_line
+from dmrepl.cli.render import print_json, resource_parser, status_json, tunnel_line
 from dmrepl.config import PrimaryConfig, load
 from dmrepl.daemon import control
 from dmrepl.errors import DmreplError
@@ -170,7 +170,7 @@ def _p_status(cfg: PrimaryConfig, args) -> int:
                  "checkpoint": st.checkpoint if st else None, "devices": pri.devices()}
     s.pop("ok", None)
     if args.json:
-        print_json(s)
+        print_json(status_json("primary", s))
         return 0
     print(f"resource {s['name']} (id {s['resource_id']}): primary, {s['state'].upper()} ({s['reason']})")
     if s.get("split_brain"):

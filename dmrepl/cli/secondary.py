@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import time
 
-from dmrepl.cli.render import human_bytes, print_json, resource_parser, tunnel_line
+from dmrepl.cli.render import human_bytes, print_json, resource_parser, status_json, tunnel_line
 from dmrepl.config import SecondaryConfig, default_path, load_secondary
 from dmrepl.daemon import running_pid, service, tunnel
 from dmrepl.daemon.secondary_link import read_peer
@@ -152,7 +152,7 @@ def status_dict(s: SecondaryStatus, cfg: SecondaryConfig) -> dict:
 def _status(sec: Secondary, cfg: SecondaryConfig, config_path: str, args) -> int:
     out = status_dict(sec.status(), cfg)
     if args.json:
-        print_json(out)
+        print_json(status_json("secondary", out))
         return 0
     print(f"resource {cfg.name} (id {cfg.resource_id}): {'up' if out['up'] else 'down'}, "
           f"role {out['role'] or 'never started'}")

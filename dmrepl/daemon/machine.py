@@ -112,18 +112,19 @@ class Machine:
     reason: str = "starting"
     since: float = field(default_factory=time.time)
     history: list[tuple[float, str, str, str]] = field(default_factory=list)  # (time, event, state, reason)
-    on_move: Callable[["Machine"], None] | None = field(default=None, repr=False, compare=False)  # systemd's STATUS
+    # Called after every move with (machine, previous state, event): systemd's STATUS=, the event log.
+    on_move: Callable[["Machine", State, Event], None] | None = field(default=None, repr=False, compare=False)
 
     def fire(self, event: Event, reason: str) -> bool:
         """Move on `event`; returns whether the state changed (a repeated loss keeps its first reason)."""
         new = next_state(self.state, event)
         if new == self.state and event in _LOST:
             return False
-        changed = new != self.state
+        changed, previous = new != self.state, self.state
         self.state, self.reason, self.since = new, reason, time.time()
         self.history = (self.history + [(self.since, str(event), str(new), reason)])[-20:]
         if self.on_move is not None:
-            self.on_move(self)
+            self.on_move(self, previous, event)
         return changed
 
     def refuse_unless(self, request: str, resource: str) -> None:

@@ -32,6 +32,7 @@ from pyroute2 import netns
 
 from dmrepl.config import PrimaryConfig
 from dmrepl.daemon import control, peer, primary_start, tunnel
+from dmrepl.daemon.events import EventLog
 from dmrepl.daemon.machine import Event, Machine, State
 from dmrepl.daemon.notify import Notifier
 from dmrepl.daemon.primary_link import Lost, SecondaryLink
@@ -62,7 +63,12 @@ class PrimaryDaemon:
         self.resync: Resync | None = None
         self.last_resync: dict = {}
         self.notifier = Notifier(None)
-        self.machine.on_move = lambda _m: self.notifier.status(self.status_line())
+        self.eventlog = EventLog(cfg.resource_state_dir, cfg.name, "primary")
+        self.machine.on_move = self._moved
+
+    def _moved(self, m: Machine, previous: State, event: Event) -> None:
+        self.notifier.status(self.status_line())
+        self.eventlog.emit("state", state=str(m.state), previous=str(previous), cause=str(event), reason=m.reason)
 
     def status_line(self) -> str:
         """systemd's STATUS=: role, state and reason, checkpoint."""
@@ -211,6 +217,7 @@ class PrimaryDaemon:
             log(f"checkpoint {st.checkpoint} ({why}): pause {pause * 1000:.1f} ms "
                 f"(secondary {peer_pause * 1000:.1f} ms)")
         self.notifier.status(self.status_line())
+        self.eventlog.emit("checkpoint", **{k: v for k, v in self.last_checkpoint.items() if k != "time"})
         return dict(self.last_checkpoint)
 
     # -- requests from the control socket ---------------------------------------------
@@ -341,6 +348,7 @@ def _serve(cfg: PrimaryConfig, pri: Primary, nl, events, assume_clean: bool, not
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
     server = control.ControlServer(control.socket_path(cfg.resource_state_dir), d.submit, log)
+    d.eventlog.emit("started", pid=os.getpid())      # the state directory exists now
     responder = None
     try:
         if cfg.hello_listen is not None:
@@ -360,6 +368,7 @@ def _serve(cfg: PrimaryConfig, pri: Primary, nl, events, assume_clean: bool, not
         notifier.stopping()
         log("stopping")
         d.teardown()
+        d.eventlog.emit("stopped", pid=os.getpid())
         return 0
     finally:
         if responder is not None:

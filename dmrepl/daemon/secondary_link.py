@@ -61,15 +61,15 @@ def _record_peer(cfg: SecondaryConfig, primary: str, peer: str, reason: str) -> 
 
 class LinkServer:
     def __init__(self, cfg: SecondaryConfig, stopping: Callable[[], bool], admission: Admission | None = None,
-                 on_change: Callable[[], None] = lambda: None):
+                 on_event: Callable[..., None] = lambda event, **fields: None):
         """`admission`: the NBD gate's, opened for the primary's address at each agreed hello and
         closed when the session ends.  Connections it admitted stay: they are the primary kernel's,
         and its consumer's writes must not stall because the primary's daemon died or restarts
         (the next daemon takes them over or disconnects them; a failover's fence kills them).
-        `on_change`: called after each checkpoint and each change of the primary's state (systemd's
-        STATUS=)."""
+        `on_event(event, **fields)`: called after each checkpoint ("checkpoint") and each change of
+        the primary's state ("primary"): systemd's STATUS=, the event log."""
         self.cfg = cfg
-        self.on_change = on_change
+        self.on_event = on_event
         self.stopping = stopping
         self.admission = admission
         self.listener = Listener(cfg.link_host, cfg.link_port, auth.load_key(cfg.key_file))
@@ -118,8 +118,9 @@ class LinkServer:
                      diverged=st.diverged["ranges"] if st and st.diverged else None)
 
     def _checkpoint(self, sec: Secondary, number: int) -> float:
-        pause = sec.checkpoint(number=number)[1]
-        self.on_change()
+        st, pause = sec.checkpoint(number=number)
+        self.on_event("checkpoint", checkpoint=st.checkpoint, store=st.current_store,
+                      pause_ms=round(pause * 1000, 3))
         return pause
 
     def _run(self) -> None:
@@ -143,7 +144,7 @@ class LinkServer:
                     connected.append(who)
                     address = who.rsplit(":", 1)[0]        # Listener: f"{host}:{port}"
                     _record_peer(self.cfg, "connected", who, "hello agreed")
-                    self.on_change()
+                    self.on_event("primary", primary="connected", peer=who, reason="hello agreed")
                     return self.admission.open(address) if self.admission is not None else None
 
                 try:
@@ -162,4 +163,4 @@ class LinkServer:
                     log.warning("PRIMARY LOST: %s (%s); the active view stays at the last checkpoint; "
                                 "`dmrepl failover %s` takes over there", connected[0], why, self.cfg.name)
                     _record_peer(self.cfg, "lost", connected[0], why)
-                    self.on_change()
+                    self.on_event("primary", primary="lost", peer=connected[0], reason=why)

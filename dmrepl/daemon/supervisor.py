@@ -22,6 +22,7 @@ import time
 from dmrepl import poll, private
 from dmrepl.config import SecondaryConfig, load_secondary
 from dmrepl.daemon import tunnel
+from dmrepl.daemon.events import EventLog
 from dmrepl.daemon.export import Export, ExportError
 from dmrepl.daemon.gate import Admission, NbdGate
 from dmrepl.daemon.notify import Notifier
@@ -181,20 +182,23 @@ def run_secondary(cfg: SecondaryConfig) -> int:
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
     notifier = Notifier.from_environment()
+    eventlog = EventLog(cfg.resource_state_dir, cfg.name, "secondary")
     _remove_pid_files(cfg)      # a killed daemon's: `up` must not take them for this one's
     with private.open_file(pid_path(cfg) + ".tmp", "w") as f:
         f.write(f"{os.getpid()}\n")
     os.replace(pid_path(cfg) + ".tmp", pid_path(cfg))
     try:
         with tunnel.opened(cfg, _log), Secondary.open(cfg) as sec:
+            eventlog.emit("started", pid=os.getpid())
             if cfg.key_file is None:
-                return _run_open_export(cfg, sec, lambda: stopping, notifier)
-            return _run_gated(cfg, sec, lambda: stopping, notifier)
+                return _run_open_export(cfg, sec, lambda: stopping, notifier, eventlog)
+            return _run_gated(cfg, sec, lambda: stopping, notifier, eventlog)
     except tunnel.TunnelError as e:
         _log(f"WireGuard tunnel: {e}" + (f" ({e.hint})" if e.hint else ""))
         _remove_pid_files(cfg)
         return 1
     finally:
+        eventlog.emit("stopped", pid=os.getpid())
         notifier.close()
 
 
@@ -206,7 +210,7 @@ def status_line(cfg: SecondaryConfig, sec: Secondary) -> str:
     return f"secondary, checkpoint {st.checkpoint if st else '-'}, {where}"
 
 
-def _run_gated(cfg: SecondaryConfig, sec: Secondary, stopping, notifier: Notifier) -> int:
+def _run_gated(cfg: SecondaryConfig, sec: Secondary, stopping, notifier: Notifier, eventlog: EventLog) -> int:
     """The control link and the NBD gate: the primary that proved the key connects from the
     address it proved it from, with the export name of that session (gate.py)."""
     admission = Admission()
@@ -218,7 +222,11 @@ def _run_gated(cfg: SecondaryConfig, sec: Secondary, stopping, notifier: Notifie
         _write_export_pids(cfg, [])      # `up` waits for this file: the gate listens
         _log(f"NBD gate listening on {cfg.listen_host}:{cfg.listen_port}: only the authenticated primary's "
              "address, with its session's export name")
-        link = LinkServer(cfg, stopping, admission, on_change=lambda: notifier.status(status_line(cfg, sec)))
+        def on_event(event: str, **fields) -> None:
+            notifier.status(status_line(cfg, sec))
+            eventlog.emit(event, **fields)
+
+        link = LinkServer(cfg, stopping, admission, on_event)
         link.start()
         _log(f"control link listening on {cfg.link_host}:{cfg.link_port}")
         notifier.ready(status_line(cfg, sec))
@@ -233,7 +241,7 @@ def _run_gated(cfg: SecondaryConfig, sec: Secondary, stopping, notifier: Notifie
                      + ("; the primary was told" if told else ""))
             return True
 
-        return _supervise(sec, tend, stopping, link)
+        return _supervise(sec, tend, stopping, link, eventlog)
     except (OSError, DmreplError, ExportError) as e:
         _log(f"the NBD gate or the control link could not start: {e}")
         return 1
@@ -246,7 +254,8 @@ def _run_gated(cfg: SecondaryConfig, sec: Secondary, stopping, notifier: Notifie
         _log("stopped")
 
 
-def _run_open_export(cfg: SecondaryConfig, sec: Secondary, stopping, notifier: Notifier) -> int:
+def _run_open_export(cfg: SecondaryConfig, sec: Secondary, stopping, notifier: Notifier,
+                     eventlog: EventLog) -> int:
     """No control link configured: one nbdkit serves anyone who reaches the port and names the
     resource id (the secondary-only setups of the first issues), restarted when it dies."""
     device = sec.origin_device()
@@ -281,7 +290,7 @@ def _run_open_export(cfg: SecondaryConfig, sec: Secondary, stopping, notifier: N
         return True
 
     try:
-        return _supervise(sec, tend, stopping, None)
+        return _supervise(sec, tend, stopping, None, eventlog)
     finally:
         notifier.stopping()
         export.stop(timeout=2.0)
@@ -305,7 +314,7 @@ def _start_export(cfg: SecondaryConfig, export: Export) -> None:
     _write_export_pids(cfg, [export.proc.pid])
 
 
-def _supervise(sec: Secondary, tend, stopping, link: LinkServer | None) -> int:
+def _supervise(sec: Secondary, tend, stopping, link: LinkServer | None, eventlog: EventLog) -> int:
     """Tend the export every 50 ms (`tend()`: False gives up: a dead server is noticed at once),
     watch the hidden store every WATCH_INTERVAL; until told to stop."""
     warned: set[str] = set()
@@ -320,11 +329,13 @@ def _supervise(sec: Secondary, tend, stopping, link: LinkServer | None) -> int:
             if health.lost and "lost" not in warned:
                 _log(f"CHECKPOINT LOST: the kernel invalidated the hidden store ({health.state}); "
                      "a resync is needed")
+                eventlog.emit("checkpoint-lost", store_state=health.state)
                 warned.add("lost")
             elif health.over_threshold and "fill" not in warned:
                 asked = link is not None and link.request_early_checkpoint(f"hidden store {health.fill:.0%} full")
                 _log(f"hidden store {health.fill:.0%} full: early checkpoint requested"
                      + (" from the primary" if asked else ""))
+                eventlog.emit("store-fill", fill=round(health.fill, 4), early_checkpoint_asked=asked)
                 warned.add("fill")
             elif not health.over_threshold and not health.lost:
                 warned.clear()

@@ -12,12 +12,14 @@ process with status 0 and STOPPING=1, and removes every device.
 from __future__ import annotations
 
 import configparser
+import json
 import os
 import shlex
 import socket
 import subprocess
 import time
 
+import jsonschema
 import pytest
 from daemons_lab import B_NAME, LINK_PORT, NAME, START_TIMEOUT, TOP, both_roles
 
@@ -28,6 +30,23 @@ from dmrepl.names import StackNames
 pytestmark = pytest.mark.kernel
 
 UNIT = os.path.join(os.path.dirname(__file__), "..", "..", "systemd", "dmrepl@.service")
+SCHEMA = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "status-schema.json")
+
+
+def status(name: str) -> dict:
+    """`dmrepl status NAME --json`, checked against docs/status-schema.json."""
+    r = subprocess.run(["dmrepl", "status", name, "--json"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    with open(SCHEMA) as f:
+        jsonschema.validate(out, json.load(f))
+    return out
+
+
+def events(name: str) -> list[dict]:
+    r = subprocess.run(["dmrepl", "events", name, "--no-follow"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return [json.loads(line) for line in r.stdout.splitlines()]
 
 
 def unit_lines(instance: str) -> dict[str, str]:
@@ -118,9 +137,24 @@ def test_the_units_lines_start_notify_and_stop_both_roles(hosts, tmp_path):
         s_note.wait("the secondary's status at checkpoint 1", lambda m: m.get("STATUS", "").startswith(
             "secondary, checkpoint 1, primary connected ("), procs["s"], s_log)
 
-        # A checkpoint moves both hosts' STATUS.
-        r = subprocess.run(["dmrepl", "checkpoint", NAME], capture_output=True, text=True, timeout=120)
-        assert r.returncode == 0, r.stderr
+        # `status --json` of both stacks follows the documented schema.
+        p_status, s_status = status(NAME), status(B_NAME)
+        assert (p_status["stack"], p_status["state"], p_status["checkpoint"]) == ("primary", "replicating", 1)
+        assert (s_status["stack"], s_status["role"], s_status["checkpoint"], s_status["primary"]["primary"]) == (
+            "secondary", "secondary", 1, "connected")
+
+        # A checkpoint moves both hosts' STATUS, and a follower of the events sees it as it happens.
+        follower = subprocess.Popen(["dmrepl", "events", NAME], stdout=subprocess.PIPE, text=True)
+        try:
+            time.sleep(3)               # the follower is at the file's end (a Python start under TCG)
+            r = subprocess.run(["dmrepl", "checkpoint", NAME], capture_output=True, text=True, timeout=120)
+            assert r.returncode == 0, r.stderr
+            live = json.loads(follower.stdout.readline())
+        finally:
+            follower.kill()
+            follower.wait()
+        assert (live["resource"], live["role"], live["event"], live["checkpoint"], live["why"]) == (
+            NAME, "primary", "checkpoint", 2, "on demand"), live
         p_note.wait("checkpoint 2", lambda m: m.get("STATUS", "").endswith(", checkpoint 2"), procs["p"], p_log)
         s_note.wait("the secondary at checkpoint 2", lambda m: m.get("STATUS", "").startswith(
             "secondary, checkpoint 2, primary connected"), procs["s"], s_log)
@@ -134,7 +168,17 @@ def test_the_units_lines_start_notify_and_stop_both_roles(hosts, tmp_path):
             assert any(m.get("STOPPING") == "1" for m in note.got), note.got
         assert "primary, stopping (stop requested), checkpoint 2" in p_note.statuses()
         assert _ours_left() == []
-        assert not os.path.exists(StackNames(B_NAME).mapper_path("active"))
+        assert status(NAME)["state"] == "down" and status(B_NAME)["up"] is False
+
+        # Each host's events, in order: what a script following them would have seen.
+        p_events = [(e["event"], e.get("state") or e.get("checkpoint")) for e in events(NAME)]
+        assert p_events == [("started", None), ("state", "syncing"), ("checkpoint", 1), ("state", "replicating"),
+                            ("checkpoint", 2), ("state", "stopping"), ("stopped", None)], p_events
+        s_events = [(e["event"], e.get("primary") or e.get("checkpoint")) for e in events(B_NAME)]
+        # The initial sync empties the store between its segments with checkpoints numbered 0.
+        s_events = [e for i, e in enumerate(s_events) if i == 0 or e != s_events[i - 1]]
+        assert s_events == [("started", None), ("primary", "connected"), ("checkpoint", 0), ("checkpoint", 1),
+                            ("checkpoint", 2), ("primary", "lost"), ("stopped", None)], s_events
     finally:
         for proc in procs.values():
             if proc.poll() is None:

@@ -75,7 +75,7 @@ def test_every_state_move_and_the_sync_progress_update_the_status(listener):
     path, s = listener
     n = Notifier(path)
     m = Machine()
-    m.on_move = lambda m: n.status(f"primary, {m.state} ({m.reason})")
+    m.on_move = lambda m, _previous, _event: n.status(f"primary, {m.state} ({m.reason})")
     m.fire(Event.CONNECTED, "first start: S gets a full copy of P")
     m.fire(Event.SYNCED, "initial sync verified")
     p = Progress(notifier=n)
