@@ -39,7 +39,8 @@ From then on the resource's state file says which role the host plays
 (`config.role_of`).  With both sections, the secondary's failover starts dm-era
 on [primary]'s era_metadata, so that the failback copies only what changed.
 
-An optional [link] table runs the link inside a WireGuard tunnel (config/tunnel.py).
+An optional [link] table runs the link inside a WireGuard tunnel (config/tunnel.py); an optional
+[metrics] table exports Prometheus metrics (config/metrics.py).
 
 Unknown keys and wrong types are errors that name the file and the key.
 """
@@ -52,6 +53,7 @@ import tomllib
 from dataclasses import dataclass, replace
 
 from dmrepl import private
+from dmrepl.config import metrics as metrics_table
 from dmrepl.config import tunnel as tunnel_table
 from dmrepl.config.fields import (
     DEFAULT_PORT,
@@ -65,6 +67,7 @@ from dmrepl.config.fields import (
     parse_address,
     parse_listen,
 )
+from dmrepl.config.metrics import Metrics
 from dmrepl.config.tunnel import Tunnel, check_inside
 
 CONFIG_DIR = "/etc/dmrepl"
@@ -95,6 +98,7 @@ class SecondaryConfig:
     era_metadata: str | None = None   # [primary]'s, when this host has both: the failover tracks writes there
     era_block_sectors: int = 2048
     tunnel: Tunnel | None = None      # [link] encrypt = "wireguard"
+    metrics: Metrics | None = None    # [metrics]
     role = "secondary"
 
     @property
@@ -135,6 +139,7 @@ class PrimaryConfig:
     # hello from another primary (split brain: seen on both hosts).  None: nowhere.
     hello_listen: tuple[str, int] | None = None
     tunnel: Tunnel | None = None      # [link] encrypt = "wireguard"
+    metrics: Metrics | None = None    # [metrics]
     role = "primary"
 
     @property
@@ -245,11 +250,13 @@ def parse(text: str, *, source: str, default_name: str | None = None, role: str 
     """The config of one role: the section present says which; with both sections, `role`
     (the state file's, see `role_of`) or else the file's `start_as`."""
     doc = _toml(text, source)
-    check_keys(doc, {"name", "resource_id", "state_dir", "secondary", "primary", "start_as", "link"}, source)
+    check_keys(doc, {"name", "resource_id", "state_dir", "secondary", "primary", "start_as", "link", "metrics"},
+               source)
     name = check_name(expect(doc, "name", str, source, default_name, required=default_name is None))
     common = dict(name=name, resource_id=expect(doc, "resource_id", str, source, name),
                   state_dir=os.path.abspath(expect(doc, "state_dir", str, source, DEFAULT_STATE_DIR)),
-                  source=source, tunnel=tunnel_table.parse(doc, source, name))
+                  source=source, tunnel=tunnel_table.parse(doc, source, name),
+                  metrics=metrics_table.parse(doc, source))
     start_as = expect(doc, "start_as", str, source)
     if start_as is not None and start_as not in ROLES:
         raise ConfigError(f"{source}: 'start_as' must be \"primary\" or \"secondary\", got {start_as!r}")

@@ -31,7 +31,7 @@ from concurrent.futures import Future
 from pyroute2 import netns
 
 from dmrepl.config import PrimaryConfig
-from dmrepl.daemon import control, peer, primary_start, tunnel
+from dmrepl.daemon import control, metrics, peer, primary_start, tunnel
 from dmrepl.daemon.events import EventLog
 from dmrepl.daemon.machine import Event, Machine, State
 from dmrepl.daemon.notify import Notifier
@@ -64,6 +64,7 @@ class PrimaryDaemon:
         self.last_resync: dict = {}
         self.notifier = Notifier(None)
         self.eventlog = EventLog(cfg.resource_state_dir, cfg.name, "primary")
+        self.pauses = metrics.PauseHistogram()
         self.machine.on_move = self._moved
 
     def _moved(self, m: Machine, previous: State, event: Event) -> None:
@@ -216,6 +217,7 @@ class PrimaryDaemon:
         if why != "interval":
             log(f"checkpoint {st.checkpoint} ({why}): pause {pause * 1000:.1f} ms "
                 f"(secondary {peer_pause * 1000:.1f} ms)")
+        self.pauses.observe(pause)
         self.notifier.status(self.status_line())
         self.eventlog.emit("checkpoint", **{k: v for k, v in self.last_checkpoint.items() if k != "time"})
         return dict(self.last_checkpoint)
@@ -327,19 +329,27 @@ def enter_netns(name: str) -> None:
 def run(cfg: PrimaryConfig, *, assume_clean: bool = False) -> int:
     """The daemon, in the foreground, until SIGTERM/SIGINT or `dmrepl down`; returns the exit status."""
     notifier = Notifier.from_environment()
+    exporter = metrics.Exporter(cfg.metrics, cfg.name, log) if cfg.metrics else None
     try:
+        if exporter is not None:
+            exporter.start()                # in this host's namespace, not the link's
         with Primary.open(cfg) as pri, netlink.NBDNetlink() as nl, netlink.LinkEvents() as events:
             if cfg.netns is not None:
                 enter_netns(cfg.netns)
             with tunnel.opened(cfg, log):       # in the link's namespace, before any link socket
-                return _serve(cfg, pri, nl, events, assume_clean, notifier)
+                return _serve(cfg, pri, nl, events, assume_clean, notifier, exporter)
     finally:
+        if exporter is not None:
+            exporter.close()
         notifier.close()
 
 
-def _serve(cfg: PrimaryConfig, pri: Primary, nl, events, assume_clean: bool, notifier: Notifier) -> int:
+def _serve(cfg: PrimaryConfig, pri: Primary, nl, events, assume_clean: bool, notifier: Notifier,
+           exporter: metrics.Exporter | None) -> int:
     d = PrimaryDaemon(cfg, pri, nl, events)
     d.notifier = notifier
+    if exporter is not None:
+        exporter.families = lambda: metrics.primary_families(d.submit({"op": "status"}), d.pauses, time.time())
 
     def on_term(signum, frame):
         d.stopping = True

@@ -21,7 +21,7 @@ import time
 
 from dmrepl import poll, private
 from dmrepl.config import SecondaryConfig, load_secondary
-from dmrepl.daemon import tunnel
+from dmrepl.daemon import metrics, tunnel
 from dmrepl.daemon.events import EventLog
 from dmrepl.daemon.export import Export, ExportError
 from dmrepl.daemon.gate import Admission, NbdGate
@@ -183,23 +183,47 @@ def run_secondary(cfg: SecondaryConfig) -> int:
     signal.signal(signal.SIGINT, on_term)
     notifier = Notifier.from_environment()
     eventlog = EventLog(cfg.resource_state_dir, cfg.name, "secondary")
+    pauses = metrics.PauseHistogram()
+    exporter = metrics.Exporter(cfg.metrics, cfg.name, _log) if cfg.metrics else None
     _remove_pid_files(cfg)      # a killed daemon's: `up` must not take them for this one's
     with private.open_file(pid_path(cfg) + ".tmp", "w") as f:
         f.write(f"{os.getpid()}\n")
     os.replace(pid_path(cfg) + ".tmp", pid_path(cfg))
     try:
+        if exporter is not None:
+            exporter.families = lambda: _families(cfg, pauses)
+            exporter.start()        # a port in use: a DmreplError for the caller, with its hint
         with tunnel.opened(cfg, _log), Secondary.open(cfg) as sec:
             eventlog.emit("started", pid=os.getpid())
+
+            def on_event(event: str, **fields) -> None:
+                if event == "checkpoint":
+                    pauses.observe(fields["pause_ms"] / 1000)
+                notifier.status(status_line(cfg, sec))
+                eventlog.emit(event, **fields)
+
             if cfg.key_file is None:
                 return _run_open_export(cfg, sec, lambda: stopping, notifier, eventlog)
-            return _run_gated(cfg, sec, lambda: stopping, notifier, eventlog)
+            return _run_gated(cfg, sec, lambda: stopping, notifier, eventlog, on_event)
     except tunnel.TunnelError as e:
         _log(f"WireGuard tunnel: {e}" + (f" ({e.hint})" if e.hint else ""))
         _remove_pid_files(cfg)
         return 1
+    except DmreplError:
+        _remove_pid_files(cfg)
+        raise
     finally:
+        if exporter is not None:
+            exporter.close()
         eventlog.emit("stopped", pid=os.getpid())
         notifier.close()
+
+
+def _families(cfg: SecondaryConfig, pauses: metrics.PauseHistogram) -> list:
+    """The secondary's metrics, read on the scraping thread with a device-mapper handle of its own."""
+    with Secondary.open(cfg) as sec:
+        status = sec.status()
+    return metrics.secondary_families(cfg.name, status, read_peer(cfg), pauses, time.time())
 
 
 def status_line(cfg: SecondaryConfig, sec: Secondary) -> str:
@@ -210,7 +234,8 @@ def status_line(cfg: SecondaryConfig, sec: Secondary) -> str:
     return f"secondary, checkpoint {st.checkpoint if st else '-'}, {where}"
 
 
-def _run_gated(cfg: SecondaryConfig, sec: Secondary, stopping, notifier: Notifier, eventlog: EventLog) -> int:
+def _run_gated(cfg: SecondaryConfig, sec: Secondary, stopping, notifier: Notifier, eventlog: EventLog,
+               on_event) -> int:
     """The control link and the NBD gate: the primary that proved the key connects from the
     address it proved it from, with the export name of that session (gate.py)."""
     admission = Admission()
@@ -222,10 +247,6 @@ def _run_gated(cfg: SecondaryConfig, sec: Secondary, stopping, notifier: Notifie
         _write_export_pids(cfg, [])      # `up` waits for this file: the gate listens
         _log(f"NBD gate listening on {cfg.listen_host}:{cfg.listen_port}: only the authenticated primary's "
              "address, with its session's export name")
-        def on_event(event: str, **fields) -> None:
-            notifier.status(status_line(cfg, sec))
-            eventlog.emit(event, **fields)
-
         link = LinkServer(cfg, stopping, admission, on_event)
         link.start()
         _log(f"control link listening on {cfg.link_host}:{cfg.link_port}")

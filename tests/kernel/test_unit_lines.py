@@ -18,14 +18,15 @@ import shlex
 import socket
 import subprocess
 import time
+import urllib.request
 
 import jsonschema
 import pytest
 from daemons_lab import B_NAME, LINK_PORT, NAME, START_TIMEOUT, TOP, both_roles
+from prometheus_client.parser import text_string_to_metric_families
 
 from dmrepl.daemon.export import port_accepts
-from dmrepl.kernel import dm
-from dmrepl.names import StackNames
+from dmrepl.kernel import blockdev, dm
 
 pytestmark = pytest.mark.kernel
 
@@ -41,6 +42,13 @@ def status(name: str) -> dict:
     with open(SCHEMA) as f:
         jsonschema.validate(out, json.load(f))
     return out
+
+
+def scrape(url: str) -> dict:
+    """{(name, frozenset(labels)): value} from a Prometheus endpoint."""
+    text = urllib.request.urlopen(url, timeout=60).read().decode()
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
 
 
 def events(name: str) -> list[dict]:
@@ -99,6 +107,11 @@ def _ours_left() -> list[str]:
 
 def test_the_units_lines_start_notify_and_stop_both_roles(hosts, tmp_path):
     both_roles(hosts)                       # distinct names (r5 on p, r5b on s): one /etc/dmrepl for both
+    s_addr = hosts.lab.hosts["s"].address
+    metrics_of = {"p": ("127.0.0.1:9650", tmp_path / "p.prom"), "s": (f"{s_addr}:9651", tmp_path / "s.prom")}
+    for host, (listen, textfile) in metrics_of.items():
+        with open(hosts.config(host), "a") as f:
+            f.write(f'[metrics]\nlisten = "{listen}"\ntextfile = "{textfile}"\ntextfile_interval_s = 1\n')
     installed = []
     os.makedirs("/etc/dmrepl", exist_ok=True)
     for host, name in (("p", NAME), ("s", B_NAME)):
@@ -143,6 +156,8 @@ def test_the_units_lines_start_notify_and_stop_both_roles(hosts, tmp_path):
         assert (s_status["stack"], s_status["role"], s_status["checkpoint"], s_status["primary"]["primary"]) == (
             "secondary", "secondary", 1, "connected")
 
+        blockdev.write_at(TOP, 0, b"\x55" * (1 << 20))       # the consumer writes 1 MiB
+
         # A checkpoint moves both hosts' STATUS, and a follower of the events sees it as it happens.
         follower = subprocess.Popen(["dmrepl", "events", NAME], stdout=subprocess.PIPE, text=True)
         try:
@@ -159,6 +174,33 @@ def test_the_units_lines_start_notify_and_stop_both_roles(hosts, tmp_path):
         s_note.wait("the secondary at checkpoint 2", lambda m: m.get("STATUS", "").startswith(
             "secondary, checkpoint 2, primary connected"), procs["s"], s_log)
 
+        # Both hosts' metrics, scraped from their endpoints and read from their textfiles.
+        r5, r5b = ("resource", NAME), ("resource", B_NAME)
+        p_metrics = scrape("http://127.0.0.1:9650/metrics")
+        assert p_metrics[("dmrepl_state", frozenset({r5, ("state", "replicating")}))] == 1
+        assert p_metrics[("dmrepl_link_up", frozenset({r5}))] == 1
+        assert p_metrics[("dmrepl_checkpoint", frozenset({r5}))] == 2
+        assert p_metrics[("dmrepl_checkpoint_pause_seconds_count", frozenset({r5}))] == 2
+        assert p_metrics[("dmrepl_written_bytes_total", frozenset({r5}))] >= 1 << 20
+        assert p_metrics[("dmrepl_replicated_bytes_total", frozenset({r5}))] >= 1 << 20
+        assert p_metrics[("dmrepl_metrics_error", frozenset({r5}))] == 0
+        with hosts.lab.inside("s"):
+            s_metrics = scrape(f"http://{s_addr}:9651/metrics")
+        assert s_metrics[("dmrepl_role", frozenset({r5b, ("role", "secondary")}))] == 1
+        assert s_metrics[("dmrepl_link_up", frozenset({r5b}))] == 1
+        assert s_metrics[("dmrepl_checkpoint", frozenset({r5b}))] == 2
+        store = status(B_NAME)["store"]           # emptied by the checkpoint: its header and exception area left
+        assert s_metrics[("dmrepl_store_allocated_bytes", frozenset({r5b}))] == store["allocated_bytes"] <= 8192
+        assert s_metrics[("dmrepl_store_fill_ratio", frozenset({r5b}))] == store["allocated_bytes"] / store["total_bytes"]
+        assert s_metrics[("dmrepl_checkpoint_pause_seconds_count", frozenset({r5b}))] >= 3  # with the sync's 0s
+        for host in ("p", "s"):
+            textfile = metrics_of[host][1]
+            poll_until = time.monotonic() + 30
+            while "dmrepl_checkpoint{" not in (textfile.read_text() if textfile.exists() else ""):
+                assert time.monotonic() < poll_until, f"no metrics in {textfile}"
+                time.sleep(0.2)
+            assert f'dmrepl_link_up{{resource="{NAME if host == "p" else B_NAME}"}} 1.0' in textfile.read_text()
+
         # ExecStop, primary first: the main process ends with 0, having said STOPPING=1.
         for host, unit, note, log in (("p", p_unit, p_note, p_log), ("s", s_unit, s_note, s_log)):
             r = subprocess.run(shlex.split(unit["ExecStop"]), capture_output=True, text=True, timeout=180)
@@ -168,6 +210,7 @@ def test_the_units_lines_start_notify_and_stop_both_roles(hosts, tmp_path):
             assert any(m.get("STOPPING") == "1" for m in note.got), note.got
         assert "primary, stopping (stop requested), checkpoint 2" in p_note.statuses()
         assert _ours_left() == []
+        assert not metrics_of["p"][1].exists() and not metrics_of["s"][1].exists()   # no stale metrics
         assert status(NAME)["state"] == "down" and status(B_NAME)["up"] is False
 
         # Each host's events, in order: what a script following them would have seen.
