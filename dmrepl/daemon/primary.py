@@ -37,7 +37,7 @@ from dmrepl.daemon.machine import Event, Machine, State
 from dmrepl.daemon.notify import Notifier
 from dmrepl.daemon.primary_link import Lost, SecondaryLink
 from dmrepl.daemon.primary_resync import Resync, ResyncStopped, verify
-from dmrepl.daemon.progress import log
+from dmrepl.daemon.progress import Progress, log
 from dmrepl.daemon.split_brain import HelloResponder
 from dmrepl.errors import DmreplError
 from dmrepl.link.frames import FrameError, Kind
@@ -65,6 +65,7 @@ class PrimaryDaemon:
         self.notifier = Notifier(None)
         self.eventlog = EventLog(cfg.resource_state_dir, cfg.name, "primary")
         self.pauses = metrics.PauseHistogram()
+        self.sync: Progress | None = None      # the initial sync's, while it runs
         self.machine.on_move = self._moved
 
     def _moved(self, m: Machine, previous: State, event: Event) -> None:
@@ -304,6 +305,7 @@ def status_reply(d: "PrimaryDaemon", pri: Primary) -> dict:
             "nbd_connections": d.link.nbd.connections if d.link.nbd else None,
             "nbd_dead_connections": d.link.dead_sockets, "split_brain": d.link.split_brain,
             "resync": d.resync.status() if d.resync else None, "last_resync": d.last_resync,
+            "sync": d.sync.latest if d.sync is not None and m.state == State.SYNCING else None,
             "secondary": f"{d.link.peer_cfg.link_host}:{d.link.peer_cfg.link_port}",
             "checkpoint_interval_s": d.cfg.checkpoint_interval_s, "tunnel": tunnel.status(d.cfg),
             "devices": pri.devices(), **pri.kernel_status(),

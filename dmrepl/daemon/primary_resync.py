@@ -73,12 +73,12 @@ def verify(pri: Primary, devs: Devices, session: Session, silence_s: float) -> t
     return report, differing, region
 
 
-def initial_sync(disk: str, nbd_path: str, session: Session, store_bytes: int, stopping, notifier=None) -> None:
+def initial_sync(disk: str, nbd_path: str, session: Session, store_bytes: int, progress: Progress) -> None:
     """The first start's full copy of P to S, verified by digests.  Half the secondary's store per
     segment, with a checkpoint (number 0 again: S is not yet a copy of P, no view is worth keeping)
     between segments to empty it."""
     log("initial sync: copying P to S, then comparing digests")
-    res = sync.initial_sync(disk, nbd_path, progress=Progress(stopping, notifier),
+    res = sync.initial_sync(disk, nbd_path, progress=progress,
                             segment_bytes=store_bytes // 2 or None, between=lambda: peer.remote_checkpoint(session, 0))
     log(f"initial sync: {res.copied_bytes >> 20} MiB copied in {res.copy_seconds:.1f} s "
         f"({res.copy_mb_s:.1f} MB/s), verified in {res.verify_seconds:.1f} s")

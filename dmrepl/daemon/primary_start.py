@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from dmrepl.daemon import peer, tunnel
 from dmrepl.daemon.machine import Event
 from dmrepl.daemon.primary_resync import initial_sync
-from dmrepl.daemon.progress import log
+from dmrepl.daemon.progress import Progress, log
 from dmrepl.errors import DmreplError
 from dmrepl.kernel import modules
 from dmrepl.link.frames import FrameError
@@ -51,8 +51,8 @@ def start(d: "PrimaryDaemon", assume_clean: bool) -> None:
     d.devs = d.pri.attach()
     if st is None and not assume_clean:
         d.machine.fire(Event.CONNECTED, "first start: S gets a full copy of P")
-        initial_sync(d.devs.disk, d.link.nbd.path, d.link.session, theirs.store_bytes,
-                     lambda: d.stopping, d.notifier)
+        d.sync = Progress(lambda: d.stopping, d.notifier, on_step=lambda p: d.eventlog.emit("progress", **p))
+        initial_sync(d.devs.disk, d.link.nbd.path, d.link.session, theirs.store_bytes, d.sync)
         event, why = Event.SYNCED, "initial sync verified"
     elif assume_clean:
         event, why = Event.CONNECTED_IN_SYNC, "--assume-clean"

@@ -14,35 +14,52 @@ def log(msg: str) -> None:
     print(time.strftime("%Y-%m-%d %H:%M:%S ") + msg, file=sys.stderr, flush=True)
 
 
-class Progress:
-    """The initial sync's progress on stderr: a live line on a terminal, every 10 % in a log."""
+def eta_text(seconds: float | None) -> str:
+    if seconds is None:
+        return "--:--"
+    m, sec = divmod(int(seconds + 0.5), 60)
+    return f"{m // 60}:{m % 60:02d}:{sec:02d}" if m >= 60 else f"{m:02d}:{sec:02d}"
 
-    def __init__(self, stopping=lambda: False, notifier=None):
+
+class Progress:
+    """The initial sync's progress: a live bar with rate and ETA on a terminal, a line every 10 %
+    in a log; `latest` for `status --json`, `on_step` (every 10 %) for the event log."""
+
+    def __init__(self, stopping=lambda: False, notifier=None, on_step=None):
         """`notifier`: systemd's (daemon/notify.py): each step extends the unit's start timeout,
         so that a long initial sync that makes progress is not killed, and one that hangs is."""
         self.stopping = stopping
         self.notifier = notifier
+        self.on_step = on_step
         self.tty = sys.stderr.isatty()
         self.t0 = time.monotonic()
         self.shown = -1
+        self.latest: dict | None = None
 
     def __call__(self, phase: str, done: int, total: int) -> None:
         if self.stopping():
             raise DmreplError(f"initial sync stopped at {done >> 20} of {total >> 20} MiB ({phase})",
                               "S is incomplete: the next start copies it again")
         pct = 100 * done // max(total, 1)
-        rate = done / max(time.monotonic() - self.t0, 1e-6) / 1e6
+        rate = done / max(time.monotonic() - self.t0, 1e-6)
+        eta = (total - done) / rate if rate > 0 else None
+        self.latest = {"work": "initial sync", "phase": phase, "done_bytes": done, "total_bytes": total,
+                       "rate_bytes_s": round(rate), "eta_s": None if eta is None else round(eta, 1)}
+        line = (f"{phase} {pct}% ({done >> 20} of {total >> 20} MiB, {rate / 1e6:.1f} MB/s, "
+                f"ETA {eta_text(eta)})")
         if self.notifier is not None and pct != self.shown:
-            self.notifier.extend_start(EXTEND_S, f"primary, initial sync: {phase} {pct}% "
-                                       f"({done >> 20} of {total >> 20} MiB, {rate:.1f} MB/s)")
+            self.notifier.extend_start(EXTEND_S, f"primary, initial sync: {line}")
         if self.tty:
             bar = "#" * (pct // 4)
-            print(f"\r{phase:6} [{bar:<25}] {pct:3d}%  {rate:7.1f} MB/s", end="", file=sys.stderr, flush=True)
+            print(f"\r{phase:6} [{bar:<25}] {pct:3d}%  {rate / 1e6:7.1f} MB/s  ETA {eta_text(eta)}", end="",
+                  file=sys.stderr, flush=True)
             if done >= total:
                 print(file=sys.stderr)
-                self.t0 = time.monotonic()
-        elif pct // 10 != self.shown // 10 or done >= total:
-            log(f"initial sync: {phase} {pct}% ({done >> 20} of {total >> 20} MiB, {rate:.1f} MB/s)")
-            if done >= total:
-                self.t0, pct = time.monotonic(), -1
+        if pct // 10 != self.shown // 10 or done >= total:
+            if not self.tty:
+                log(f"initial sync: {line}")
+            if self.on_step is not None:
+                self.on_step(self.latest)
         self.shown = pct
+        if done >= total:                  # the next phase (verify) starts from naught
+            self.t0, self.shown = time.monotonic(), -1

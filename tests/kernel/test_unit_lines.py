@@ -214,7 +214,12 @@ def test_the_units_lines_start_notify_and_stop_both_roles(hosts, tmp_path):
         assert status(NAME)["state"] == "down" and status(B_NAME)["up"] is False
 
         # Each host's events, in order: what a script following them would have seen.
-        p_events = [(e["event"], e.get("state") or e.get("checkpoint")) for e in events(NAME)]
+        recorded = events(NAME)
+        progress = [(e["phase"], e["done_bytes"] * 100 // e["total_bytes"]) for e in recorded if e["event"] == "progress"]
+        for phase in ("copy", "verify"):              # every tenth of each phase, in order, to the end
+            pcts = [pct for ph, pct in progress if ph == phase]
+            assert pcts == sorted(pcts) and pcts[-1] == 100 and len(pcts) >= 10, progress
+        p_events = [(e["event"], e.get("state") or e.get("checkpoint")) for e in recorded if e["event"] != "progress"]
         assert p_events == [("started", None), ("state", "syncing"), ("checkpoint", 1), ("state", "replicating"),
                             ("checkpoint", 2), ("state", "stopping"), ("stopped", None)], p_events
         s_events = [(e["event"], e.get("primary") or e.get("checkpoint")) for e in events(B_NAME)]

@@ -71,6 +71,21 @@ def test_not_under_systemd_nothing_is_sent_and_children_do_not_inherit(monkeypat
     n.close()
 
 
+def test_the_sync_progress_has_a_rate_an_eta_a_status_value_and_steps(capsys):
+    steps = []
+    p = Progress(on_step=steps.append)
+    total = 100 << 20
+    for done in range(0, total + 1, 1 << 20):
+        p("copy", done, total)
+    assert [s["done_bytes"] * 100 // total for s in steps] == list(range(0, 101, 10))
+    assert p.latest["work"] == "initial sync" and p.latest["done_bytes"] == total and p.latest["eta_s"] == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if "initial sync:" in line]
+    assert len(lines) == 11 and lines[-1].endswith("initial sync: copy 100% (100 of 100 MiB, "
+                                                   + lines[-1].split(", ")[1] + ", ETA 00:00)")
+    from dmrepl.daemon.progress import eta_text
+    assert (eta_text(None), eta_text(59.6), eta_text(61), eta_text(3725)) == ("--:--", "01:00", "01:01", "1:02:05")
+
+
 def test_every_state_move_and_the_sync_progress_update_the_status(listener):
     path, s = listener
     n = Notifier(path)
