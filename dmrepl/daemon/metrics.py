@@ -87,19 +87,16 @@ def primary_families(s: dict, pauses: PauseHistogram, now: float) -> list:
     if last.get("time"):
         out.append(_gauge("dmrepl_checkpoint_age_seconds", "Time since the newest checkpoint", r, now - last["time"]))
     top = (s.get("devices") or {}).get("top")
-    written = _written(top["dev"] if top else None)
-    if written is not None:
-        c = CounterMetricFamily("dmrepl_written_bytes", "Bytes the consumer wrote to the replicated device "
-                                "since it was built", labels=["resource"])
-        c.add_metric([r], written)
-        out.append(c)
-    nbd = s.get("nbd")
-    sent = _written(_devno(nbd)) if nbd else None
-    if sent is not None:
-        c = CounterMetricFamily("dmrepl_replicated_bytes", "Bytes written to the secondary over NBD (writes and "
-                                "resync copies) since the NBD device was attached", labels=["resource"])
-        c.add_metric([r], sent)
-        out.append(c)
+    for name, text, devno in (
+            ("dmrepl_written_bytes", "Bytes the consumer wrote to the replicated device since it was built",
+             top["dev"] if top else None),
+            ("dmrepl_replicated_bytes", "Bytes written to the secondary over NBD (writes and resync copies) "
+             "since the NBD device was attached", _devno(s["nbd"]) if s.get("nbd") else None)):
+        written = _written(devno)
+        if written is not None:         # no device, or no statistics: no counter rather than a wrong one
+            c = CounterMetricFamily(name, text, labels=["resource"])
+            c.add_metric([r], written)
+            out.append(c)
     resync = s.get("resync")
     out.append(_gauge("dmrepl_resync_active", "1 while a resync compares or copies", r, 1.0 if resync else 0.0))
     shown = resync or s.get("last_resync") or None
