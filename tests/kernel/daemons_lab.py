@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 
 from dmrepl import cli, poll
 from dmrepl.daemon import control
@@ -127,8 +128,10 @@ class Hosts:
 
     def down_here(self, host: str, *extra: str) -> int:
         out = io.StringIO()
+        with open(self.config(host), "rb") as f:
+            name = tomllib.load(f).get("name", NAME)       # r5b once both_roles() wrote s's config
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-            rc = cli.main(["down", NAME, "--config", self.config(host), *extra])
+            rc = cli.main(["down", name, "--config", self.config(host), *extra])
         if rc != 0:
             print(f"teardown: dmrepl down on {host}: exit {rc}: {out.getvalue()}")
         return rc
