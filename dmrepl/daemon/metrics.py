@@ -65,9 +65,9 @@ def _one_of(name: str, text: str, resource: str, label: str, current: str, every
     return g
 
 
-def _written(devno: str | None) -> float | None:
+def _written(path: str | None) -> float | None:
     try:
-        return float(blockdev.io_bytes(devno)[1]) if devno else None
+        return float(blockdev.io_bytes(path)[1]) if path else None
     except OSError:
         return None
 
@@ -87,12 +87,12 @@ def primary_families(s: dict, pauses: PauseHistogram, now: float) -> list:
     if last.get("time"):
         out.append(_gauge("dmrepl_checkpoint_age_seconds", "Time since the newest checkpoint", r, now - last["time"]))
     top = (s.get("devices") or {}).get("top")
-    for name, text, devno in (
+    for name, text, path in (
             ("dmrepl_written_bytes", "Bytes the consumer wrote to the replicated device since it was built",
-             top["dev"] if top else None),
+             top["path"] if top else None),
             ("dmrepl_replicated_bytes", "Bytes written to the secondary over NBD (writes and resync copies) "
-             "since the NBD device was attached", _devno(s["nbd"]) if s.get("nbd") else None)):
-        written = _written(devno)
+             "since the NBD device was attached", s.get("nbd"))):
+        written = _written(path)
         if written is not None:         # no device, or no statistics: no counter rather than a wrong one
             c = CounterMetricFamily(name, text, labels=["resource"])
             c.add_metric([r], written)
@@ -145,14 +145,6 @@ def secondary_families(name: str, status, peer: dict | None, pauses: PauseHistog
                           status.merge.fraction))
     out.append(pauses.family(name))
     return out
-
-
-def _devno(path: str) -> str | None:
-    try:
-        rdev = os.stat(path).st_rdev
-    except OSError:
-        return None
-    return f"{os.major(rdev)}:{os.minor(rdev)}"
 
 
 class _Collector:

@@ -50,7 +50,8 @@ REQUEST_TIMEOUT = 60.0
 
 
 class PrimaryDaemon:
-    def __init__(self, cfg: PrimaryConfig, pri: Primary, nl: netlink.NBDNetlink, events: netlink.LinkEvents):
+    def __init__(self, cfg: PrimaryConfig, pri: Primary, nl: netlink.NBDNetlink, events: netlink.LinkEvents,
+                 notifier: Notifier):
         self.cfg, self.pri, self.nl, self.events = cfg, pri, nl, events
         self.machine = Machine()
         self.link = SecondaryLink(cfg, pri, nl)
@@ -62,7 +63,7 @@ class PrimaryDaemon:
         self.built = False
         self.resync: Resync | None = None
         self.last_resync: dict = {}
-        self.notifier = Notifier(None)
+        self.notifier = notifier
         self.eventlog = EventLog(cfg.resource_state_dir, cfg.name, "primary")
         self.pauses = metrics.PauseHistogram()
         self.sync: Progress | None = None      # the initial sync's, while it runs
@@ -348,8 +349,7 @@ def run(cfg: PrimaryConfig, *, assume_clean: bool = False) -> int:
 
 def _serve(cfg: PrimaryConfig, pri: Primary, nl, events, assume_clean: bool, notifier: Notifier,
            exporter: metrics.Exporter | None) -> int:
-    d = PrimaryDaemon(cfg, pri, nl, events)
-    d.notifier = notifier
+    d = PrimaryDaemon(cfg, pri, nl, events, notifier)
     if exporter is not None:
         exporter.families = lambda: metrics.primary_families(d.submit({"op": "status"}), d.pauses, time.time())
 

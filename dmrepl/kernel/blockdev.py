@@ -186,10 +186,11 @@ def copy_extents(src: str, dst: str, extents: Iterable[tuple[int, int]], *,
         os.close(sfd)
 
 
-def io_bytes(devno: str) -> tuple[int, int]:
-    """(bytes read, bytes written) through block device MAJ:MIN since it appeared, from its
+def io_bytes(path: str) -> tuple[int, int]:
+    """(bytes read, bytes written) through block device `path` since it appeared, from its
     /sys/dev/block/MAJ:MIN/stat (Documentation/block/stat.rst: fields 3 and 7 count 512-byte
     sectors, whatever the device's logical block size)."""
-    with open(f"/sys/dev/block/{devno}/stat") as f:
+    rdev = os.stat(path).st_rdev
+    with open(f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}/stat") as f:
         fields = f.read().split()
-    return int(fields[2]) * 512, int(fields[6]) * 512
+    return int(fields[2]) * SECTOR_BYTES, int(fields[6]) * SECTOR_BYTES

@@ -31,6 +31,8 @@ def _udevadm(*args) -> str:
 
 
 def _settle() -> None:
+    # Not dmrepl.kernel.udev.settle (udevd's queue empty): right after a sysfs write the uevent may
+    # not be queued yet; `udevadm settle` waits until udevd has handled the kernel's latest seqnum.
     _udevadm("settle", "--timeout=60")
 
 

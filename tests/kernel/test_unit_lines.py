@@ -82,14 +82,26 @@ class Notifications:
             assert proc.poll() is None, f"ExecStart exited with {proc.returncode} before {what}:\n{_read(log)}"
             self.sock.settimeout(min(1.0, max(0.01, deadline - time.monotonic())))
             try:
-                raw = self.sock.recv(4096).decode()
+                m = self._receive()
             except socket.timeout:
                 continue
-            m = dict(line.split("=", 1) for line in raw.splitlines())
-            self.got.append(m)
             if ok(m):
                 return m
         raise AssertionError(f"no {what} within {timeout} s; notifications: {self.got}\n{_read(log)}")
+
+    def _receive(self) -> dict[str, str]:
+        m = dict(line.split("=", 1) for line in self.sock.recv(4096).decode().splitlines())
+        self.got.append(m)
+        return m
+
+    def drain(self) -> None:
+        """Take what was sent and not read yet (after the main process ended)."""
+        self.sock.setblocking(False)
+        try:
+            while True:
+                self._receive()
+        except BlockingIOError:
+            pass
 
     def statuses(self) -> list[str]:
         return [m["STATUS"] for m in self.got if "STATUS" in m]
@@ -206,7 +218,7 @@ def test_the_units_lines_start_notify_and_stop_both_roles(hosts, tmp_path):
             r = subprocess.run(shlex.split(unit["ExecStop"]), capture_output=True, text=True, timeout=180)
             assert r.returncode == 0, r.stderr
             assert procs[host].wait(timeout=60) == 0, _read(log)
-            _drain(note)
+            note.drain()
             assert any(m.get("STOPPING") == "1" for m in note.got), note.got
         assert "primary, stopping (stop requested), checkpoint 2" in p_note.statuses()
         assert _ours_left() == []
@@ -239,15 +251,3 @@ def test_the_units_lines_start_notify_and_stop_both_roles(hosts, tmp_path):
         for path in installed:
             os.unlink(path)
 
-
-def _drain(note: Notifications) -> list[dict[str, str]]:
-    out = []
-    note.sock.setblocking(False)
-    try:
-        while True:
-            raw = note.sock.recv(4096).decode()
-            out.append(dict(line.split("=", 1) for line in raw.splitlines()))
-    except BlockingIOError:
-        pass
-    note.got += out
-    return out
