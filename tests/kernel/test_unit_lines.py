@@ -14,9 +14,11 @@ from __future__ import annotations
 import configparser
 import json
 import os
+import queue
 import shlex
 import socket
 import subprocess
+import threading
 import time
 import urllib.request
 
@@ -49,6 +51,25 @@ def scrape(url: str) -> dict:
     text = urllib.request.urlopen(url, timeout=60).read().decode()
     return {(s.name, frozenset(s.labels.items())): s.value
             for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+class Follower:
+    """`dmrepl events NAME --history` running, its lines read on a thread (a bounded wait each)."""
+
+    def __init__(self, name: str):
+        self.proc = subprocess.Popen(["dmrepl", "events", name, "--history"], stdout=subprocess.PIPE, text=True)
+        self.lines: queue.Queue = queue.Queue()
+        threading.Thread(target=lambda: [self.lines.put(line) for line in self.proc.stdout], daemon=True).start()
+
+    def next(self, timeout: float = 120.0) -> dict:
+        try:
+            return json.loads(self.lines.get(timeout=timeout))
+        except queue.Empty:
+            raise AssertionError(f"`dmrepl events` printed nothing in {timeout:.0f} s") from None
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
 
 
 def events(name: str) -> list[dict]:
@@ -171,15 +192,16 @@ def test_the_units_lines_start_notify_and_stop_both_roles(hosts, tmp_path):
         blockdev.write_at(TOP, 0, b"\x55" * (1 << 20))       # the consumer writes 1 MiB
 
         # A checkpoint moves both hosts' STATUS, and a follower of the events sees it as it happens.
-        follower = subprocess.Popen(["dmrepl", "events", NAME], stdout=subprocess.PIPE, text=True)
+        follower = Follower(NAME)
         try:
-            time.sleep(3)               # the follower is at the file's end (a Python start under TCG)
+            # Once it has printed the last recorded event it follows the file: what comes next is new.
+            while (e := follower.next())["event"] != "state" or e["state"] != "replicating":
+                pass
             r = subprocess.run(["dmrepl", "checkpoint", NAME], capture_output=True, text=True, timeout=120)
             assert r.returncode == 0, r.stderr
-            live = json.loads(follower.stdout.readline())
+            live = follower.next()
         finally:
-            follower.kill()
-            follower.wait()
+            follower.stop()
         assert (live["resource"], live["role"], live["event"], live["checkpoint"], live["why"]) == (
             NAME, "primary", "checkpoint", 2, "on demand"), live
         p_note.wait("checkpoint 2", lambda m: m.get("STATUS", "").endswith(", checkpoint 2"), procs["p"], p_log)
