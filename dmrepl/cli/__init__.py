@@ -7,6 +7,7 @@ Exit status: 0 success, 1 a check or operation failed, 2 usage error.
     cli/resource.py   `dmrepl up|down|status|checkpoint|failover NAME`, either role
     cli/secondary.py  `dmrepl secondary ...`
     cli/events.py     `dmrepl events [NAME]`
+    cli/cluster.py    `dmrepl role NAME` (for cluster managers: ocf/dmrepl)
     cli/render.py     values to JSON and sentences
 """
 
@@ -142,6 +143,14 @@ def cmd_resource(args) -> int:
     return resource.command(args)
 
 
+def cmd_role(args) -> int:
+    from dmrepl.cli import cluster
+
+    _require_root("dmrepl role")
+    _require_dm()
+    return cluster.command(args)
+
+
 def cmd_events(args) -> int:
     from dmrepl.cli import events
 
@@ -162,7 +171,7 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dmrepl.cli import events, resource, secondary
+    from dmrepl.cli import cluster, events, resource, secondary
 
     p = argparse.ArgumentParser(prog="dmrepl", description="Continuous-checkpoint block replication "
                                 "on Linux device-mapper.")
@@ -189,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.set_defaults(func=cmd_keygen)
 
     resource.add_parsers(sub, cmd_resource)
+    cluster.add_parser(sub, cmd_role)
     events.add_parser(sub, cmd_events)
     secondary.add_parser(sub, cmd_secondary)
 

@@ -35,6 +35,12 @@ def add_parsers(sub, run) -> None:
         if action == "up":
             a.add_argument("--assume-clean", action="store_true",
                            help="primary, first start: the disks are known equal, skip the initial copy")
+            a.add_argument("--detach", action="store_true",
+                           help="run the daemon in the background (log: STATE_DIR/NAME/daemon.log) and return "
+                                "once it is ready, as systemd would see it; for callers without systemd")
+            a.add_argument("--timeout", type=float, default=300.0, metavar="S",
+                           help="with --detach: how long to wait for the daemon to be ready (an initial sync "
+                                "extends it while it progresses; default 300)")
         if action == "down":
             a.add_argument("--force", action="store_true",
                            help="secondary: remove even while the active device is open")
@@ -52,6 +58,8 @@ def command(args) -> int:
     cfg = load(args.name, args.config)
     if args.action == "resolve":
         return _resolve(args)
+    if args.action == "up" and args.detach:
+        return _detach(cfg, args)
     if isinstance(cfg, PrimaryConfig) and _took_over_here(cfg):
         if args.action == "up":
             raise DmreplError(f"{cfg.name} took over on this host (failover) and runs on the secondary's stack "
@@ -63,6 +71,25 @@ def command(args) -> int:
     if isinstance(cfg, PrimaryConfig):
         return PRIMARY[args.action](cfg, args)
     return _secondary(cfg, args)
+
+
+def _detach(cfg, args) -> int:
+    from dmrepl import private
+    from dmrepl.daemon import detach, supervisor
+
+    if args.timeout <= 0:
+        raise DmreplError(f"--timeout must be more than 0 seconds, got {args.timeout:g}")
+    private.ensure_dir(cfg.resource_state_dir)
+    config = os.path.abspath(args.config) if args.config else None
+    argv = [sys.executable, "-m", "dmrepl.cli", "up", cfg.name, *(["--config", config] if config else []),
+            *(["--assume-clean"] if args.assume_clean else [])]
+    log_path = supervisor.log_path(cfg)
+    pid, status = detach.start(argv, log_path, args.timeout)
+    if args.json:
+        print_json({"name": cfg.name, "pid": pid, "status": status, "log": log_path})
+    else:
+        print(f"{cfg.name}: up in the background (pid {pid}): {status}; log {log_path}")
+    return 0
 
 
 def _took_over_here(cfg: PrimaryConfig) -> bool:
@@ -98,7 +125,10 @@ def _secondary(cfg, args) -> int:
 
     if args.action == "up":
         from dmrepl.daemon import supervisor
+        from dmrepl.kernel import netns
 
+        if cfg.netns is not None:
+            netns.enter(cfg.netns)      # before any socket: the export, the link, nbdkit live there
         with Secondary.open(cfg) as sec:
             st = sec.state()
             standby = [there for part, there in sec.stack.present().items() if part != "era"]

@@ -35,6 +35,10 @@ def add_parser(sub, run) -> None:
 def command(args) -> int:
     cfg = load_secondary(args.name, args.config)
     config_path = args.config or default_path(args.name)
+    if args.action == "up" and cfg.netns is not None:
+        from dmrepl.kernel import netns
+
+        netns.enter(cfg.netns)          # the daemon started here, with its export and link, lives there
     with Secondary.open(cfg) as sec:
         return ACTIONS[args.action](sec, cfg, config_path, args)
 

@@ -13,6 +13,8 @@
     store_fill_warn = 0.75            # ask for an early checkpoint above this fill level
     link_listen = "127.0.0.1:10810"   # the control link from the primary (default: listen's port + 1)
     key_file = "/etc/dmrepl/vm1.key"  # its pre-shared key (0600); without it, no control link
+    netns = "repl"                    # optional: the daemon serves the export and the link from this
+                                      # network namespace (it enters it before making a socket)
 
     # or, on the primary host:
     [primary]
@@ -99,6 +101,7 @@ class SecondaryConfig:
     era_block_sectors: int = 2048
     tunnel: Tunnel | None = None      # [link] encrypt = "wireguard"
     metrics: Metrics | None = None    # [metrics]
+    netns: str | None = None          # the whole daemon (and its nbdkit) runs in this network namespace
     role = "secondary"
 
     @property
@@ -151,11 +154,18 @@ def default_path(name: str) -> str:
     return os.path.join(CONFIG_DIR, f"{check_name(name)}.toml")
 
 
+def netns_name(table: dict, where: str) -> str | None:
+    netns = expect(table, "netns", str, where)
+    if netns is not None and not NAME_RE.match(netns):
+        raise ConfigError(f"{where}: 'netns' {netns!r} is not a network namespace name (see `ip netns list`)")
+    return netns
+
+
 def _secondary(doc: dict, common: dict, source: str) -> SecondaryConfig:
     sec = expect(doc, "secondary", dict, source, required=True)
     where = f"{source} [secondary]"
     check_keys(sec, {"disk", "hidden_stores", "listen", "chunk_kib", "store_fill_warn", "link_listen",
-                      "key_file"}, where)
+                      "key_file", "netns"}, where)
     disk = expect(sec, "disk", str, where, required=True)
     stores = expect(sec, "hidden_stores", list, where, required=True)
     if len(stores) != 2 or not all(isinstance(s, str) and s for s in stores):
@@ -181,7 +191,8 @@ def _secondary(doc: dict, common: dict, source: str) -> SecondaryConfig:
         raise ConfigError(f"{where}: 'link_listen' needs 'key_file' (the control link is authenticated)")
     return SecondaryConfig(disk=paths[0], hidden_stores=(paths[1], paths[2]), listen_host=host,
                            listen_port=port, chunk_sectors=chunk_sectors(sec, where), store_fill_warn=fill,
-                           link_host=link_host, link_port=link_port, key_file=key_file, **common)
+                           link_host=link_host, link_port=link_port, key_file=key_file,
+                           netns=netns_name(sec, where), **common)
 
 
 def _peers(pri: dict, where: str, tunnel: Tunnel | None) -> tuple[Peer, ...]:
@@ -210,9 +221,7 @@ def _primary(doc: dict, common: dict, source: str) -> PrimaryConfig:
     check_keys(pri, {"disk", "era_metadata", "key_file", "era_block_kib", "chunk_kib",
                      "checkpoint_interval_s", "heartbeat_interval_s", "heartbeat_misses", "nbd_connections",
                      "nbd_timeout_s", "secondaries", "netns", "reconnect_interval_s"}, where)
-    netns = expect(pri, "netns", str, where)
-    if netns is not None and not NAME_RE.match(netns):
-        raise ConfigError(f"{where}: 'netns' {netns!r} is not a network namespace name (see `ip netns list`)")
+    netns = netns_name(pri, where)
     disk, meta = distinct([expect(pri, "disk", str, where, required=True),
                             expect(pri, "era_metadata", str, where, required=True)],
                            where, "'disk' and 'era_metadata'")

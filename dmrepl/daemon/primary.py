@@ -28,8 +28,6 @@ import socket
 import time
 from concurrent.futures import Future
 
-from pyroute2 import netns
-
 from dmrepl.config import PrimaryConfig
 from dmrepl.daemon import control, metrics, peer, primary_start, tunnel
 from dmrepl.daemon.events import EventLog
@@ -40,6 +38,7 @@ from dmrepl.daemon.primary_resync import Resync, ResyncStopped, verify
 from dmrepl.daemon.progress import Progress, log
 from dmrepl.daemon.split_brain import HelloResponder
 from dmrepl.errors import DmreplError
+from dmrepl.kernel import netns
 from dmrepl.link.frames import FrameError, Kind
 from dmrepl.nbd import netlink
 from dmrepl.nbd.attach import AttachError
@@ -313,22 +312,6 @@ def status_reply(d: "PrimaryDaemon", pri: Primary) -> dict:
             "history": [{"time": t, "event": e, "state": s, "reason": r} for t, e, s, r in m.history]}
 
 
-def enter_netns(name: str) -> None:
-    """Make this process's sockets in network namespace `name` from now on.
-
-    The kernel's nbd generic netlink family exists in the initial namespace
-    only (drivers/block/nbd.c registers it without netnsok; a genl socket in
-    another namespace gets ENOENT for "nbd"): so the daemon opens its netlink
-    sockets first, then moves, and its TCP sockets to the secondary -- which
-    the kernel NBD client takes over -- live in `name` (docs/kernel-notes.md).
-    """
-    try:
-        netns.setns(name, flags=0)
-    except OSError as e:
-        raise DmreplError(f"cannot enter network namespace {name!r}: {e.strerror or e}",
-                          "check `ip netns list`, or remove 'netns' from the config") from None
-
-
 def run(cfg: PrimaryConfig, *, assume_clean: bool = False) -> int:
     """The daemon, in the foreground, until SIGTERM/SIGINT or `dmrepl down`; returns the exit status."""
     notifier = Notifier.from_environment()
@@ -338,7 +321,7 @@ def run(cfg: PrimaryConfig, *, assume_clean: bool = False) -> int:
             exporter.start()                # in this host's namespace, not the link's
         with Primary.open(cfg) as pri, netlink.NBDNetlink() as nl, netlink.LinkEvents() as events:
             if cfg.netns is not None:
-                enter_netns(cfg.netns)
+                netns.enter(cfg.netns)
             with tunnel.opened(cfg, log):       # in the link's namespace, before any link socket
                 return _serve(cfg, pri, nl, events, assume_clean, notifier, exporter)
     finally:

@@ -32,6 +32,7 @@ def test_good_config():
     assert cfg.disk == "/srv/vm1/disk.img" and cfg.hidden_stores == ("/srv/vm1/h0.img", "/srv/vm1/h1.img")
     assert (cfg.listen_host, cfg.listen_port, cfg.chunk_sectors, cfg.store_fill_warn) == ("192.0.2.10", 10900, 16, 0.5)
     assert cfg.resource_state_dir == "/var/lib/dmrepl/vm1"
+    assert cfg.netns is None and parse_secondary(GOOD + 'netns = "repl"\n', source="vm1.toml").netns == "repl"
 
 
 def test_defaults_and_name_from_file():
@@ -60,6 +61,7 @@ def test_defaults_and_name_from_file():
     ('name = "vm1"\n[secondary]\ndisk = "/d"\nhidden_stores = ["/a", "/b"]\nchunk_kib = 6\n', "power of two"),
     ('name = "vm1"\n[secondary]\ndisk = "/d"\nhidden_stores = ["/a", "/b"]\nstore_fill_warn = 1.5\n', "between 0 and 1"),
     ('name = "vm/1"\n[secondary]\ndisk = "/d"\nhidden_stores = ["/a", "/b"]\n', "not valid"),
+    (GOOD + 'netns = "a b"\n', "'netns' 'a b' is not a network namespace name"),
 ])
 def test_bad_configs(text, message):
     with pytest.raises(ConfigError) as e:

@@ -1,0 +1,78 @@
+"""`dmrepl role NAME`: this host's part in a resource, as a cluster manager needs it.
+
+What runs (promoted: the primary; unpromoted: the secondary; standby: the primary's role with
+nothing running; stopped; failed), the promotion score (roles/promotion.py) and why.  `--shell`
+prints KEY=value lines, quoted for a shell's eval (the Pacemaker agent ocf/dmrepl reads them),
+`--json` the same as an object.
+"""
+
+from __future__ import annotations
+
+import shlex
+
+from dmrepl.cli.render import print_json, resource_parser
+from dmrepl.config import ConfigError, PrimaryConfig, load
+from dmrepl.roles.promotion import Facts, assess
+
+HELP = ("this host's part in NAME for a cluster manager: what runs (promoted, unpromoted, standby, "
+        "stopped, failed) and its promotion score")
+
+
+def add_parser(sub, run) -> None:
+    a = resource_parser(sub, "role", HELP)
+    a.add_argument("--shell", action="store_true", help="KEY=value lines for a shell's eval")
+    a.set_defaults(func=run, action="role")
+
+
+def _section(name: str, path: str | None, role: str):
+    try:
+        return load(name, path, role=role)
+    except ConfigError:
+        return None
+
+
+def facts(name: str, path: str | None) -> tuple[dict, Facts]:
+    from dmrepl.daemon import control, supervisor
+    from dmrepl.kernel import dm
+    from dmrepl.names import SECONDARY_PARTS, StackNames
+    from dmrepl.roles.secondary.failover import runs_taken_over
+    from dmrepl.state import StateStore
+
+    cfg = load(name, path)              # the role the state file records, else start_as
+    sec = _section(name, path, "secondary")
+    both = isinstance(_section(name, path, "primary"), PrimaryConfig) and sec is not None \
+        and not isinstance(sec, PrimaryConfig)
+    try:
+        primary_state = control.request(control.socket_path(cfg.resource_state_dir), "status", timeout=10)["state"]
+    except control.DaemonNotRunning:
+        primary_state = None
+    names = StackNames(cfg.name)
+    ours = {names.top(), names.dm("mirror"), *(names.dm(p) for p in SECONDARY_PARTS)}
+    with dm.Control() as ctl:
+        stack_left = any(d.name in ours for d in ctl.list_devices())
+        taken_over = isinstance(cfg, PrimaryConfig) and sec is not None and \
+            runs_taken_over(cfg.name, cfg.disk, cfg.resource_state_dir, ctl)
+    st = StateStore(cfg.resource_state_dir).load()
+    f = Facts(role=cfg.role, primary_state=primary_state,
+              secondary_running=sec is not None and supervisor.running_pid(sec) is not None,
+              stack_left=stack_left, taken_over=taken_over,
+              checkpoint=st.checkpoint if st else 0, checkpoint_lost=bool(st and st.checkpoint_lost),
+              diverged=bool(st and st.diverged and cfg.role == "secondary"))
+    return {"name": cfg.name, "role": cfg.role, "both_roles": both, "config": cfg.source}, f
+
+
+def command(args) -> int:
+    about, f = facts(args.name, args.config)
+    v = assess(f)
+    out = {**about, "run": v.run, "score": v.score, "why": v.why, "checkpoint": f.checkpoint,
+           "primary_state": f.primary_state}
+    if args.json:
+        print_json(out)
+    elif args.shell:
+        for key, value in out.items():
+            text = "" if value is None else str(int(value)) if isinstance(value, bool) else str(value)
+            print(f"DMREPL_{key.upper()}={shlex.quote(text)}")
+    else:
+        score = "none (not to be promoted)" if v.score is None else v.score
+        print(f"{about['name']}: {v.run}, role {f.role}, checkpoint {f.checkpoint}, promotion score {score}: {v.why}")
+    return 0

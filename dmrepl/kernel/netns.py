@@ -1,0 +1,26 @@
+"""Entering a named network namespace (`ip netns add NAME`): the config's `netns`.
+
+The primary enters it after opening its netlink sockets: the kernel's nbd generic
+netlink family exists in the initial namespace only (drivers/block/nbd.c registers
+it without netnsok; a genl socket in another namespace gets ENOENT for "nbd"), so
+the daemon opens its netlink sockets first, then moves, and its TCP sockets to the
+secondary -- which the kernel NBD client takes over -- live in `name`
+(docs/kernel-notes.md).  The secondary enters it before anything else: its export,
+its control link and the nbdkit it starts all live there.
+"""
+
+from __future__ import annotations
+
+from pyroute2 import netns
+
+from dmrepl.errors import DmreplError
+
+
+def enter(name: str) -> None:
+    """Make this process's sockets in network namespace `name` from now on (one thread only:
+    call it before starting any)."""
+    try:
+        netns.setns(name, flags=0)
+    except OSError as e:
+        raise DmreplError(f"cannot enter network namespace {name!r}: {e.strerror or e}",
+                          "check `ip netns list`, or remove 'netns' from the config") from None

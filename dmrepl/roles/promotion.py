@@ -1,0 +1,69 @@
+"""Which host a cluster manager should promote: the facts of one host, read as a verdict.
+
+A Pacemaker promotable clone (ocf/dmrepl) runs one instance a host.  Unpromoted, a host serves
+as the secondary (its view at the last checkpoint) or, if it holds the primary's role, stands by
+with its disk untouched; promoted, it runs the primary.  The verdict says which of these the
+host is in and its promotion score, in tiers (Pacemaker promotes the highest):
+
+    10000  the primary's role (running, standing by, or a failover's stack): the newest data
+     1000  a secondary serving a consistent checkpoint: a failover takes over there
+    (none) a secondary with no checkpoint yet (initial sync), a lost hidden store, writes
+           given up and not yet replaced by the primary's (after `resolve`), or nothing running
+
+Scores are tiers, not checkpoint numbers: a primary is always ahead of its secondary's last
+checkpoint, and two hosts that both hold the primary's role are a split brain that only an
+operator resolves (never a score).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PRIMARY_SCORE = 10000
+SECONDARY_SCORE = 1000
+
+
+@dataclass(frozen=True)
+class Facts:
+    role: str | None                # the state file's: "primary", "secondary"; None before the first start
+    primary_state: str | None       # the primary daemon's state if one answers, else None
+    secondary_running: bool         # a secondary daemon serves the export
+    stack_left: bool                # devices of the resource exist on this host
+    taken_over: bool                # a failover's stack (the secondary's, merged) runs here
+    checkpoint: int = 0             # the secondary's view
+    checkpoint_lost: bool = False
+    diverged: bool = False          # writes given up by `resolve`, not yet replaced
+
+
+@dataclass(frozen=True)
+class Verdict:
+    run: str                        # promoted | unpromoted | standby | stopped | failed
+    score: int | None               # None: this host must not be promoted
+    why: str
+
+
+def assess(f: Facts) -> Verdict:
+    if f.primary_state is not None:
+        if f.primary_state == "failed":
+            return Verdict("failed", PRIMARY_SCORE, "the primary's daemon reports failed")
+        return Verdict("promoted", PRIMARY_SCORE, f"the primary runs ({f.primary_state})")
+    if f.taken_over:
+        return Verdict("failed", PRIMARY_SCORE, "a failover's stack runs here, not the primary's: "
+                       "`dmrepl down`, then `dmrepl up` replicates from here")
+    if f.role == "primary":
+        if f.stack_left:
+            return Verdict("failed", PRIMARY_SCORE, "the primary's stack is up without its daemon "
+                           "(`dmrepl up` takes it over)")
+        return Verdict("standby", PRIMARY_SCORE, "this host holds the primary's role; nothing runs")
+    if f.secondary_running:
+        if f.checkpoint_lost:
+            return Verdict("unpromoted", None, "the hidden store was lost: no checkpoint to take over at")
+        if f.diverged:
+            return Verdict("unpromoted", None, "this host gave its writes up and the primary has not "
+                           "replaced them yet")
+        if f.checkpoint < 1:
+            return Verdict("unpromoted", None, "no checkpoint yet (the initial sync has not finished)")
+        return Verdict("unpromoted", SECONDARY_SCORE, f"the secondary serves checkpoint {f.checkpoint}")
+    if f.stack_left:
+        return Verdict("failed", None, "the secondary's stack is up without its daemon")
+    return Verdict("stopped", None, "nothing runs")
