@@ -57,7 +57,8 @@ def facts(name: str, path: str | None) -> tuple[dict, Facts]:
               secondary_running=sec is not None and supervisor.running_pid(sec) is not None,
               stack_left=stack_left, taken_over=taken_over,
               checkpoint=st.checkpoint if st else 0, checkpoint_lost=bool(st and st.checkpoint_lost),
-              diverged=bool(st and st.diverged and cfg.role == "secondary"))
+              # After a handover (demote with the secondary connected) nothing was given up.
+              diverged=bool(st and st.diverged and st.diverged.get("ranges") and cfg.role == "secondary"))
     return {"name": cfg.name, "role": cfg.role, "both_roles": both, "config": cfg.source}, f
 
 

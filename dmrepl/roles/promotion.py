@@ -5,7 +5,9 @@ as the secondary (its view at the last checkpoint) or, if it holds the primary's
 with its disk untouched; promoted, it runs the primary.  The verdict says which of these the
 host is in and its promotion score, in tiers (Pacemaker promotes the highest):
 
-    10000  the primary's role (running, standing by, or a failover's stack): the newest data
+    10000  the primary runs here (or its stack without its daemon, or a failover's stack)
+     5000  this host holds the primary's role and stands by: it has writes its secondary's
+           checkpoint lacks, but a primary running on the other host (after a failover) stays
      1000  a secondary serving a consistent checkpoint: a failover takes over there
     (none) a secondary with no checkpoint yet (initial sync), a lost hidden store, writes
            given up and not yet replaced by the primary's (after `resolve`), or nothing running
@@ -20,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 PRIMARY_SCORE = 10000
+STANDBY_SCORE = 5000
 SECONDARY_SCORE = 1000
 
 
@@ -54,7 +57,7 @@ def assess(f: Facts) -> Verdict:
         if f.stack_left:
             return Verdict("failed", PRIMARY_SCORE, "the primary's stack is up without its daemon "
                            "(`dmrepl up` takes it over)")
-        return Verdict("standby", PRIMARY_SCORE, "this host holds the primary's role; nothing runs")
+        return Verdict("standby", STANDBY_SCORE, "this host holds the primary's role; nothing runs")
     if f.secondary_running:
         if f.checkpoint_lost:
             return Verdict("unpromoted", None, "the hidden store was lost: no checkpoint to take over at")

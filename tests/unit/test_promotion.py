@@ -11,7 +11,7 @@ import pytest
 
 from dmrepl.daemon import detach
 from dmrepl.errors import DmreplError
-from dmrepl.roles.promotion import PRIMARY_SCORE, SECONDARY_SCORE, Facts, assess
+from dmrepl.roles.promotion import PRIMARY_SCORE, SECONDARY_SCORE, STANDBY_SCORE, Facts, assess
 
 
 def facts(**kw) -> Facts:
@@ -24,7 +24,7 @@ def facts(**kw) -> Facts:
     (dict(role="primary", primary_state="replicating", stack_left=True), "promoted", PRIMARY_SCORE),
     (dict(role="primary", primary_state="degraded", stack_left=True), "promoted", PRIMARY_SCORE),
     (dict(role="primary", primary_state="failed", stack_left=True), "failed", PRIMARY_SCORE),
-    (dict(role="primary"), "standby", PRIMARY_SCORE),
+    (dict(role="primary"), "standby", STANDBY_SCORE),
     (dict(role="primary", stack_left=True), "failed", PRIMARY_SCORE),
     (dict(role="primary", stack_left=True, taken_over=True), "failed", PRIMARY_SCORE),
     (dict(secondary_running=True, stack_left=True, checkpoint=12), "unpromoted", SECONDARY_SCORE),
@@ -41,9 +41,10 @@ def test_each_host_state_has_its_run_and_score(kw, run, score):
     assert v.why
 
 
-def test_the_primary_always_outranks_a_secondary():
-    primary = assess(facts(role="primary")).score
-    assert primary > assess(facts(secondary_running=True, checkpoint=10**9)).score
+def test_a_running_primary_outranks_a_standby_which_outranks_any_secondary():
+    running = assess(facts(role="primary", primary_state="degraded", stack_left=True)).score
+    standby = assess(facts(role="primary")).score
+    assert running > standby > assess(facts(secondary_running=True, checkpoint=10**9)).score
 
 
 DAEMON = textwrap.dedent("""

@@ -52,7 +52,9 @@ def failover(stack: Stack, states: StateStore, st: ResourceState,
     check(stack.cfg.name, st.role, Op.FAILOVER)
     if is_noop(st.role, Op.FAILOVER):
         return st  # already switched: the merge goes on
-    if st.diverged is not None and st.role == Role.SECONDARY:
+    # Given up, not yet replaced: a mix.  Nothing given up (a handover: the last checkpoint held
+    # every write) leaves the view at that checkpoint.
+    if st.diverged is not None and st.diverged.get("ranges") and st.role == Role.SECONDARY:
         raise DmreplError("this host gave its writes up (`resolve --discard-my-data`) and its resync from the "
                           "primary has not reached a checkpoint yet: its view is not a checkpoint, a failover "
                           "now would take over a mix of both hosts' data",

@@ -1,0 +1,149 @@
+"""The Pacemaker agent ocf/dmrepl: ocf-tester green, then a planned switchover both ways and a
+demote without the secondary, all through the agent (kernel tier, e2e).
+
+Two "hosts" in one VM (daemons_lab: namespaces p and s, resources r5 and r5b with both roles'
+sections; each [secondary] serves from its host's namespace).  The agent is installed where
+Pacemaker looks for ocf:dmrepl:dmrepl and run as Pacemaker runs it: the action as its argument,
+parameters as OCF_RESKEY_*.  No cluster runs, so no promotion score is stored (the agent's
+crm calls are best effort); the scores are read from `dmrepl role`, which the agent uses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+from daemons_lab import B_NAME, NAME, START_TIMEOUT, TOP, both_roles, cli_of, name_of, status_of
+
+from dmrepl import poll
+from dmrepl.kernel import blockdev, dm
+from dmrepl.names import StackNames
+
+pytestmark = [pytest.mark.kernel, pytest.mark.timeout(1500, method="signal")]
+
+SOURCE = os.path.join(os.path.dirname(__file__), "..", "..", "ocf", "dmrepl")
+AGENT = "/usr/lib/ocf/resource.d/dmrepl/dmrepl"
+OCF_SUCCESS, OCF_NOT_RUNNING, OCF_RUNNING_PROMOTED = 0, 7, 8
+B_TOP, B_ACTIVE = StackNames(B_NAME).mapper_path_top(), StackNames(B_NAME).mapper_path("active")
+MiB = 1 << 20
+
+
+def agent(hosts, host: str, action: str, expect: int = OCF_SUCCESS) -> str:
+    env = {**os.environ, "OCF_ROOT": "/usr/lib/ocf", "OCF_RESOURCE_INSTANCE": f"dmrepl-{host}",
+           "OCF_RESKEY_name": name_of(host), "OCF_RESKEY_config": hosts.config(host),
+           "OCF_RESKEY_CRM_meta_timeout": "600000", "HA_LOGFILE": os.path.join(hosts.logs, f"agent-{host}.log")}
+    r = subprocess.run([AGENT, action], env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == expect, (host, action, r.returncode, r.stdout, r.stderr, _tail(hosts, host))
+    return r.stdout
+
+
+def _tail(hosts, host: str) -> str:
+    path = os.path.join(hosts.logs, f"agent-{host}.log")
+    with open(path, errors="replace") if os.path.exists(path) else open(os.devnull) as f:
+        return "".join(f.readlines()[-30:])
+
+
+def role(hosts, host: str) -> dict:
+    r = cli_of(hosts, host, "role", "--json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def _ours_left() -> list[str]:
+    with dm.Control() as ctl:
+        return [d.name for d in ctl.list_devices() if d.name.startswith((f"dmrepl-{NAME}", f"dmrepl-{B_NAME}"))]
+
+
+def _pattern(tag: bytes, size: int) -> bytes:
+    return b"".join(tag + i.to_bytes(4, "big") + b"." * (4096 - len(tag) - 4) for i in range(size // 4096))
+
+
+def test_ocf_tester_then_switchover_both_ways_and_a_demote_without_the_secondary(hosts):
+    both_roles(hosts)
+    for host in ("p", "s"):                 # each host's secondary serves from its namespace
+        path = hosts.config(host)
+        with open(path) as f:
+            text = f.read()
+        with open(path, "w") as f:
+            f.write(text.replace("[secondary]\n", f'[secondary]\nnetns = "{hosts.lab.hosts[host].netns}"\n', 1))
+    os.makedirs(os.path.dirname(AGENT), exist_ok=True)
+    shutil.copy(SOURCE, AGENT)
+    os.chmod(AGENT, 0o755)
+    try:
+        _run(hosts)
+    finally:
+        for host in ("p", "s"):
+            if _ours_left():
+                cli_of(hosts, host, "down", "--force")
+        os.unlink(AGENT)
+
+
+def _run(hosts):
+    # s starts unpromoted (start_as secondary): its secondary serves, and with no checkpoint yet
+    # it must not be promoted.
+    agent(hosts, "s", "start")
+    agent(hosts, "s", "monitor", OCF_SUCCESS)
+    r = role(hosts, "s")
+    assert (r["run"], r["role"], r["score"], r["both_roles"]) == ("unpromoted", "secondary", None, True), r
+
+    # ocf-tester drives p (start_as primary) through every action, s being its real secondary:
+    # start (standby), promote (the primary, initial sync to s), demote (a last checkpoint, then
+    # p becomes s's fellow secondary), promote again (failover on p, up as primary, delta resync)...
+    t = subprocess.run(["ocf-tester", "-n", NAME, "-o", f"name={NAME}", "-o", f"config={hosts.config('p')}",
+                        "-o", "CRM_meta_timeout=600000", AGENT], capture_output=True, text=True, timeout=1200,
+                       env={**os.environ, "HA_LOGFILE": os.path.join(hosts.logs, "agent-p.log")})
+    assert t.returncode == 0 and f"{NAME} passed all tests" in t.stdout, (t.stdout, t.stderr, _tail(hosts, "p"))
+    p, s = role(hosts, "p"), role(hosts, "s")
+    # Its last demote handed over: both hosts are secondaries at the same checkpoint.
+    assert (p["run"], p["role"]) == ("stopped", "secondary"), p
+    assert (s["run"], s["score"]) == ("unpromoted", 1000) and s["checkpoint"] == p["checkpoint"] >= 2, (p, s)
+
+    # s is promoted: a failover at that checkpoint, then the primary, degraded while p is stopped.
+    agent(hosts, "s", "promote")
+    agent(hosts, "s", "monitor", OCF_RUNNING_PROMOTED)
+    assert status_of(hosts, "s")["state"] == "degraded"
+    agent(hosts, "p", "start")                                  # p comes back as s's secondary
+    agent(hosts, "p", "monitor", OCF_SUCCESS)
+    poll.wait_for(lambda: status_of(hosts, "s"), "s to resync p and replicate",
+                  ok=lambda st: st and st["state"] == "replicating", timeout=START_TIMEOUT)
+    data = _pattern(b"s-wrote", MiB)
+    blockdev.write_at(B_TOP, 0, data)                           # s's consumer
+    assert (role(hosts, "s")["score"], role(hosts, "p")["run"]) == (10000, "unpromoted")
+
+    # A planned switchover to p (the consumer is stopped): no write lost, roles swapped.
+    agent(hosts, "s", "demote")
+    agent(hosts, "s", "monitor", OCF_SUCCESS)
+    agent(hosts, "p", "promote")
+    agent(hosts, "p", "monitor", OCF_RUNNING_PROMOTED)
+    poll.wait_for(lambda: status_of(hosts, "p"), "p to replicate to s",
+                  ok=lambda st: st and st["state"] == "replicating", timeout=START_TIMEOUT)
+    assert blockdev.read_at(TOP, 0, MiB) == data
+    assert blockdev.read_at(TOP, MiB, 4096) == b"\x11" * 4096
+    more = _pattern(b"p-wrote", MiB)
+    blockdev.write_at(TOP, MiB, more)
+    r = cli_of(hosts, "p", "checkpoint")
+    assert r.returncode == 0, r.stderr
+    assert blockdev.read_at(B_ACTIVE, 0, 2 * MiB) == data + more     # s's standby view
+    assert (role(hosts, "p")["score"], role(hosts, "s")["score"]) == (10000, 1000)
+
+    # Without its secondary, a demoted primary stands by with its writes (never given up).
+    agent(hosts, "s", "stop")
+    agent(hosts, "s", "monitor", OCF_NOT_RUNNING)
+    poll.wait_for(lambda: status_of(hosts, "p"), "p to lose s", ok=lambda st: st and st["state"] == "degraded",
+                  timeout=60)
+    last = _pattern(b"p-alone", 4096)
+    blockdev.write_at(TOP, 2 * MiB, last)
+    agent(hosts, "p", "demote")
+    agent(hosts, "p", "monitor", OCF_SUCCESS)
+    r = role(hosts, "p")
+    assert (r["run"], r["role"], r["score"]) == ("standby", "primary", 5000), r
+    assert not os.path.exists(TOP)
+    agent(hosts, "p", "promote")                                # up again as primary, degraded
+    agent(hosts, "p", "monitor", OCF_RUNNING_PROMOTED)
+    assert blockdev.read_at(TOP, 0, 2 * MiB + 4096) == data + more + last
+    agent(hosts, "p", "stop")
+    agent(hosts, "p", "monitor", OCF_NOT_RUNNING)
+    assert _ours_left() == []
