@@ -241,7 +241,21 @@ def _p_checkpoint(cfg: PrimaryConfig, args) -> int:
 
 
 def _p_verify(cfg: PrimaryConfig, args) -> int:
-    r = control.request(_sock(cfg), "verify", timeout=None, repair=args.repair)
+    from concurrent.futures import ThreadPoolExecutor, wait
+
+    from dmrepl.daemon.progress import bar_text
+
+    bar = sys.stderr.isatty() and not args.json     # in a log: the daemon's own lines (each 25 %)
+    with ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(control.request, _sock(cfg), "verify", timeout=None, repair=args.repair)
+        while bar and not wait([fut], timeout=0.5).done:
+            p = control.request(_sock(cfg), "status", timeout=10).get("verify")
+            if p:
+                print("\r" + bar_text("verify", p["done_bytes"], p["total_bytes"], p["rate_bytes_s"], p["eta_s"]),
+                      end="", file=sys.stderr, flush=True)
+        r = fut.result()
+    if bar:
+        print(file=sys.stderr)
     r.pop("ok", None)
     if args.json:
         print_json({"name": cfg.name, **r})

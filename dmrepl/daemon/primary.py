@@ -35,10 +35,10 @@ from dmrepl.daemon.machine import Event, Machine, State
 from dmrepl.daemon.notify import Notifier
 from dmrepl.daemon.primary_link import Lost, SecondaryLink
 from dmrepl.daemon.primary_resync import Resync, ResyncStopped, verify
-from dmrepl.daemon.progress import Progress, log
+from dmrepl.daemon.progress import Progress, log, rate_and_eta
 from dmrepl.daemon.split_brain import HelloResponder
 from dmrepl.errors import DmreplError
-from dmrepl.kernel import netns
+from dmrepl.kernel import dm, netns
 from dmrepl.link.frames import FrameError, Kind
 from dmrepl.nbd import netlink
 from dmrepl.nbd.attach import AttachError
@@ -66,6 +66,7 @@ class PrimaryDaemon:
         self.eventlog = EventLog(cfg.resource_state_dir, cfg.name, "primary")
         self.pauses = metrics.PauseHistogram()
         self.sync: Progress | None = None      # the initial sync's, while it runs
+        self.verifying: dict | None = None     # a verify's progress, while it runs
         self.machine.on_move = self._moved
 
     def _moved(self, m: Machine, previous: State, event: Event) -> None:
@@ -88,6 +89,14 @@ class PrimaryDaemon:
     # -- the loop -----------------------------------------------------------------
 
     def run(self) -> None:
+        """Wakes on the NBD link's netlink events, the control link, a dm event (a leg the mirror
+        marked failed: the armed control fd, docs/kernel-notes.md), a request, or the next
+        heartbeat or checkpoint."""
+        with dm.Control() as dm_events:
+            dm_events.arm_events()
+            self._loop(dm_events)
+
+    def _loop(self, dm_events: dm.Control) -> None:
         interval = self.cfg.checkpoint_interval_s
         hb = self.cfg.heartbeat_interval_s
         next_cp = time.monotonic() + interval if interval else float("inf")
@@ -98,10 +107,13 @@ class PrimaryDaemon:
             if self.machine.state in (State.RESYNCING, State.DEGRADED):
                 timeout = min(timeout, 0.2)
             session = self.link.session
-            fds = [self.events.fileno(), self.wake_r.fileno()] + ([session.sock.fileno()] if session else [])
+            fds = [self.events.fileno(), self.wake_r.fileno(), dm_events.fileno()] + \
+                ([session.sock.fileno()] if session else [])
             ready, _, _ = select.select(fds, [], [], timeout)
             if self.wake_r.fileno() in ready:
                 self.wake_r.recv(4096)
+            if dm_events.fileno() in ready:
+                dm_events.arm_events()      # before the kernel's status is read below
             self.serve_requests()
             try:
                 if self.events.fileno() in ready:
@@ -262,12 +274,20 @@ class PrimaryDaemon:
 
     def verify(self, repair: bool) -> dict:
         """Compare all of P and S by digests; with `repair`, resync the pieces that differ."""
+        t0 = time.monotonic()
+
+        def progress(done: int, total: int) -> None:
+            rate, eta = rate_and_eta(done, total, t0)
+            self.verifying = {"work": "verify", "done_bytes": done, "total_bytes": total,
+                              "rate_bytes_s": round(rate), "eta_s": None if eta is None else round(eta, 1)}
         try:
             report, pieces, region = verify(self.pri, self.devs, self.link.session,
-                                            self.link.heartbeat_silence_s)
+                                            self.link.heartbeat_silence_s, progress)
         except (FrameError, OSError) as e:
             self.lost(Event.LINK_ERROR, f"the control link broke during verify: {e}")
             raise DmreplError(f"verify stopped: the control link broke ({e})") from None
+        finally:
+            self.verifying = None
         if repair and pieces:
             self.machine.fire(Event.REPAIR, f"verify --repair: {len(pieces)} piece(s) differ")
             self.resync = Resync(self.pri, self.devs, self.link.nbd.path, self.link.session,
@@ -306,6 +326,7 @@ def status_reply(d: "PrimaryDaemon", pri: Primary) -> dict:
             "nbd_dead_connections": d.link.dead_sockets, "split_brain": d.link.split_brain,
             "resync": d.resync.status() if d.resync else None, "last_resync": d.last_resync,
             "sync": d.sync.latest if d.sync is not None and m.state == State.SYNCING else None,
+            "verify": d.verifying,
             "secondary": f"{d.link.peer_cfg.link_host}:{d.link.peer_cfg.link_port}",
             "checkpoint_interval_s": d.cfg.checkpoint_interval_s, "tunnel": tunnel.status(d.cfg),
             "devices": pri.devices(), **pri.kernel_status(),

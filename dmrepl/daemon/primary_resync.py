@@ -36,10 +36,12 @@ class ResyncStopped(Exception):
 VERIFY_PASSES = 3   # a piece must differ this many times in a row: a write in flight is not a difference
 
 
-def verify(pri: Primary, devs: Devices, session: Session, silence_s: float) -> tuple[dict, list[int], int]:
+def verify(pri: Primary, devs: Devices, session: Session, silence_s: float,
+           on_progress=lambda done_bytes, total_bytes: None) -> tuple[dict, list[int], int]:
     """All of P against all of S by digests while replication runs; returns (report, differing
     pieces, piece sectors).  Pieces that differ are compared again: a write between the two
-    reads of a piece makes it differ once, a real difference every time."""
+    reads of a piece makes it differ once, a real difference every time.  `on_progress` hears
+    the first pass's bytes compared."""
     size = pri.size_bytes()
     region = resync.region_sectors(size)
     piece = region * 512
@@ -48,6 +50,7 @@ def verify(pri: Primary, devs: Devices, session: Session, silence_s: float) -> t
     shown = [-1]
 
     def progress(done, total):
+        on_progress(done * piece, total * piece)
         pct = 100 * done // max(total, 1)
         if pct // 25 != shown[0] // 25:
             log(f"verify: {pct}% ({done} of {total} pieces of {piece // 1024} KiB)")

@@ -21,6 +21,18 @@ def eta_text(seconds: float | None) -> str:
     return f"{m // 60}:{m % 60:02d}:{sec:02d}" if m >= 60 else f"{m:02d}:{sec:02d}"
 
 
+def rate_and_eta(done: int, total: int, t0: float) -> tuple[float, float | None]:
+    """Bytes a second since `t0` (time.monotonic) and the seconds left at that rate."""
+    rate = done / max(time.monotonic() - t0, 1e-6)
+    return rate, ((total - done) / rate if rate > 0 else None)
+
+
+def bar_text(work: str, done: int, total: int, rate: float, eta: float | None) -> str:
+    """One terminal line: `work [#####    ]  40%   12.3 MB/s  ETA 00:12`."""
+    pct = 100 * done // max(total, 1)
+    return f"{work:6} [{'#' * (pct // 4):<25}] {pct:3d}%  {rate / 1e6:7.1f} MB/s  ETA {eta_text(eta)}"
+
+
 class Progress:
     """The initial sync's progress: a live bar with rate and ETA on a terminal, a line every 10 %
     in a log; `latest` for `status --json`, `on_step` (every 10 %) for the event log."""
@@ -41,8 +53,7 @@ class Progress:
             raise DmreplError(f"initial sync stopped at {done >> 20} of {total >> 20} MiB ({phase})",
                               "S is incomplete: the next start copies it again")
         pct = 100 * done // max(total, 1)
-        rate = done / max(time.monotonic() - self.t0, 1e-6)
-        eta = (total - done) / rate if rate > 0 else None
+        rate, eta = rate_and_eta(done, total, self.t0)
         self.latest = {"work": "initial sync", "phase": phase, "done_bytes": done, "total_bytes": total,
                        "rate_bytes_s": round(rate), "eta_s": None if eta is None else round(eta, 1)}
         line = (f"{phase} {pct}% ({done >> 20} of {total >> 20} MiB, {rate / 1e6:.1f} MB/s, "
@@ -50,9 +61,7 @@ class Progress:
         if self.notifier is not None and pct != self.shown:
             self.notifier.extend_start(EXTEND_S, f"primary, initial sync: {line}")
         if self.tty:
-            bar = "#" * (pct // 4)
-            print(f"\r{phase:6} [{bar:<25}] {pct:3d}%  {rate / 1e6:7.1f} MB/s  ETA {eta_text(eta)}", end="",
-                  file=sys.stderr, flush=True)
+            print("\r" + bar_text(phase, done, total, rate, eta), end="", file=sys.stderr, flush=True)
             if done >= total:
                 print(file=sys.stderr)
         if pct // 10 != self.shown // 10 or done >= total:

@@ -313,6 +313,12 @@ class Control:
         """DM_DEV_WAIT: block (GIL released) until the device's event counter passes event_nr."""
         return self._info(self._do_ioctl("DM_DEV_WAIT", name, event_nr=event_nr))
 
+    def arm_events(self) -> None:
+        """DM_DEV_ARM_POLL: from now on this fd turns readable (select, poll) at the next event of
+        any dm device -- a mirror leg failing, a snapshot invalidated (dm-ioctl.c: dm_poll).  Arm
+        again after it was readable, before reading the states that changed."""
+        self._do_ioctl("DM_DEV_ARM_POLL")
+
     def wait_event(self, name: str, event_nr: int, timeout: float | None = None) -> DeviceInfo | None:
         """Wait until the event counter of `name` differs from event_nr, or the timeout.
 
@@ -324,7 +330,7 @@ class Control:
         poller = select.poll()
         poller.register(self._fd, select.POLLIN)
         while True:
-            self._do_ioctl("DM_DEV_ARM_POLL")
+            self.arm_events()
             info = self.info(name)
             if info.event_nr != event_nr:
                 return info

@@ -2,12 +2,14 @@
 
 import errno
 import os
+import select
 import stat
 import threading
 
 import pytest
+import pyudev
 
-from dmrepl.kernel import blockdev
+from dmrepl.kernel import blockdev, dm
 from dmrepl.kernel.errors import BlockDeviceError, DMError
 from dmrepl.kernel.status import SnapshotStatus
 from dmrepl.kernel.tables import Error, Linear, Snapshot, SnapshotOrigin
@@ -138,6 +140,30 @@ def test_snapshot_fills_up_raises_event_and_goes_invalid(ctl, loops, devices):
     assert e.value.errno == errno.EIO
     # The origin carries on regardless.
     assert blockdev.read_at(f"/dev/mapper/{origin}", 0, 4096) == b"\x22" * 4096
+
+
+def test_an_armed_control_turns_readable_at_a_device_event(ctl, loops, devices):
+    """DM_DEV_ARM_POLL: the primary's loop selects on its control fd so that a dm event (a mirror
+    leg failing, a store invalidated) wakes it at once; here a store's overflow."""
+    origin_disk = loops.make("s", 16 * MiB, fill=b"\x11")
+    cow = loops.make("cow", MiB)
+    size = 16 * SECTORS_PER_MiB
+    origin = devices.create("origin", None)
+    ctl.load(origin, [SnapshotOrigin(0, size, origin_disk)])
+    devices.create("snap", [Snapshot(0, size, origin_disk, cow, "P", 8)])
+    ctl.resume(origin)
+    uevents = pyudev.Monitor.from_netlink(pyudev.Context(), source="kernel")
+    uevents.filter_by("block")
+    uevents.start()
+    with dm.Control() as watcher:
+        watcher.arm_events()
+        assert select.select([watcher], [], [], 0.3)[0] == []
+        blockdev.write_at(f"/dev/mapper/{origin}", 0, b"\x22" * (4 * MiB))    # the 1 MiB store overflows
+        assert select.select([watcher], [], [], 30)[0] == [watcher]
+        watcher.arm_events()                                                # seen: quiet again
+        assert select.select([watcher], [], [], 0.3)[0] == []
+    # udev hears nothing of it: a table event sends no uevent (only dm-mpath queues some).
+    assert [(d.action, d.sys_name) for d in iter(lambda: uevents.poll(0.5), None)] == []
 
 
 def test_wait_event_times_out_without_event(ctl, loops, devices):

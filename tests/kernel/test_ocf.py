@@ -22,7 +22,7 @@ from dmrepl import poll
 from dmrepl.kernel import blockdev, dm
 from dmrepl.names import StackNames
 
-pytestmark = [pytest.mark.kernel, pytest.mark.timeout(1500, method="signal")]
+pytestmark = [pytest.mark.kernel, pytest.mark.timeout(2400, method="signal")]
 
 SOURCE = os.path.join(os.path.dirname(__file__), "..", "..", "ocf", "dmrepl")
 AGENT = "/usr/lib/ocf/resource.d/dmrepl/dmrepl"

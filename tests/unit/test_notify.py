@@ -86,6 +86,13 @@ def test_the_sync_progress_has_a_rate_an_eta_a_status_value_and_steps(capsys):
     assert (eta_text(None), eta_text(59.6), eta_text(61), eta_text(3725)) == ("--:--", "01:00", "01:01", "1:02:05")
 
 
+def test_a_progress_bar_line_for_the_sync_and_the_verify():
+    from dmrepl.daemon.progress import bar_text
+    assert bar_text("verify", 40 << 20, 100 << 20, 12.34e6, 12.2) == (
+        "verify [##########               ]  40%     12.3 MB/s  ETA 00:12")
+    assert bar_text("copy", 0, 0, 0.0, None) == "copy   [                         ]   0%      0.0 MB/s  ETA --:--"
+
+
 def test_every_state_move_and_the_sync_progress_update_the_status(listener):
     path, s = listener
     n = Notifier(path)
