@@ -24,7 +24,8 @@ from dmrepl.errors import DmreplError
 STOP_TIMEOUT = 90.0
 
 
-def _tail(path: str, offset: int, lines: int = 12) -> str:
+def log_since(path: str, offset: int, lines: int = 12) -> str:
+    """The last lines written to the log after `offset`: this start's, not an earlier run's."""
     try:
         with open(path, "rb") as f:
             f.seek(offset)
@@ -52,12 +53,12 @@ def start(argv: list[str], log_path: str, timeout: float) -> tuple[int, str]:
             while True:
                 if proc.poll() is not None:
                     raise DmreplError(f"the daemon exited with status {proc.returncode} before it was ready; "
-                                      f"its log says:\n{_tail(log_path, offset)}", f"see {log_path}")
+                                      f"its log says:\n{log_since(log_path, offset)}", f"see {log_path}")
                 left = deadline - time.monotonic()
                 if left <= 0:
                     _stop(proc)
                     raise DmreplError(f"the daemon was not ready within {timeout:.0f} s and was stopped; its log "
-                                      f"says:\n{_tail(log_path, offset)}", f"see {log_path}; a longer --timeout")
+                                      f"says:\n{log_since(log_path, offset)}", f"see {log_path}; a longer --timeout")
                 sock.settimeout(min(0.5, left))
                 try:
                     fields = _fields(sock.recv(4096))

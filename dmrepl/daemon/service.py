@@ -15,21 +15,10 @@ from dmrepl import poll, private
 from dmrepl.config import SecondaryConfig
 from dmrepl.daemon import supervisor as daemon
 from dmrepl.daemon import tunnel
+from dmrepl.daemon.detach import log_since
 from dmrepl.daemon.export import port_accepts
 from dmrepl.errors import DmreplError
 from dmrepl.roles.secondary import Secondary
-
-
-def _log_since(path: str, offset: int, lines: int = 8) -> str:
-    """The last lines written to the log after `offset`: this start's, not an earlier run's."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(offset)
-            text = f.read().decode(errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.strip().splitlines()[-lines:])
-
 
 # A Python start plus nbdkit's: well under a second on a host, tens of seconds on a loaded host
 # under emulation (a test VM once took more than 30 s).
@@ -71,12 +60,12 @@ def start_daemon(cfg: SecondaryConfig, config_path: str, timeout: float = DAEMON
     came_up = poll.until(ready, timeout=timeout, interval=0.05)
     if proc.poll() is not None:
         raise DmreplError(f"the daemon exited with status {proc.returncode}; its log says:\n"
-                          f"{_log_since(log_path, offset)}", f"see {log_path}")
+                          f"{log_since(log_path, offset, 8)}", f"see {log_path}")
     if not came_up:
         proc.terminate()
         proc.wait()
         raise DmreplError(f"the NBD export did not come up within {timeout:.0f} s; the daemon's log says:\n"
-                          f"{_log_since(log_path, offset)}", f"see {log_path}")
+                          f"{log_since(log_path, offset, 8)}", f"see {log_path}")
     return proc.pid
 
 
