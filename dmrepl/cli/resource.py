@@ -249,7 +249,10 @@ def _p_verify(cfg: PrimaryConfig, args) -> int:
     with ThreadPoolExecutor(1) as pool:
         fut = pool.submit(control.request, _sock(cfg), "verify", timeout=None, repair=args.repair)
         while bar and not wait([fut], timeout=0.5).done:
-            p = control.request(_sock(cfg), "status", timeout=10).get("verify")
+            try:
+                p = control.request(_sock(cfg), "status", timeout=10).get("verify")
+            except (DmreplError, OSError):
+                continue                    # the bar waits; the verify's own answer decides
             if p:
                 print("\r" + bar_text("verify", p["done_bytes"], p["total_bytes"], p["rate_bytes_s"], p["eta_s"]),
                       end="", file=sys.stderr, flush=True)

@@ -51,9 +51,6 @@ def start(argv: list[str], log_path: str, timeout: float) -> tuple[int, str]:
                                         start_new_session=True, env={**os.environ, "NOTIFY_SOCKET": path})
             deadline = time.monotonic() + timeout
             while True:
-                if proc.poll() is not None:
-                    raise DmreplError(f"the daemon exited with status {proc.returncode} before it was ready; "
-                                      f"its log says:\n{log_since(log_path, offset)}", f"see {log_path}")
                 left = deadline - time.monotonic()
                 if left <= 0:
                     _stop(proc)
@@ -63,6 +60,10 @@ def start(argv: list[str], log_path: str, timeout: float) -> tuple[int, str]:
                 try:
                     fields = _fields(sock.recv(4096))
                 except socket.timeout:
+                    # Only once nothing is queued: a READY=1 sent just before an exit still counts.
+                    if proc.poll() is not None:
+                        raise DmreplError(f"the daemon exited with status {proc.returncode} before it was ready; "
+                                          f"its log says:\n{log_since(log_path, offset)}", f"see {log_path}") from None
                     continue
                 if "EXTEND_TIMEOUT_USEC" in fields:
                     deadline = max(deadline, time.monotonic() + int(fields["EXTEND_TIMEOUT_USEC"]) / 1e6)

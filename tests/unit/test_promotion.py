@@ -26,7 +26,10 @@ def facts(**kw) -> Facts:
     (dict(role="primary", primary_state="failed", stack_left=True), "failed", PRIMARY_SCORE),
     (dict(role="primary"), "standby", STANDBY_SCORE),
     (dict(role="primary", stack_left=True), "failed", PRIMARY_SCORE),
-    (dict(role="primary", stack_left=True, taken_over=True), "failed", PRIMARY_SCORE),
+    (dict(role="primary", primary_state="unanswered", stack_left=True), "promoted", PRIMARY_SCORE),
+    (dict(role="primary", unclean=True), "standby", None),
+    (dict(role="primary", taken_over=True), "failed", PRIMARY_SCORE),
+    (dict(role="secondary", merging=True, stack_left=True), "failed", PRIMARY_SCORE),
     (dict(secondary_running=True, stack_left=True, checkpoint=12), "unpromoted", SECONDARY_SCORE),
     (dict(secondary_running=True, stack_left=True, checkpoint=0), "unpromoted", None),
     (dict(secondary_running=True, stack_left=True, checkpoint=12, checkpoint_lost=True), "unpromoted", None),
@@ -39,6 +42,10 @@ def test_each_host_state_has_its_run_and_score(kw, run, score):
     v = assess(facts(**kw))
     assert (v.run, v.score) == (run, score), v
     assert v.why
+    if kw.get("taken_over"):
+        assert "failover's stack" in v.why
+    if kw.get("unclean"):
+        assert "stopped without `down`" in v.why and "resolve" in v.why
 
 
 def test_a_running_primary_outranks_a_standby_which_outranks_any_secondary():

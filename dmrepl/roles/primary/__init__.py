@@ -36,6 +36,15 @@ MiB = 1 << 20
 SECTOR = 512
 MIN_ERA_METADATA_BYTES = 1 * MiB
 RESYNC_LOG_FILE = "resync-log.img"
+# Present from the primary's `up` to its `down`: left behind, the host stopped without one (a
+# crash, a power loss) and may not hold the newest data any more (the other host may have taken
+# over meanwhile).  roles/promotion.py reads it.
+UP_MARK_FILE = "primary-up"
+
+
+def stopped_uncleanly(resource_state_dir: str) -> bool:
+    return os.path.exists(os.path.join(resource_state_dir, UP_MARK_FILE))
+
 
 
 @dataclass(frozen=True)
@@ -191,6 +200,7 @@ class Primary:
                 st = st.evolve(history=st.history + [{"checkpoint": st.checkpoint, "era": self.stack.era().current_era,
                                                       "event": "up", "time": time.time()}])
                 self.states.save(st)
+                private.open_file(os.path.join(self.cfg.resource_state_dir, UP_MARK_FILE), "w").close()
             except BaseException:
                 dm.remove_tree(self.ctl, list(reversed(created)))
                 raise
@@ -209,6 +219,10 @@ class Primary:
         files = [p for _w, p in self.paths() if os.path.isfile(p)] + [self.resync_log_path]
         loops = list(devs.loops) if devs else [d for p in files if os.path.isfile(p) for d in loop.find(p)]
         done += self.detach(loops)
+        try:
+            os.unlink(os.path.join(self.cfg.resource_state_dir, UP_MARK_FILE))
+        except FileNotFoundError:
+            pass
         return done
 
     @staticmethod
