@@ -82,6 +82,7 @@ def test_ocf_tester_then_switchover_both_ways_and_a_demote_without_the_secondary
 
 
 def _run(hosts):
+    up_mark = hosts.dir / "p-state" / NAME / "primary-up"      # roles/primary: from up to down
     # s starts unpromoted (start_as secondary): its secondary serves, and with no checkpoint yet
     # it must not be promoted.
     agent(hosts, "s", "start")
@@ -121,6 +122,7 @@ def _run(hosts):
     agent(hosts, "s", "monitor", OCF_SUCCESS)
     agent(hosts, "p", "promote")
     agent(hosts, "p", "monitor", OCF_RUNNING_PROMOTED)
+    assert up_mark.exists()              # a crash from here on would leave it: no score then
     poll.wait_for(lambda: status_of(hosts, "p"), "p to replicate to s",
                   ok=lambda st: st and st["state"] == "replicating", timeout=START_TIMEOUT)
     assert blockdev.read_at(TOP, 0, MiB) == data
@@ -143,6 +145,7 @@ def _run(hosts):
     agent(hosts, "p", "monitor", OCF_SUCCESS)
     r = role(hosts, "p")
     assert (r["run"], r["role"], r["score"]) == ("standby", "primary", 5000), r
+    assert not up_mark.exists()          # stopped with `down`: clean
     assert not os.path.exists(TOP)
     agent(hosts, "p", "promote")                                # up again as primary, degraded
     agent(hosts, "p", "monitor", OCF_RUNNING_PROMOTED)
