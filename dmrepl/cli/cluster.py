@@ -41,10 +41,10 @@ def facts(name: str, path: str | None) -> tuple[dict, Facts]:
     from dmrepl.state import StateStore
 
     cfg = load(name, path)              # the role the state file records, else start_as
-    sec = _section(name, path, "secondary")
-    if not isinstance(sec, SecondaryConfig):
-        sec = None
-    both = isinstance(_section(name, path, "primary"), PrimaryConfig) and sec is not None
+    # The other role's section, if the config has it (read once more only for that one).
+    other = _section(name, path, "primary" if isinstance(cfg, SecondaryConfig) else "secondary")
+    sec = cfg if isinstance(cfg, SecondaryConfig) else other if isinstance(other, SecondaryConfig) else None
+    both = sec is not None and (isinstance(cfg, PrimaryConfig) or isinstance(other, PrimaryConfig))
     try:
         primary_state = control.request(control.socket_path(cfg.resource_state_dir), "status", timeout=10)["state"]
     except control.DaemonNotRunning:

@@ -35,7 +35,7 @@ from dmrepl.daemon.machine import Event, Machine, State
 from dmrepl.daemon.notify import Notifier
 from dmrepl.daemon.primary_link import Lost, SecondaryLink
 from dmrepl.daemon.primary_resync import Resync, ResyncStopped, verify
-from dmrepl.daemon.progress import Progress, log, rate_and_eta
+from dmrepl.daemon.progress import Progress, log, progress_fields, rate_and_eta
 from dmrepl.daemon.split_brain import HelloResponder
 from dmrepl.errors import DmreplError
 from dmrepl.kernel import dm, netns
@@ -277,9 +277,7 @@ class PrimaryDaemon:
         t0 = time.monotonic()
 
         def progress(done: int, total: int) -> None:
-            rate, eta = rate_and_eta(done, total, t0)
-            self.verifying = {"work": "verify", "done_bytes": done, "total_bytes": total,
-                              "rate_bytes_s": round(rate), "eta_s": None if eta is None else round(eta, 1)}
+            self.verifying = {"work": "verify", **progress_fields(done, total, *rate_and_eta(done, total, t0))}
         try:
             report, pieces, region = verify(self.pri, self.devs, self.link.session,
                                             self.link.heartbeat_silence_s, progress)

@@ -27,6 +27,12 @@ def rate_and_eta(done: int, total: int, t0: float) -> tuple[float, float | None]
     return rate, ((total - done) / rate if rate > 0 else None)
 
 
+def progress_fields(done: int, total: int, rate: float, eta: float | None) -> dict:
+    """A long job's progress as `status --json` shows it (the initial sync's `sync`, `verify`)."""
+    return {"done_bytes": done, "total_bytes": total, "rate_bytes_s": round(rate),
+            "eta_s": None if eta is None else round(eta, 1)}
+
+
 def bar_text(work: str, done: int, total: int, rate: float, eta: float | None) -> str:
     """One terminal line: `work [#####    ]  40%   12.3 MB/s  ETA 00:12`."""
     pct = 100 * done // max(total, 1)
@@ -54,8 +60,7 @@ class Progress:
                               "S is incomplete: the next start copies it again")
         pct = 100 * done // max(total, 1)
         rate, eta = rate_and_eta(done, total, self.t0)
-        self.latest = {"work": "initial sync", "phase": phase, "done_bytes": done, "total_bytes": total,
-                       "rate_bytes_s": round(rate), "eta_s": None if eta is None else round(eta, 1)}
+        self.latest = {"work": "initial sync", "phase": phase, **progress_fields(done, total, rate, eta)}
         line = (f"{phase} {pct}% ({done >> 20} of {total >> 20} MiB, {rate / 1e6:.1f} MB/s, "
                 f"ETA {eta_text(eta)})")
         if self.notifier is not None and pct != self.shown:

@@ -112,7 +112,8 @@ def test_invalid_name_rejected_before_the_kernel(ctl):
     assert ctl.list_devices() == []
 
 
-def test_snapshot_fills_up_raises_event_and_goes_invalid(ctl, loops, devices):
+def _snapshot_of_small_store(ctl, loops, devices) -> tuple[str, str]:
+    """A 16 MiB origin (0x11) and its snapshot on a 1 MiB store: 4 MiB of writes overflow it."""
     origin_disk = loops.make("s", 16 * MiB, fill=b"\x11")
     cow = loops.make("cow", MiB)
     size = 16 * SECTORS_PER_MiB
@@ -120,6 +121,11 @@ def test_snapshot_fills_up_raises_event_and_goes_invalid(ctl, loops, devices):
     ctl.load(origin, [SnapshotOrigin(0, size, origin_disk)])
     snap = devices.create("snap", [Snapshot(0, size, origin_disk, cow, "P", 8)])
     ctl.resume(origin)
+    return origin, snap
+
+
+def test_snapshot_fills_up_raises_event_and_goes_invalid(ctl, loops, devices):
+    origin, snap = _snapshot_of_small_store(ctl, loops, devices)
     before = ctl.info(snap)
     assert SnapshotStatus.parse(ctl.status(snap)[0].text).valid
     woke = {}
@@ -145,13 +151,7 @@ def test_snapshot_fills_up_raises_event_and_goes_invalid(ctl, loops, devices):
 def test_an_armed_control_turns_readable_at_a_device_event(ctl, loops, devices):
     """DM_DEV_ARM_POLL: the primary's loop selects on its control fd so that a dm event (a mirror
     leg failing, a store invalidated) wakes it at once; here a store's overflow."""
-    origin_disk = loops.make("s", 16 * MiB, fill=b"\x11")
-    cow = loops.make("cow", MiB)
-    size = 16 * SECTORS_PER_MiB
-    origin = devices.create("origin", None)
-    ctl.load(origin, [SnapshotOrigin(0, size, origin_disk)])
-    snap = devices.create("snap", [Snapshot(0, size, origin_disk, cow, "P", 8)])
-    ctl.resume(origin)
+    origin, snap = _snapshot_of_small_store(ctl, loops, devices)
     uevents = pyudev.Monitor.from_netlink(pyudev.Context(), source="kernel")
     uevents.filter_by("block")
     uevents.start()
