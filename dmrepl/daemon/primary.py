@@ -309,7 +309,7 @@ class PrimaryDaemon:
                 log(f"removed {line}")
         elif self.devs is not None:
             Primary.detach(list(self.devs.loops))
-        self.link.drop(None)
+        self.link.drop(None, lost=False)
 
 
 def status_reply(d: "PrimaryDaemon", pri: Primary) -> dict:

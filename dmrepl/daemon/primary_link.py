@@ -2,8 +2,8 @@
 that the secondary is lost.
 
     connect()   control link (key handshake), hello, NBD attach: all or nothing
-    drop()      NBD disconnected first (the kernel fails the leg's in-flight requests, so no
-                write waits for a dead secondary), then the mirror's leg dropped
+    drop()      NBD sockets shut down and disconnected first (the kernel fails the leg's in-flight
+                requests, so no write waits for a dead secondary), then the mirror's leg dropped
     signs       LINK_DEAD for an NBD connection, the secondary saying its nbdkit was restarted, a
                 broken or silent control link, heartbeats unanswered for
                 heartbeat_interval_s * heartbeat_misses: raised as `Lost`
@@ -28,7 +28,7 @@ from dmrepl.link import auth
 from dmrepl.link.frames import FrameError, Kind
 from dmrepl.link.session import Session
 from dmrepl.nbd import netlink
-from dmrepl.nbd.attach import Attached, AttachError, attach
+from dmrepl.nbd.attach import Attached, AttachError, attach, cut
 from dmrepl.roles.hello import Hello
 from dmrepl.roles.primary import Primary
 
@@ -97,7 +97,7 @@ class SecondaryLink:
             # The session's export name from the secondary's gate; the resource id for an open export.
             self.nbd = attach(self.nl, p.nbd_host, p.nbd_port, theirs.export_name or self.cfg.resource_id,
                               expected_size_bytes=self.pri.size_bytes(), connections=self.cfg.nbd_connections,
-                              timeout_s=self.cfg.nbd_timeout_s)
+                              timeout_s=self.cfg.nbd_timeout_s, keep_sockets=True)
         except BaseException:
             self.session.close()
             self.session = None
@@ -137,16 +137,22 @@ class SecondaryLink:
                 return   # the loop notices the broken session itself
             time.sleep(self.cfg.heartbeat_interval_s)
 
-    def drop(self, drop_leg) -> None:
-        """Close the session, disconnect NBD, then `drop_leg()` (None: no stack built yet)."""
+    def drop(self, drop_leg, *, lost: bool = True) -> None:
+        """Close the session, disconnect NBD, then `drop_leg()` (None: no stack built yet).  For a
+        lost secondary the NBD sockets are cut first (attach.cut): a sender blocked on a peer that
+        acknowledges nothing would hold the disconnect, and every write, for up to twice the NBD
+        timeout.  A planned stop (`lost=False`, the stack already gone) disconnects politely."""
         if self.session is not None:
             self.session.close()
             self.session = None
         nbd, self.nbd = self.nbd, None
         if nbd is None:
             return
+        if lost:
+            cut(nbd)
         if self.nl.is_connected(nbd.index):
             self.nl.disconnect(nbd.index)
+        cut(nbd)    # after a polite disconnect: closes this process's references only
         if drop_leg is not None:
             drop_leg()
             log(f"NBD: {nbd.path} disconnected and dropped from the mirror")

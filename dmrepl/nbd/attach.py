@@ -15,7 +15,7 @@ import errno
 import glob
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from dmrepl.nbd import netlink
 from dmrepl.nbd.handshake import handshake
@@ -55,6 +55,9 @@ class Attached:
     index: int
     info: ExportInfo
     connections: int
+    # This process's own references to the sockets the kernel took (attach(keep_sockets=True)),
+    # for cut(): empty otherwise.
+    sockets: tuple[socket.socket, ...] = field(default=(), compare=False, repr=False)
 
     @property
     def path(self) -> str:
@@ -95,8 +98,11 @@ def negotiate(host: str, port: int, export_name: str, *, timeout_s: float) -> tu
 
 def attach(nl: netlink.NBDNetlink, host: str, port: int, export_name: str, *,
            expected_size_bytes: int | None = None, connections: int = 1, timeout_s: int = 2,
-           dead_conn_timeout_s: int = 0, block_size: int = 4096, index: int | None = None) -> Attached:
-    """Negotiate `connections` sockets and attach them as one nbd device; returns it."""
+           dead_conn_timeout_s: int = 0, block_size: int = 4096, index: int | None = None,
+           keep_sockets: bool = False) -> Attached:
+    """Negotiate `connections` sockets and attach them as one nbd device; returns it.  With
+    `keep_sockets` the returned device keeps this process's references to its sockets, which
+    cut() needs (and closes)."""
     if connections < 1:
         raise ValueError(f"connections must be at least 1, got {connections}")
     socks: list[socket.socket] = []
@@ -125,10 +131,31 @@ def attach(nl: netlink.NBDNetlink, host: str, port: int, export_name: str, *,
                          block_size=block_size, timeout_s=timeout_s, dead_conn_timeout_s=dead_conn_timeout_s,
                          index=index, client_flags=netlink.ClientFlag.DESTROY_ON_DISCONNECT,
                          backend=f"{BACKEND_PREFIX}{export_name}")
-        return Attached(index=dev, info=info, connections=connections)
+        attached = Attached(index=dev, info=info, connections=connections, sockets=tuple(socks) if keep_sockets else ())
+        if keep_sockets:
+            socks = []
+        return attached
     finally:
         for s in socks:
             s.close()  # the kernel holds its own references to the sockets it took
+
+
+def cut(attached: Attached) -> None:
+    """Shut down the device's sockets (both directions) and close this process's references.
+
+    Call it before NBD_CMD_DISCONNECT when the peer is lost: the kernel's disconnect sends
+    NBD_CMD_DISC on each socket under that socket's transmit lock, and a sender holding the lock
+    while blocked on a full send buffer (a peer that acknowledges nothing: 100% packet loss)
+    keeps it until the NBD timeout gives the request up, twice with two connections
+    (docs/kernel-notes.md).  A shutdown wakes such a sender at once with EPIPE; the disconnect
+    then fails every request still in flight.  Without kept sockets this does nothing.
+    """
+    for s in attached.sockets:
+        try:
+            s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass    # already shut down or reset: nothing left to wake
+        s.close()
 
 
 def reconnect(nl: netlink.NBDNetlink, index: int, host: str, port: int, export_name: str, *,

@@ -6,6 +6,7 @@ them is the veth pair, where faults are injected.
 """
 
 import contextlib
+import errno
 import threading
 import time
 
@@ -288,3 +289,65 @@ def test_a_hundred_checkpoints_under_a_random_writer(two_hosts, lab):
                 stop.set()
                 t.join(timeout=30)
     assert not t.is_alive()
+
+
+@pytest.mark.parametrize("cut_first", [False, True], ids=["disconnect-alone", "cut-then-disconnect"])
+def test_a_peer_that_acknowledges_nothing_is_cut_off_at_once(lab, loops, cut_first):
+    """100% loss on the secondary's side: the primary's 4 MiB writes fill both sockets' send
+    buffers and their senders block (nothing is acknowledged).  NBD_CMD_DISCONNECT alone waits
+    behind them until the NBD timeout gives their requests up; a shutdown of the sockets first
+    (attach.cut) lets the disconnect fail every request at once."""
+    from dmrepl.nbd.attach import cut
+
+    timeout_s = 4
+    s_disk = loops.make("s", DISK)
+    s_addr = lab.hosts["s"].address
+    export = lab.popen("s", nbdkit_argv(s_disk, s_addr, PORT, "r3"))
+    nl = netlink.NBDNetlink()
+    dev = None
+    try:
+        poll.wait_for(lambda: _accepts(lab, s_addr), "nbdkit in s")
+        with lab.inside("p"):
+            dev = attach(nl, s_addr, PORT, "r3", expected_size_bytes=DISK, connections=2, timeout_s=timeout_s,
+                         keep_sockets=True)
+        blockdev.write_at(dev.path, 0, b"\x33" * MiB)          # the link works
+        lab.loss("s", 100)
+        results = []
+
+        def writer(at):
+            t0 = time.monotonic()
+            try:
+                blockdev.write_at(dev.path, at, b"\x44" * (4 * MiB))
+                results.append(("ok", time.monotonic() - t0))
+            except OSError as e:
+                results.append((e.errno, time.monotonic() - t0))
+
+        threads = [threading.Thread(target=writer, args=(at,), daemon=True) for at in (8 * MiB, 16 * MiB, 24 * MiB)]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)                                        # the senders are blocked by now
+        assert not results, results
+        t0 = time.monotonic()
+        if cut_first:
+            cut(dev)
+        nl.disconnect(dev.index)
+        took = time.monotonic() - t0
+        for t in threads:
+            t.join(timeout=60)
+        print(f"disconnect took {took:.2f} s (cut first: {cut_first}); writes: {results}")
+        assert not any(t.is_alive() for t in threads)
+        if cut_first:
+            assert took < 1.0, took
+            assert [r[0] for r in results] == [errno.EIO] * 3, results
+        else:
+            assert took >= timeout_s - 0.5, took      # the kernel's behaviour that cut() is there for
+    finally:
+        lab.loss("s", 0)
+        if dev is not None:
+            with contextlib.suppress(netlink.NBDNetlinkError):
+                nl.disconnect(dev.index)
+            poll.wait_for(lambda: nl.is_connected(dev.index), "nbd disconnect", ok=lambda v: not v)
+            cut(dev)
+        nl.close()
+        export.kill()
+        export.wait()
