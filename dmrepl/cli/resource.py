@@ -1,4 +1,4 @@
-"""`dmrepl up|down|status|checkpoint|failover|verify|resolve NAME`: one set of commands for either role.
+"""`dmrepl up|down|status|checkpoint|failover|verify|wait|resolve NAME`: one set of commands for either role.
 
 The config's section says the role (with both sections: the state file's role).  On the primary, `up` is the daemon in
 the foreground (systemd's ExecStart) and the other commands talk to it over
@@ -25,6 +25,8 @@ HELPS = {"up": "start this host's role for NAME (foreground daemon; systemd runs
          "checkpoint": "take a checkpoint now (on the primary: on both hosts)",
          "failover": "on the secondary: fence the primary and take over at the last checkpoint",
          "verify": "on the primary: compare P and S by digests (only digests travel); exit 1 if they differ",
+         "wait": "on the primary: wait until it replicates (an initial sync or a resync done), with a progress "
+                 "bar on a terminal; exit 1 at --timeout",
          "resolve": "give up this host's writes since the last shared checkpoint and follow the other host "
                     "as its secondary (failback, split brain); needs --discard-my-data"}
 
@@ -46,6 +48,9 @@ def add_parsers(sub, run) -> None:
                            help="secondary: remove even while the active device is open")
         if action == "failover":
             a.add_argument("--no-wait", action="store_true", help="return after the switch; the merge goes on")
+        if action == "wait":
+            a.add_argument("--timeout", type=float, default=None, metavar="S",
+                           help="give up after S seconds (exit 1, saying what runs); default: no limit")
         if action == "verify":
             a.add_argument("--repair", action="store_true", help="copy the differing pieces from P to S")
         if action == "resolve":
@@ -148,9 +153,10 @@ def _secondary(cfg, args) -> int:
             return 0
         supervisor.configure_logging()
         return supervisor.run_secondary(cfg)
-    if args.action == "verify":
-        raise DmreplError(f"{cfg.name} is the secondary on this host: verify runs on the primary, which "
-                          "compares both disks", f"on the primary host: `dmrepl verify {cfg.name}`")
+    if args.action in ("verify", "wait"):
+        why = "which compares both disks" if args.action == "verify" else "which drives the sync and the resync"
+        raise DmreplError(f"{cfg.name} is the secondary on this host: {args.action} runs on the primary, {why}",
+                          f"on the primary host: `dmrepl {args.action} {cfg.name}`")
     return secondary.command(args)
 
 
@@ -275,10 +281,66 @@ def _p_verify(cfg: PrimaryConfig, args) -> int:
     return 1 if r["differing"] and not r.get("repair") else 0
 
 
+def _p_wait(cfg: PrimaryConfig, args) -> int:
+    """Poll the daemon's status until it replicates: a bar for the sync or resync on a terminal,
+    a line each 10 % and each new state otherwise (stderr); the final state on stdout."""
+    from dmrepl.daemon.progress import Rate, bar_text, running_work
+
+    if args.timeout is not None and args.timeout <= 0:
+        raise DmreplError(f"--timeout must be more than 0 seconds, got {args.timeout:g}")
+    bar = sys.stderr.isatty() and not args.json
+    t0 = time.monotonic()
+    rate = Rate()
+    said, on_bar = "", False
+    while True:
+        try:
+            st = control.request(_sock(cfg), "status", timeout=10)
+        except TimeoutError:
+            if args.timeout is not None and time.monotonic() - t0 >= args.timeout:
+                raise DmreplError(f"{cfg.name}: its daemon did not answer within {args.timeout:g} s",
+                                  "see its log (journalctl -u dmrepl@" + cfg.name + ")") from None
+            continue                            # a busy daemon answers the next time
+        now = time.monotonic()
+        if st["state"] == "replicating":
+            break
+        work = running_work(st)
+        if work is not None:
+            label, done, total = work
+            r, eta = rate(label, done, total, now)
+            line = bar_text(label, done, total, r, eta)
+            if bar:
+                print("\r" + line, end="", file=sys.stderr, flush=True)
+                on_bar = True
+            elif f"{label} {10 * (100 * done // max(total, 1) // 10)}" != said:
+                said = f"{label} {10 * (100 * done // max(total, 1) // 10)}"
+                print(f"{cfg.name}: {line}", file=sys.stderr, flush=True)
+        elif st["state"] != said:
+            said = st["state"]
+            print(("\n" if on_bar else "") + f"{cfg.name}: {st['state']} ({st['reason']})", file=sys.stderr, flush=True)
+            on_bar = False
+        if args.timeout is not None and now - t0 >= args.timeout:
+            if on_bar:
+                print(file=sys.stderr)
+            doing = f"; {work[0]} at {100 * work[1] // max(work[2], 1)}%" if work else ""
+            raise DmreplError(f"{cfg.name} is not replicating after {args.timeout:g} s: {st['state']} "
+                              f"({st['reason']}){doing}",
+                              "`dmrepl status " + cfg.name + "` shows what it waits for; wait again to go on")
+        time.sleep(0.5)
+    if on_bar:
+        print(file=sys.stderr)
+    waited = time.monotonic() - t0
+    if args.json:
+        print_json({"name": cfg.name, "state": st["state"], "checkpoint": st.get("checkpoint"),
+                    "waited_s": round(waited, 1)})
+    else:
+        print(f"{cfg.name}: replicating at checkpoint {st.get('checkpoint')} (waited {waited:.1f} s)")
+    return 0
+
+
 def _p_failover(cfg: PrimaryConfig, args) -> int:
     raise DmreplError(f"{cfg.name} is the primary on this host: failover runs on the secondary, which takes over",
                       f"on the secondary host: `dmrepl failover {cfg.name}`")
 
 
 PRIMARY = {"up": _p_up, "down": _p_down, "status": _p_status, "checkpoint": _p_checkpoint,
-           "failover": _p_failover, "verify": _p_verify}
+           "failover": _p_failover, "verify": _p_verify, "wait": _p_wait}

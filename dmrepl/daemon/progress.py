@@ -39,6 +39,39 @@ def bar_text(work: str, done: int, total: int, rate: float, eta: float | None) -
     return f"{work:6} [{'#' * (pct // 4):<25}] {pct:3d}%  {rate / 1e6:7.1f} MB/s  ETA {eta_text(eta)}"
 
 
+def running_work(status: dict) -> tuple[str, int, int] | None:
+    """The long job a primary's `status` shows running, as (label, done bytes, total bytes): the
+    initial sync's copy or verify, a resync's comparison or copy, a verify; None when none runs."""
+    if status.get("sync"):
+        s = status["sync"]
+        return s["phase"], s["done_bytes"], s["total_bytes"]
+    r = status.get("resync")
+    if r and r["phase"] == "comparing":
+        return "compare", r["compared_bytes"], r["candidate_bytes"]
+    if r:
+        return "copy", r["copied_bytes"], r["copy_bytes"]
+    if status.get("verify"):
+        v = status["verify"]
+        return "verify", v["done_bytes"], v["total_bytes"]
+    return None
+
+
+class Rate:
+    """Rate and ETA of a job watched from outside (`dmrepl wait`), from the first sample of its
+    current label on: a new label (the next phase) starts over."""
+
+    def __init__(self):
+        self.label: str | None = None
+        self.t0 = 0.0
+        self.done0 = 0
+
+    def __call__(self, label: str, done: int, total: int, now: float) -> tuple[float, float | None]:
+        if label != self.label or done < self.done0:
+            self.label, self.t0, self.done0 = label, now, done
+        rate = (done - self.done0) / max(now - self.t0, 1e-6)
+        return rate, ((total - done) / rate if rate > 0 else None)
+
+
 class Progress:
     """The initial sync's progress: a live bar with rate and ETA on a terminal, a line every 10 %
     in a log; `latest` for `status --json`, `on_step` (every 10 %) for the event log."""

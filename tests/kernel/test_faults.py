@@ -9,6 +9,7 @@ changed.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -57,7 +58,11 @@ def test_secondary_killed_then_back_copies_only_what_changed(hosts):
         blockdev.write_at(TOP, 8 * MiB, os.urandom(MiB))
         changed = set(w.last) | {b for b in range(8 * MiB // (4 * KiB), 9 * MiB // (4 * KiB))}
         hosts.procs["s"].wait()
+        waited = hosts.cli("p", "wait", "--timeout", "1")        # a script waiting while the secondary is away
+        assert waited.returncode == 1 and "r5 is not replicating after 1 s: degraded (" in waited.stderr, waited
         hosts.start_secondary()                                   # back; the writer goes on meanwhile
+        waited = hosts.cli("p", "wait", "--json", "--timeout", "110")
+        assert waited.returncode == 0 and json.loads(waited.stdout)["state"] == "replicating", waited
         s = _wait(hosts, w, "the resync to finish", ok=lambda s: s["state"] == "replicating", timeout=300)
     r = s["last_resync"]
     # Only blocks written since the common checkpoint were candidates; those that differ were copied.

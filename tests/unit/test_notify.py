@@ -121,3 +121,26 @@ def test_the_unit_file_verifies(tmp_path):
     assert (r.returncode, r.stderr) == (0, ""), r.stderr
     text = unit.read_text()
     assert "\nType=notify\n" in text and "\nNotifyAccess=main\n" in text
+
+
+def test_running_work_names_the_job_a_status_shows():
+    from dmrepl.daemon.progress import running_work
+
+    assert running_work({"state": "replicating", "sync": None, "resync": None, "verify": None}) is None
+    sync = {"work": "initial sync", "phase": "copy", "done_bytes": 5, "total_bytes": 10, "rate_bytes_s": 1, "eta_s": 5}
+    assert running_work({"sync": sync}) == ("copy", 5, 10)
+    resync = {"phase": "comparing", "compared_bytes": 4096, "candidate_bytes": 8192,
+              "copied_bytes": 0, "copy_bytes": 0}
+    assert running_work({"sync": None, "resync": resync}) == ("compare", 4096, 8192)
+    assert running_work({"resync": {**resync, "phase": "copying", "copied_bytes": 3, "copy_bytes": 7}}) == ("copy", 3, 7)
+    assert running_work({"verify": {"done_bytes": 1, "total_bytes": 2}}) == ("verify", 1, 2)
+
+
+def test_rate_starts_over_with_each_phase():
+    from dmrepl.daemon.progress import Rate
+
+    rate = Rate()
+    assert rate("compare", 100, 1100, now=10.0) == (0.0, None)         # one sample: no rate yet
+    assert rate("compare", 600, 1100, now=11.0) == (500.0, 1.0)        # 500 B/s, 500 B left
+    assert rate("copy", 0, 2000, now=12.0) == (0.0, None)              # the next phase: from naught
+    assert rate("copy", 1000, 2000, now=14.0) == (500.0, 2.0)
