@@ -311,8 +311,8 @@ def _p_wait(cfg: PrimaryConfig, args) -> int:
             if bar:
                 print("\r" + line, end="", file=sys.stderr, flush=True)
                 on_bar = True
-            elif f"{label} {10 * (100 * done // max(total, 1) // 10)}" != said:
-                said = f"{label} {10 * (100 * done // max(total, 1) // 10)}"
+            elif f"{label} {100 * done // max(total, 1) // 10}" != said:      # a line each 10 %
+                said = f"{label} {100 * done // max(total, 1) // 10}"
                 print(f"{cfg.name}: {line}", file=sys.stderr, flush=True)
         elif st["state"] != said:
             said = st["state"]
