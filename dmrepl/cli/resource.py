@@ -311,9 +311,11 @@ def _p_wait(cfg: PrimaryConfig, args) -> int:
             if bar:
                 print("\r" + line, end="", file=sys.stderr, flush=True)
                 on_bar = True
-            elif f"{label} {100 * done // max(total, 1) // 10}" != said:      # a line each 10 %
-                said = f"{label} {100 * done // max(total, 1) // 10}"
-                print(f"{cfg.name}: {line}", file=sys.stderr, flush=True)
+            else:
+                step = f"{label} {100 * done // max(total, 1) // 10}"      # a line each 10 %
+                if step != said:
+                    said = step
+                    print(f"{cfg.name}: {line}", file=sys.stderr, flush=True)
         elif st["state"] != said:
             said = st["state"]
             print(("\n" if on_bar else "") + f"{cfg.name}: {st['state']} ({st['reason']})", file=sys.stderr, flush=True)
