@@ -16,9 +16,13 @@ The daemon owns the state machine; this class only says what happened.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import threading
 import time
 
+from dmrepl import private
 from dmrepl.config import PrimaryConfig
 from dmrepl.daemon import peer
 from dmrepl.daemon.machine import Event
@@ -28,11 +32,48 @@ from dmrepl.link import auth
 from dmrepl.link.frames import FrameError, Kind
 from dmrepl.link.session import Session
 from dmrepl.nbd import netlink
-from dmrepl.nbd.attach import Attached, AttachError, attach, cut
+from dmrepl.nbd.attach import Attached, AttachError, abort, attach, cut
 from dmrepl.roles.hello import Hello
 from dmrepl.roles.primary import Primary
 
 FRAME_TIMEOUT = 5.0
+
+
+CONNECTIONS_FILE = "nbd-connections.json"
+
+
+def remember_connections(cfg: PrimaryConfig, nbd: Attached) -> None:
+    """The NBD device's connections, in the state dir: a daemon that takes over this one's stack
+    after it died can then abort them (cut_left) before it disconnects."""
+    private.write_secret(os.path.join(cfg.resource_state_dir, CONNECTIONS_FILE),
+                         json.dumps({"index": nbd.index, "endpoints": nbd.endpoints}) + "\n")
+
+
+def _forget_connections(cfg: PrimaryConfig) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(cfg.resource_state_dir, CONNECTIONS_FILE))
+
+
+def cut_left(cfg: PrimaryConfig, index: int) -> str:
+    """Abort the connections of /dev/nbd`index` that a dead daemon recorded, before its device is
+    disconnected (a silent peer would hold the disconnect otherwise, docs/kernel-notes.md);
+    returns what was done, for the log."""
+    path = os.path.join(cfg.resource_state_dir, CONNECTIONS_FILE)
+    try:
+        with open(path) as f:
+            rec = json.load(f)
+    except FileNotFoundError:
+        return "no record of its connections"
+    except ValueError as e:
+        return f"its connections' record {path} is unreadable ({e})"
+    finally:
+        _forget_connections(cfg)
+    if rec.get("index") != index:
+        return f"the record is of /dev/nbd{rec.get('index')}, not /dev/nbd{index}"
+    try:
+        return f"{abort(rec['endpoints'])} of its {len(rec['endpoints'])} connection(s) aborted"
+    except OSError as e:
+        return f"its connections could not be aborted ({e}); the disconnect may wait for the NBD timeout"
 
 
 class Lost(Exception):
@@ -103,6 +144,7 @@ class SecondaryLink:
             self.session = None
             raise
         self.dead_sockets = 0
+        remember_connections(self.cfg, self.nbd)
         log(f"hello: the secondary at {self.session.peer} agrees (its checkpoints {theirs.checkpoints}); "
             f"NBD: {self.nbd.path} attached to {p.nbd_host}:{p.nbd_port} ({self.nbd.connections} connection(s))")
         return theirs
@@ -153,6 +195,7 @@ class SecondaryLink:
         if self.nl.is_connected(nbd.index):
             self.nl.disconnect(nbd.index)
         cut(nbd)    # after a polite disconnect: closes this process's references only
+        _forget_connections(self.cfg)
         if drop_leg is not None:
             drop_leg()
             log(f"NBD: {nbd.path} disconnected and dropped from the mirror")

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from dmrepl.daemon import peer, tunnel
 from dmrepl.daemon.machine import Event
+from dmrepl.daemon.primary_link import cut_left
 from dmrepl.daemon.primary_resync import initial_sync
 from dmrepl.daemon.progress import Progress, log
 from dmrepl.errors import DmreplError
@@ -77,6 +78,7 @@ def adopt(d: "PrimaryDaemon") -> None:
     d.built = True
     if index is not None:
         if d.nl.is_connected(index):
+            log(f"NBD /dev/nbd{index} of the dead daemon: {cut_left(d.cfg, index)}")
             d.nl.disconnect(index)
         d.pri.drop_leg(d.devs)
     d.machine.fire(Event.START_DEGRADED, "took over the stack a dead daemon left")
@@ -94,6 +96,7 @@ def down_without_daemon(pri: "Primary") -> list[str]:
     if index is not None:
         with netlink.NBDNetlink() as nl:
             if nl.is_connected(index):
+                cut_left(pri.cfg, index)
                 nl.disconnect(index)
                 done.append(f"/dev/nbd{index}")
     return done + tunnel.remove_left(pri.cfg)
@@ -104,3 +107,7 @@ def load_modules() -> None:
         why = modules.load(module)
         if why is not None:
             raise DmreplError(f"kernel module {module} cannot be loaded: {why}", "`dmrepl doctor` checks this host")
+    # For cut_left after a takeover (sock_diag's SOCK_DESTROY for TCP): loaded now, since its
+    # autoload at the first use took 3 s in the test VM, while writes wait.  Without it a
+    # takeover's disconnect may wait for the NBD timeout, nothing worse.
+    modules.load("tcp_diag")

@@ -17,6 +17,7 @@ import os
 import socket
 from dataclasses import dataclass, field
 
+from dmrepl.kernel.sockdiag import destroy_tcp
 from dmrepl.nbd import netlink
 from dmrepl.nbd.handshake import handshake
 from dmrepl.nbd.protocol import ExportInfo, NBDOptionError, NBDProtocolError
@@ -58,6 +59,9 @@ class Attached:
     # This process's own references to the sockets the kernel took (attach(keep_sockets=True)),
     # for cut(): empty otherwise.
     sockets: tuple[socket.socket, ...] = field(default=(), compare=False, repr=False)
+    # (local address, local port, remote address, remote port) of each connection: enough to
+    # abort them later from any process (abort()), e.g. a daemon taking over this device.
+    endpoints: tuple[tuple[str, int, str, int], ...] = field(default=(), compare=False)
 
     @property
     def path(self) -> str:
@@ -131,7 +135,8 @@ def attach(nl: netlink.NBDNetlink, host: str, port: int, export_name: str, *,
                          block_size=block_size, timeout_s=timeout_s, dead_conn_timeout_s=dead_conn_timeout_s,
                          index=index, client_flags=netlink.ClientFlag.DESTROY_ON_DISCONNECT,
                          backend=f"{BACKEND_PREFIX}{export_name}")
-        attached = Attached(index=dev, info=info, connections=connections, sockets=tuple(socks) if keep_sockets else ())
+        attached = Attached(index=dev, info=info, connections=connections, sockets=tuple(socks) if keep_sockets else (),
+                            endpoints=tuple((*s.getsockname()[:2], *s.getpeername()[:2]) for s in socks))
         if keep_sockets:
             socks = []
         return attached
@@ -156,6 +161,13 @@ def cut(attached: Attached) -> None:
         except OSError:
             pass    # already shut down or reset: nothing left to wake
         s.close()
+
+
+def abort(endpoints) -> int:
+    """Abort the connections of `endpoints` (Attached.endpoints) through sock_diag, for a process
+    without references to them; returns how many were still there.  Raises OSError when the
+    kernel cannot (no CONFIG_INET_DIAG_DESTROY, not root)."""
+    return sum(destroy_tcp((la, lp), (ra, rp)) for la, lp, ra, rp in endpoints)
 
 
 def reconnect(nl: netlink.NBDNetlink, index: int, host: str, port: int, export_name: str, *,

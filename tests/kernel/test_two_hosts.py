@@ -15,7 +15,7 @@ import sweep
 
 from dmrepl import poll
 from dmrepl.daemon.export import nbdkit_argv, port_accepts
-from dmrepl.kernel import blockdev, loop
+from dmrepl.kernel import blockdev, loop, modules
 from dmrepl.lab import Lab
 from dmrepl.nbd import netlink
 from dmrepl.nbd.attach import attach
@@ -291,13 +291,16 @@ def test_a_hundred_checkpoints_under_a_random_writer(two_hosts, lab):
     assert not t.is_alive()
 
 
-@pytest.mark.parametrize("cut_first", [False, True], ids=["disconnect-alone", "cut-then-disconnect"])
-def test_a_peer_that_acknowledges_nothing_is_cut_off_at_once(lab, loops, cut_first):
+@pytest.mark.parametrize("first", [None, "cut", "abort"],
+                         ids=["disconnect-alone", "cut-then-disconnect", "abort-then-disconnect"])
+def test_a_peer_that_acknowledges_nothing_is_cut_off_at_once(lab, loops, first):
     """100% loss on the secondary's side: the primary's 4 MiB writes fill both sockets' send
     buffers and their senders block (nothing is acknowledged).  NBD_CMD_DISCONNECT alone waits
     behind them until the NBD timeout gives their requests up; a shutdown of the sockets first
-    (attach.cut) lets the disconnect fail every request at once."""
-    from dmrepl.nbd.attach import cut
+    (attach.cut, the daemon's own references) or an abort by their addresses (attach.abort over
+    sock_diag, for a daemon that took the device over) lets the disconnect fail every request at
+    once."""
+    from dmrepl.nbd.attach import abort, cut
 
     timeout_s = 4
     s_disk = loops.make("s", DISK)
@@ -309,8 +312,9 @@ def test_a_peer_that_acknowledges_nothing_is_cut_off_at_once(lab, loops, cut_fir
         poll.wait_for(lambda: _accepts(lab, s_addr), "nbdkit in s")
         with lab.inside("p"):
             dev = attach(nl, s_addr, PORT, "r3", expected_size_bytes=DISK, connections=2, timeout_s=timeout_s,
-                         keep_sockets=True)
+                         keep_sockets=first == "cut")
         blockdev.write_at(dev.path, 0, b"\x33" * MiB)          # the link works
+        assert modules.load("tcp_diag") is None                # as the primary's daemon does at its start
         lab.loss("s", 100)
         results = []
 
@@ -328,15 +332,18 @@ def test_a_peer_that_acknowledges_nothing_is_cut_off_at_once(lab, loops, cut_fir
         time.sleep(1.0)                                        # the senders are blocked by now
         assert not results, results
         t0 = time.monotonic()
-        if cut_first:
+        if first == "cut":
             cut(dev)
+        elif first == "abort":
+            with lab.inside("p"):                              # sock_diag answers in the sockets' namespace
+                assert abort(dev.endpoints) == 2
         nl.disconnect(dev.index)
         took = time.monotonic() - t0
         for t in threads:
             t.join(timeout=60)
-        print(f"disconnect took {took:.2f} s (cut first: {cut_first}); writes: {results}")
+        print(f"disconnect took {took:.2f} s ({first} first); writes: {results}")
         assert not any(t.is_alive() for t in threads)
-        if cut_first:
+        if first:
             assert took < 1.0, took
             assert [r[0] for r in results] == [errno.EIO] * 3, results
         else:
