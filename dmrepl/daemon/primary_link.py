@@ -182,8 +182,8 @@ class SecondaryLink:
     def drop(self, drop_leg, *, lost: bool = True) -> None:
         """Close the session, disconnect NBD, then `drop_leg()` (None: no stack built yet).  For a
         lost secondary the NBD sockets are cut first (attach.cut): a sender blocked on a peer that
-        acknowledges nothing would hold the disconnect, and every write, for up to twice the NBD
-        timeout.  A planned stop (`lost=False`, the stack already gone) disconnects politely."""
+        acknowledges nothing would hold the disconnect, and every write, for one NBD timeout or
+        more (7-16 s with a 4 s timeout, docs/kernel-notes.md).  A planned stop (`lost=False`, the stack already gone) disconnects politely."""
         if self.session is not None:
             self.session.close()
             self.session = None

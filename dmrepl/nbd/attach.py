@@ -151,7 +151,7 @@ def cut(attached: Attached) -> None:
     Call it before NBD_CMD_DISCONNECT when the peer is lost: the kernel's disconnect sends
     NBD_CMD_DISC on each socket under that socket's transmit lock, and a sender holding the lock
     while blocked on a full send buffer (a peer that acknowledges nothing: 100% packet loss)
-    keeps it until the NBD timeout gives the request up, twice with two connections
+    keeps it until its request is given up: 7-16 s with a 4 s NBD timeout and two connections
     (docs/kernel-notes.md).  A shutdown wakes such a sender at once with EPIPE; the disconnect
     then fails every request still in flight.  Without kept sockets this does nothing.
     """
