@@ -28,6 +28,7 @@ from dmrepl.daemon import peer
 from dmrepl.daemon.machine import Event
 from dmrepl.daemon.progress import log
 from dmrepl.errors import DmreplError
+from dmrepl.kernel import netns
 from dmrepl.link import auth
 from dmrepl.link.frames import FrameError, Kind
 from dmrepl.link.session import Session
@@ -71,7 +72,8 @@ def cut_left(cfg: PrimaryConfig, index: int) -> str:
     if rec.get("index") != index:
         return f"the record is of /dev/nbd{rec.get('index')}, not /dev/nbd{index}"
     try:
-        return f"{abort(rec['endpoints'])} of its {len(rec['endpoints'])} connection(s) aborted"
+        with netns.inside(cfg.netns):       # `dmrepl down` runs outside the daemon's namespace
+            return f"{abort(rec['endpoints'])} of its {len(rec['endpoints'])} connection(s) aborted"
     except OSError as e:
         return f"its connections could not be aborted ({e}); the disconnect may wait for the NBD timeout"
 

@@ -11,6 +11,8 @@ its control link and the nbdkit it starts all live there.
 
 from __future__ import annotations
 
+import contextlib
+
 from pyroute2 import netns
 
 from dmrepl.errors import DmreplError
@@ -24,3 +26,17 @@ def enter(name: str) -> None:
     except OSError as e:
         raise DmreplError(f"cannot enter network namespace {name!r}: {e.strerror or e}",
                           "check `ip netns list`, or remove 'netns' from the config") from None
+
+
+@contextlib.contextmanager
+def inside(name: str | None):
+    """Sockets this thread makes in the block are namespace `name`'s (None: this one's); the
+    thread's namespace is restored after it."""
+    if name is None:
+        yield
+        return
+    netns.pushns(name)
+    try:
+        yield
+    finally:
+        netns.popns()
