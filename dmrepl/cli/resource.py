@@ -260,8 +260,8 @@ def _p_verify(cfg: PrimaryConfig, args) -> int:
             except (DmreplError, OSError):
                 continue                    # the bar waits; the verify's own answer decides
             if p:
-                print("\r" + bar_text("verify", p["done_bytes"], p["total_bytes"], p["rate_bytes_s"], p["eta_s"]),
-                      end="", file=sys.stderr, flush=True)
+                print("\r" + bar_text("verify", p["done_bytes"], p["total_bytes"], p["rate_bytes_s"], p["eta_s"])
+                      + "\033[K", end="", file=sys.stderr, flush=True)
         r = fut.result()
     if bar:
         print(file=sys.stderr)
@@ -284,52 +284,15 @@ def _p_verify(cfg: PrimaryConfig, args) -> int:
 def _p_wait(cfg: PrimaryConfig, args) -> int:
     """Poll the daemon's status until it replicates: a bar for the sync or resync on a terminal,
     a line each 10 % and each new state otherwise (stderr); the final state on stdout."""
-    from dmrepl.daemon.progress import Rate, bar_text, running_work
-
     if args.timeout is not None and args.timeout <= 0:
         raise DmreplError(f"--timeout must be more than 0 seconds, got {args.timeout:g}")
-    bar = sys.stderr.isatty() and not args.json
+    bar = _Bar() if sys.stderr.isatty() and not args.json else None
     t0 = time.monotonic()
-    rate = Rate()
-    said, on_bar = "", False
-    while True:
-        try:
-            st = control.request(_sock(cfg), "status", timeout=10)
-        except TimeoutError:
-            if args.timeout is not None and time.monotonic() - t0 >= args.timeout:
-                raise DmreplError(f"{cfg.name}: its daemon did not answer within {args.timeout:g} s",
-                                  "see its log (journalctl -u dmrepl@" + cfg.name + ")") from None
-            continue                            # a busy daemon answers the next time
-        now = time.monotonic()
-        if st["state"] == "replicating":
-            break
-        work = running_work(st)
-        if work is not None:
-            label, done, total = work
-            r, eta = rate(label, done, total, now)
-            line = bar_text(label, done, total, r, eta)
-            if bar:
-                print("\r" + line, end="", file=sys.stderr, flush=True)
-                on_bar = True
-            else:
-                step = f"{label} {100 * done // max(total, 1) // 10}"      # a line each 10 %
-                if step != said:
-                    said = step
-                    print(f"{cfg.name}: {line}", file=sys.stderr, flush=True)
-        elif st["state"] != said:
-            said = st["state"]
-            print(("\n" if on_bar else "") + f"{cfg.name}: {st['state']} ({st['reason']})", file=sys.stderr, flush=True)
-            on_bar = False
-        if args.timeout is not None and now - t0 >= args.timeout:
-            if on_bar:
-                print(file=sys.stderr)
-            doing = f"; {work[0]} at {100 * work[1] // max(work[2], 1)}%" if work else ""
-            raise DmreplError(f"{cfg.name} is not replicating after {args.timeout:g} s: {st['state']} "
-                              f"({st['reason']}){doing}",
-                              "`dmrepl status " + cfg.name + "` shows what it waits for; wait again to go on")
-        time.sleep(0.5)
-    if on_bar:
-        print(file=sys.stderr)
+    try:
+        st = _wait_replicating(cfg, args.timeout, t0, bar)
+    finally:
+        if bar is not None:
+            bar.end()
     waited = time.monotonic() - t0
     if args.json:
         print_json({"name": cfg.name, "state": st["state"], "checkpoint": st.get("checkpoint"),
@@ -337,6 +300,66 @@ def _p_wait(cfg: PrimaryConfig, args) -> int:
     else:
         print(f"{cfg.name}: replicating at checkpoint {st.get('checkpoint')} (waited {waited:.1f} s)")
     return 0
+
+
+class _Bar:
+    """One terminal line redrawn in place (cleared to its end: a shorter line leaves nothing)."""
+
+    def __init__(self):
+        self.shown = False
+
+    def draw(self, line: str) -> None:
+        print("\r" + line + "\033[K", end="", file=sys.stderr, flush=True)
+        self.shown = True
+
+    def end(self) -> None:
+        if self.shown:
+            print(file=sys.stderr, flush=True)
+            self.shown = False
+
+
+def _wait_replicating(cfg: PrimaryConfig, timeout: float | None, t0: float, bar: _Bar | None) -> dict:
+    from dmrepl.daemon.progress import Rate, bar_text, running_work
+
+    rate = Rate()
+    said = ""
+    while True:
+        left = None if timeout is None else timeout - (time.monotonic() - t0)
+        try:
+            st = control.request(_sock(cfg), "status", timeout=10 if left is None else max(min(10, left), 0.1))
+        except TimeoutError:
+            st = None                           # a busy daemon: ask again, unless the time is up
+        except ConnectionError as e:
+            raise DmreplError(f"{cfg.name}: the daemon stopped while this waited ({e})",
+                              f"see its log; `dmrepl status {cfg.name}` says what runs") from None
+        now = time.monotonic()
+        if st is not None and st["state"] == "replicating":
+            return st
+        work = running_work(st) if st is not None else None
+        if work is not None:
+            label, done, total = work
+            line = bar_text(label, done, total, *rate(label, done, total, now))
+            step = f"{label} {100 * done // max(total, 1) // 10}"      # a line each 10 % in a log
+            if bar is not None:
+                bar.draw(line)
+            elif step != said:
+                said = step
+                print(f"{cfg.name}: {line}", file=sys.stderr, flush=True)
+        elif st is not None and st["state"] != said:
+            said = st["state"]
+            if bar is not None:
+                bar.end()
+            print(f"{cfg.name}: {st['state']} ({st['reason']})", file=sys.stderr, flush=True)
+        if timeout is not None and now - t0 >= timeout:
+            if st is None:
+                raise DmreplError(f"{cfg.name}: its daemon did not answer within {timeout:g} s",
+                                  f"see its log (journalctl -u dmrepl@{cfg.name})")
+            doing = f"; {work[0]} at {100 * work[1] // max(work[2], 1)}%" if work else ""
+            raise DmreplError(f"{cfg.name} is not replicating after {timeout:g} s: {st['state']} "
+                              f"({st['reason']}){doing}",
+                              f"`dmrepl status {cfg.name}` shows what it waits for; wait again to go on")
+        if st is not None:
+            time.sleep(0.5)
 
 
 def _p_failover(cfg: PrimaryConfig, args) -> int:

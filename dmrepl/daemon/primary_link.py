@@ -41,13 +41,18 @@ FRAME_TIMEOUT = 5.0
 
 
 CONNECTIONS_FILE = "nbd-connections.json"
+POLITE_S = 1.0      # how long a dead daemon's NBD device may take to disconnect before it is cut
 
 
 def remember_connections(cfg: PrimaryConfig, nbd: Attached) -> None:
     """The NBD device's connections, in the state dir: a daemon that takes over this one's stack
-    after it died can then abort them (cut_left) before it disconnects."""
-    private.write_secret(os.path.join(cfg.resource_state_dir, CONNECTIONS_FILE),
-                         json.dumps({"index": nbd.index, "endpoints": nbd.endpoints}) + "\n")
+    after it died can then abort them (disconnect_left).  Best effort: without the record a
+    takeover's disconnect may wait for the NBD timeout, nothing worse."""
+    try:
+        private.write_secret(os.path.join(cfg.resource_state_dir, CONNECTIONS_FILE),
+                             json.dumps({"index": nbd.index, "endpoints": nbd.endpoints}) + "\n")
+    except OSError as e:
+        log(f"WARNING: cannot record the NBD connections in {cfg.resource_state_dir}: {e}")
 
 
 def _forget_connections(cfg: PrimaryConfig) -> None:
@@ -55,27 +60,55 @@ def _forget_connections(cfg: PrimaryConfig) -> None:
         os.unlink(os.path.join(cfg.resource_state_dir, CONNECTIONS_FILE))
 
 
-def cut_left(cfg: PrimaryConfig, index: int) -> str:
-    """Abort the connections of /dev/nbd`index` that a dead daemon recorded, before its device is
-    disconnected (a silent peer would hold the disconnect otherwise, docs/kernel-notes.md);
-    returns what was done, for the log."""
+def _left_endpoints(cfg: PrimaryConfig, index: int) -> tuple[list, str]:
+    """The connections a dead daemon recorded for /dev/nbd`index` (the record is used once), and
+    why there are none."""
     path = os.path.join(cfg.resource_state_dir, CONNECTIONS_FILE)
     try:
         with open(path) as f:
             rec = json.load(f)
+        if rec.get("index") != index:
+            return [], f"the record is of /dev/nbd{rec.get('index')}, not /dev/nbd{index}"
+        return [tuple(e) for e in rec["endpoints"]], ""
     except FileNotFoundError:
-        return "no record of its connections"
-    except ValueError as e:
-        return f"its connections' record {path} is unreadable ({e})"
+        return [], "no record of its connections"
+    except (ValueError, KeyError, TypeError, AttributeError, OSError) as e:
+        return [], f"its connections' record {path} is unreadable ({e})"
     finally:
         _forget_connections(cfg)
-    if rec.get("index") != index:
-        return f"the record is of /dev/nbd{rec.get('index')}, not /dev/nbd{index}"
-    try:
-        with netns.inside(cfg.netns):       # `dmrepl down` runs outside the daemon's namespace
-            return f"{abort(rec['endpoints'])} of its {len(rec['endpoints'])} connection(s) aborted"
-    except OSError as e:
-        return f"its connections could not be aborted ({e}); the disconnect may wait for the NBD timeout"
+
+
+def disconnect_left(cfg: PrimaryConfig, nl: netlink.NBDNetlink, index: int) -> str:
+    """Disconnect /dev/nbd`index`, which a dead daemon left; returns what was done, for the log.
+    Politely first (NBD_CMD_DISC; a healthy secondary's nbdkit sees a clean end); if that has not
+    returned within POLITE_S, a silent peer holds it (docs/kernel-notes.md) and the connections
+    the dead daemon recorded are aborted, which lets it return."""
+    endpoints, why = _left_endpoints(cfg, index)
+    failed: list[BaseException] = []
+
+    def disconnect():
+        try:
+            nl.disconnect(index)
+        except BaseException as e:      # noqa: BLE001 -- raised again in the caller's thread
+            failed.append(e)
+
+    t = threading.Thread(target=disconnect, name="nbd-disconnect", daemon=True)
+    t.start()
+    t.join(POLITE_S)
+    said = "disconnected"
+    if t.is_alive():
+        try:
+            if not endpoints:
+                said = f"slow to disconnect; {why}"
+            else:
+                with netns.inside(cfg.netns):       # `dmrepl down` runs outside the daemon's namespace
+                    said = f"slow to disconnect: {abort(endpoints)} of its {len(endpoints)} connection(s) aborted"
+        except (OSError, ValueError, DmreplError) as e:
+            said = f"slow to disconnect, and its connections could not be aborted ({e})"
+        t.join()
+    if failed:
+        raise failed[0]
+    return said
 
 
 class Lost(Exception):
@@ -182,10 +215,14 @@ class SecondaryLink:
             time.sleep(self.cfg.heartbeat_interval_s)
 
     def drop(self, drop_leg, *, lost: bool = True) -> None:
-        """Close the session, disconnect NBD, then `drop_leg()` (None: no stack built yet).  For a
-        lost secondary the NBD sockets are cut first (attach.cut): a sender blocked on a peer that
-        acknowledges nothing would hold the disconnect, and every write, for one NBD timeout or
-        more (7-16 s with a 4 s timeout, docs/kernel-notes.md).  A planned stop (`lost=False`, the stack already gone) disconnects politely."""
+        """Close the session, disconnect NBD, then `drop_leg()` (None: no stack built yet).
+
+        For a lost secondary the NBD sockets are cut first (attach.cut): a sender blocked on a
+        peer that acknowledges nothing would hold the disconnect, and every write, for one NBD
+        timeout or more (7-16 s with a 4 s timeout, docs/kernel-notes.md).  The daemon's
+        teardown (`lost=False`) disconnects politely: its stack is gone by then, so no write
+        waits, though a secondary lost meanwhile may hold the daemon's exit as long.
+        """
         if self.session is not None:
             self.session.close()
             self.session = None

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from dmrepl.daemon import peer, tunnel
 from dmrepl.daemon.machine import Event
-from dmrepl.daemon.primary_link import cut_left
+from dmrepl.daemon.primary_link import disconnect_left
 from dmrepl.daemon.primary_resync import initial_sync
 from dmrepl.daemon.progress import Progress, log
 from dmrepl.errors import DmreplError
@@ -78,8 +78,7 @@ def adopt(d: "PrimaryDaemon") -> None:
     d.built = True
     if index is not None:
         if d.nl.is_connected(index):
-            log(f"NBD /dev/nbd{index} of the dead daemon: {cut_left(d.cfg, index)}")
-            d.nl.disconnect(index)
+            log(f"NBD /dev/nbd{index} of the dead daemon: {disconnect_left(d.cfg, d.nl, index)}")
         d.pri.drop_leg(d.devs)
     d.machine.fire(Event.START_DEGRADED, "took over the stack a dead daemon left")
     log(f"DEGRADED: took over the stack of {d.pri.top_path} that a dead daemon left"
@@ -96,8 +95,7 @@ def down_without_daemon(pri: "Primary") -> list[str]:
     if index is not None:
         with netlink.NBDNetlink() as nl:
             if nl.is_connected(index):
-                cut_left(pri.cfg, index)
-                nl.disconnect(index)
+                log(f"NBD /dev/nbd{index} of the dead daemon: {disconnect_left(pri.cfg, nl, index)}")
                 done.append(f"/dev/nbd{index}")
     return done + tunnel.remove_left(pri.cfg)
 

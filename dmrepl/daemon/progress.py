@@ -99,7 +99,7 @@ class Progress:
         if self.notifier is not None and pct != self.shown:
             self.notifier.extend_start(EXTEND_S, f"primary, initial sync: {line}")
         if self.tty:
-            print("\r" + bar_text(phase, done, total, rate, eta), end="", file=sys.stderr, flush=True)
+            print("\r" + bar_text(phase, done, total, rate, eta) + "\033[K", end="", file=sys.stderr, flush=True)
             if done >= total:
                 print(file=sys.stderr)
         if pct // 10 != self.shown // 10 or done >= total:

@@ -12,6 +12,7 @@ its control link and the nbdkit it starts all live there.
 from __future__ import annotations
 
 import contextlib
+import os
 
 from pyroute2 import netns
 
@@ -30,13 +31,22 @@ def enter(name: str) -> None:
 
 @contextlib.contextmanager
 def inside(name: str | None):
-    """Sockets this thread makes in the block are namespace `name`'s (None: this one's); the
-    thread's namespace is restored after it."""
+    """Sockets the calling thread makes in the block are namespace `name`'s (None: its own); the
+    thread is back in its own namespace after it.  A namespace that does not exist is an error,
+    never created."""
     if name is None:
         yield
         return
-    netns.pushns(name)
+    back = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
-        yield
+        try:
+            netns.setns(name, flags=0)
+        except OSError as e:
+            raise DmreplError(f"cannot enter network namespace {name!r}: {e.strerror or e}",
+                              "check `ip netns list`, or remove 'netns' from the config") from None
+        try:
+            yield
+        finally:
+            netns.setns(back, flags=0)
     finally:
-        netns.popns()
+        os.close(back)

@@ -131,12 +131,13 @@ def attach(nl: netlink.NBDNetlink, host: str, port: int, export_name: str, *,
         if connections > 1 and not info.can_multi_conn:
             raise AttachError(errno.EOPNOTSUPP, f"NBD export at {host}:{port} does not advertise multi-conn: "
                               "use one connection")
+        endpoints = tuple((*s.getsockname()[:2], *s.getpeername()[:2]) for s in socks)
         dev = nl.connect(socks, size_bytes=info.size_bytes, server_flags=info.transmission_flags,
                          block_size=block_size, timeout_s=timeout_s, dead_conn_timeout_s=dead_conn_timeout_s,
                          index=index, client_flags=netlink.ClientFlag.DESTROY_ON_DISCONNECT,
                          backend=f"{BACKEND_PREFIX}{export_name}")
         attached = Attached(index=dev, info=info, connections=connections, sockets=tuple(socks) if keep_sockets else (),
-                            endpoints=tuple((*s.getsockname()[:2], *s.getpeername()[:2]) for s in socks))
+                            endpoints=endpoints)
         if keep_sockets:
             socks = []
         return attached
@@ -165,9 +166,17 @@ def cut(attached: Attached) -> None:
 
 def abort(endpoints) -> int:
     """Abort the connections of `endpoints` (Attached.endpoints) through sock_diag, for a process
-    without references to them; returns how many were still there.  Raises OSError when the
-    kernel cannot (no CONFIG_INET_DIAG_DESTROY, not root)."""
-    return sum(destroy_tcp((la, lp), (ra, rp)) for la, lp, ra, rp in endpoints)
+    without references to them; returns how many were still there.  Each is tried; an OSError
+    (no CONFIG_INET_DIAG_DESTROY, not root) is raised after the others were."""
+    done, failed = 0, None
+    for la, lp, ra, rp in endpoints:
+        try:
+            done += destroy_tcp((la, lp), (ra, rp))
+        except OSError as e:
+            failed = e
+    if failed is not None:
+        raise failed
+    return done
 
 
 def reconnect(nl: netlink.NBDNetlink, index: int, host: str, port: int, export_name: str, *,

@@ -136,9 +136,9 @@ class Hosts:
             print(f"teardown: dmrepl down on {host}: exit {rc}: {out.getvalue()}")
         return rc
 
-    def cli(self, host: str, *argv: str) -> subprocess.CompletedProcess:
+    def cli(self, host: str, *argv: str, timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "dmrepl.cli", *argv, NAME, "--config", self.config(host)],
-                              capture_output=True, text=True, timeout=120)
+                              capture_output=True, text=True, timeout=timeout)
 
     def stop(self) -> None:
         """Both daemons down at the test's end.  `dmrepl down` runs in this process (the CLI's own

@@ -343,11 +343,11 @@ def test_a_peer_that_acknowledges_nothing_is_cut_off_at_once(lab, loops, first):
             t.join(timeout=60)
         print(f"disconnect took {took:.2f} s ({first} first); writes: {results}")
         assert not any(t.is_alive() for t in threads)
+        assert [r[0] for r in results] == [errno.EIO] * 3, results
         if first:
             assert took < 1.0, took
-            assert [r[0] for r in results] == [errno.EIO] * 3, results
-        else:
-            assert took >= timeout_s - 0.5, took      # the kernel's behaviour that cut() is there for
+        # Alone it took 7.3 and 15.6 s on 6.1.0-56 (docs/kernel-notes.md): printed, not asserted,
+        # so that a kernel which stops waiting there does not fail the suite.
     finally:
         lab.loss("s", 0)
         if dev is not None:

@@ -3,6 +3,8 @@ lines a log gets, the final answer, and the timeout's error."""
 
 import argparse
 import json
+import os
+import sys
 import types
 
 import pytest
@@ -59,8 +61,38 @@ def test_json_answers_on_stdout_only(daemon, capsys):
     cfg, plays = daemon
     plays += [{"state": "replicating", "reason": "", "checkpoint": 7}]
     assert resource._p_wait(cfg, _args(json=True)) == 0
-    out = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
     assert out["name"] == "vm1" and out["state"] == "replicating" and out["checkpoint"] == 7
+    assert captured.err == ""
+
+
+def test_a_terminal_gets_one_line_redrawn_and_cleared(daemon, capsys, monkeypatch):
+    cfg, plays = daemon
+    plays += [DEGRADED, _resync("comparing", compared_bytes=55), _resync("copying", compared_bytes=100, copied_bytes=4),
+              {"state": "replicating", "reason": "", "checkpoint": 5}]
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert resource._p_wait(cfg, _args()) == 0
+    err = capsys.readouterr().err
+    first, bar = err.split("\n")[:2]
+    assert first == "vm1: degraded (the secondary is away)"
+    draws = bar.split("\r")[1:]
+    assert [d.split()[0] for d in draws] == ["compare", "copy"] and all(d.endswith("\033[K") for d in draws)
+    assert err.endswith("\033[K\n")          # the bar's line ended before the answer
+
+
+def test_the_bar_line_ends_when_the_daemon_goes(daemon, capsys, monkeypatch):
+    cfg, plays = daemon
+    plays += [_resync("comparing", compared_bytes=10)]
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    monkeypatch.setattr(resource.time, "sleep", lambda _s: daemon_gone())
+
+    def daemon_gone():
+        os.unlink(resource._sock(cfg))
+
+    with pytest.raises(control.DaemonNotRunning):
+        resource._p_wait(cfg, _args())
+    assert capsys.readouterr().err.endswith("\033[K\n")
 
 
 @pytest.mark.parametrize("play, tail", [(DEGRADED, ""), (_resync("comparing", compared_bytes=50), "; compare at 50%")])
