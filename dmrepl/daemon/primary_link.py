@@ -81,34 +81,31 @@ def _left_endpoints(cfg: PrimaryConfig, index: int) -> tuple[list, str]:
 def disconnect_left(cfg: PrimaryConfig, nl: netlink.NBDNetlink, index: int) -> str:
     """Disconnect /dev/nbd`index`, which a dead daemon left; returns what was done, for the log.
     Politely first (NBD_CMD_DISC; a healthy secondary's nbdkit sees a clean end); if that has not
-    returned within POLITE_S, a silent peer holds it (docs/kernel-notes.md) and the connections
-    the dead daemon recorded are aborted, which lets it return."""
+    returned within POLITE_S, a silent peer holds it (docs/kernel-notes.md) and a timer thread
+    aborts the connections the dead daemon recorded, which lets it return.  The netlink socket
+    stays on the calling thread."""
     endpoints, why = _left_endpoints(cfg, index)
-    failed: list[BaseException] = []
+    said = ["disconnected"]
 
-    def disconnect():
-        try:
-            nl.disconnect(index)
-        except BaseException as e:      # noqa: BLE001 -- raised again in the caller's thread
-            failed.append(e)
-
-    t = threading.Thread(target=disconnect, name="nbd-disconnect", daemon=True)
-    t.start()
-    t.join(POLITE_S)
-    said = "disconnected"
-    if t.is_alive():
+    def cut_them():
         try:
             if not endpoints:
-                said = f"slow to disconnect; {why}"
-            else:
-                with netns.inside(cfg.netns):       # `dmrepl down` runs outside the daemon's namespace
-                    said = f"slow to disconnect: {abort(endpoints)} of its {len(endpoints)} connection(s) aborted"
+                said[0] = f"slow to disconnect; {why}"
+                return
+            with netns.inside(cfg.netns):       # `dmrepl down` runs outside the daemon's namespace
+                said[0] = f"slow to disconnect: {abort(endpoints)} of its {len(endpoints)} connection(s) aborted"
         except (OSError, ValueError, DmreplError) as e:
-            said = f"slow to disconnect, and its connections could not be aborted ({e})"
-        t.join()
-    if failed:
-        raise failed[0]
-    return said
+            said[0] = f"slow to disconnect, and its connections could not be aborted ({e})"
+
+    timer = threading.Timer(POLITE_S, cut_them)
+    timer.daemon = True
+    timer.start()
+    try:
+        nl.disconnect(index)
+    finally:
+        timer.cancel()
+        timer.join()
+    return said[0]
 
 
 class Lost(Exception):
