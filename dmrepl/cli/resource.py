@@ -249,22 +249,23 @@ def _p_checkpoint(cfg: PrimaryConfig, args) -> int:
 def _p_verify(cfg: PrimaryConfig, args) -> int:
     from concurrent.futures import ThreadPoolExecutor, wait
 
-    from dmrepl.daemon.progress import bar_text
+    from dmrepl.daemon.progress import Bar, bar_text
 
-    bar = sys.stderr.isatty() and not args.json     # in a log: the daemon's own lines (each 25 %)
-    with ThreadPoolExecutor(1) as pool:
-        fut = pool.submit(control.request, _sock(cfg), "verify", timeout=None, repair=args.repair)
-        while bar and not wait([fut], timeout=0.5).done:
-            try:
-                p = control.request(_sock(cfg), "status", timeout=10).get("verify")
-            except (DmreplError, OSError):
-                continue                    # the bar waits; the verify's own answer decides
-            if p:
-                print("\r" + bar_text("verify", p["done_bytes"], p["total_bytes"], p["rate_bytes_s"], p["eta_s"])
-                      + "\033[K", end="", file=sys.stderr, flush=True)
-        r = fut.result()
-    if bar:
-        print(file=sys.stderr)
+    bar = Bar() if sys.stderr.isatty() and not args.json else None   # in a log: the daemon's lines (each 25 %)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            fut = pool.submit(control.request, _sock(cfg), "verify", timeout=None, repair=args.repair)
+            while bar is not None and not wait([fut], timeout=0.5).done:
+                try:
+                    p = control.request(_sock(cfg), "status", timeout=10).get("verify")
+                except (DmreplError, OSError):
+                    continue                # the bar waits; the verify's own answer decides
+                if p:
+                    bar.draw(bar_text("verify", p["done_bytes"], p["total_bytes"], p["rate_bytes_s"], p["eta_s"]))
+            r = fut.result()
+    finally:
+        if bar is not None:
+            bar.end()
     r.pop("ok", None)
     if args.json:
         print_json({"name": cfg.name, **r})
@@ -286,7 +287,9 @@ def _p_wait(cfg: PrimaryConfig, args) -> int:
     a line each 10 % and each new state otherwise (stderr); the final state on stdout."""
     if args.timeout is not None and args.timeout <= 0:
         raise DmreplError(f"--timeout must be more than 0 seconds, got {args.timeout:g}")
-    bar = _Bar() if sys.stderr.isatty() and not args.json else None
+    from dmrepl.daemon.progress import Bar
+
+    bar = Bar() if sys.stderr.isatty() and not args.json else None
     t0 = time.monotonic()
     try:
         st = _wait_replicating(cfg, args.timeout, t0, bar)
@@ -302,23 +305,7 @@ def _p_wait(cfg: PrimaryConfig, args) -> int:
     return 0
 
 
-class _Bar:
-    """One terminal line redrawn in place (cleared to its end: a shorter line leaves nothing)."""
-
-    def __init__(self):
-        self.shown = False
-
-    def draw(self, line: str) -> None:
-        print("\r" + line + "\033[K", end="", file=sys.stderr, flush=True)
-        self.shown = True
-
-    def end(self) -> None:
-        if self.shown:
-            print(file=sys.stderr, flush=True)
-            self.shown = False
-
-
-def _wait_replicating(cfg: PrimaryConfig, timeout: float | None, t0: float, bar: _Bar | None) -> dict:
+def _wait_replicating(cfg: PrimaryConfig, timeout: float | None, t0: float, bar) -> dict:
     from dmrepl.daemon.progress import Rate, bar_text, running_work
 
     rate = Rate()

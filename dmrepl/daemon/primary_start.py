@@ -105,7 +105,7 @@ def load_modules() -> None:
         why = modules.load(module)
         if why is not None:
             raise DmreplError(f"kernel module {module} cannot be loaded: {why}", "`dmrepl doctor` checks this host")
-    # For cut_left after a takeover (sock_diag's SOCK_DESTROY for TCP): loaded now, since its
+    # For disconnect_left after a takeover (sock_diag's SOCK_DESTROY for TCP): loaded now, since its
     # autoload at the first use took 3 s in the test VM, while writes wait.  Without it a
     # takeover's disconnect may wait for the NBD timeout, nothing worse.
     modules.load("tcp_diag")

@@ -39,6 +39,23 @@ def bar_text(work: str, done: int, total: int, rate: float, eta: float | None) -
     return f"{work:6} [{'#' * (pct // 4):<25}] {pct:3d}%  {rate / 1e6:7.1f} MB/s  ETA {eta_text(eta)}"
 
 
+class Bar:
+    """One terminal line on stderr, redrawn in place (cleared to its end: a shorter line leaves
+    nothing); end() closes it with a newline, once."""
+
+    def __init__(self):
+        self.shown = False
+
+    def draw(self, line: str) -> None:
+        print("\r" + line + "\033[K", end="", file=sys.stderr, flush=True)
+        self.shown = True
+
+    def end(self) -> None:
+        if self.shown:
+            print(file=sys.stderr, flush=True)
+            self.shown = False
+
+
 def running_work(status: dict) -> tuple[str, int, int] | None:
     """The long job a primary's `status` shows running, as (label, done bytes, total bytes): the
     initial sync's copy or verify, a resync's comparison or copy, a verify; None when none runs."""
@@ -83,6 +100,7 @@ class Progress:
         self.notifier = notifier
         self.on_step = on_step
         self.tty = sys.stderr.isatty()
+        self.bar = Bar()
         self.t0 = time.monotonic()
         self.shown = -1
         self.latest: dict | None = None
@@ -99,9 +117,9 @@ class Progress:
         if self.notifier is not None and pct != self.shown:
             self.notifier.extend_start(EXTEND_S, f"primary, initial sync: {line}")
         if self.tty:
-            print("\r" + bar_text(phase, done, total, rate, eta) + "\033[K", end="", file=sys.stderr, flush=True)
+            self.bar.draw(bar_text(phase, done, total, rate, eta))
             if done >= total:
-                print(file=sys.stderr)
+                self.bar.end()
         if pct // 10 != self.shown // 10 or done >= total:
             if not self.tty:
                 log(f"initial sync: {line}")
