@@ -225,6 +225,10 @@ def _p_status(cfg: PrimaryConfig, args) -> int:
         print(f"  nbd     none: the leg to {s['secondary']} is dropped, writes reach P only (era {s.get('era', '?')})")
     if s.get("tunnel"):
         print(tunnel_line(s["tunnel"]))
+    f = s.get("fencing")
+    if f and f["state"] != "none":
+        print(f"  fencing {f['state']} (checkpoint {f['checkpoint']}: {f['reason']})"
+              + (f": {f['error']}, again in {f['retry_in_s']:g} s" if f.get("error") else ""))
     for key, label in (("resync", "resync"), ("last_resync", "last resync")):
         r = s.get(key)
         if r:

@@ -42,7 +42,8 @@ From then on the resource's state file says which role the host plays
 on [primary]'s era_metadata, so that the failback copies only what changed.
 
 An optional [link] table runs the link inside a WireGuard tunnel (config/tunnel.py); an optional
-[metrics] table exports Prometheus metrics (config/metrics.py).
+[metrics] table exports Prometheus metrics (config/metrics.py); an optional [fencing] table marks the
+other host outdated while this host's primary writes without it (config/fencing.py).
 
 Unknown keys and wrong types are errors that name the file and the key.
 """
@@ -55,8 +56,10 @@ import tomllib
 from dataclasses import dataclass, replace
 
 from dmrepl import private
+from dmrepl.config import fencing as fencing_table
 from dmrepl.config import metrics as metrics_table
 from dmrepl.config import tunnel as tunnel_table
+from dmrepl.config.fencing import Fencing
 from dmrepl.config.fields import (
     DEFAULT_PORT,
     NAME_RE,
@@ -101,6 +104,7 @@ class SecondaryConfig:
     era_block_sectors: int = 2048
     tunnel: Tunnel | None = None      # [link] encrypt = "wireguard"
     metrics: Metrics | None = None    # [metrics]
+    fencing: Fencing | None = None    # [fencing] (used once this host takes over as primary)
     netns: str | None = None          # the whole daemon (and its nbdkit) runs in this network namespace
     role = "secondary"
 
@@ -143,6 +147,7 @@ class PrimaryConfig:
     hello_listen: tuple[str, int] | None = None
     tunnel: Tunnel | None = None      # [link] encrypt = "wireguard"
     metrics: Metrics | None = None    # [metrics]
+    fencing: Fencing | None = None    # [fencing]
     role = "primary"
 
     @property
@@ -259,13 +264,14 @@ def parse(text: str, *, source: str, default_name: str | None = None, role: str 
     """The config of one role: the section present says which; with both sections, `role`
     (the state file's, see `role_of`) or else the file's `start_as`."""
     doc = _toml(text, source)
-    check_keys(doc, {"name", "resource_id", "state_dir", "secondary", "primary", "start_as", "link", "metrics"},
+    check_keys(doc, {"name", "resource_id", "state_dir", "secondary", "primary", "start_as", "link", "metrics",
+               "fencing"},
                source)
     name = check_name(expect(doc, "name", str, source, default_name, required=default_name is None))
     common = dict(name=name, resource_id=expect(doc, "resource_id", str, source, name),
                   state_dir=os.path.abspath(expect(doc, "state_dir", str, source, DEFAULT_STATE_DIR)),
                   source=source, tunnel=tunnel_table.parse(doc, source, name),
-                  metrics=metrics_table.parse(doc, source))
+                  metrics=metrics_table.parse(doc, source), fencing=fencing_table.parse(doc, source))
     start_as = expect(doc, "start_as", str, source)
     if start_as is not None and start_as not in ROLES:
         raise ConfigError(f"{source}: 'start_as' must be \"primary\" or \"secondary\", got {start_as!r}")

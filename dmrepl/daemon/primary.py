@@ -29,8 +29,10 @@ import time
 from concurrent.futures import Future
 
 from dmrepl.config import PrimaryConfig
+from dmrepl.config.fencing import check_runnable
 from dmrepl.daemon import control, metrics, peer, primary_start, tunnel
 from dmrepl.daemon.events import EventLog
+from dmrepl.daemon.fencing import PeerFencing
 from dmrepl.daemon.machine import Event, Machine, State
 from dmrepl.daemon.notify import Notifier
 from dmrepl.daemon.primary_link import Lost, SecondaryLink
@@ -50,7 +52,7 @@ REQUEST_TIMEOUT = 60.0
 
 class PrimaryDaemon:
     def __init__(self, cfg: PrimaryConfig, pri: Primary, nl: netlink.NBDNetlink, events: netlink.LinkEvents,
-                 notifier: Notifier):
+                 notifier: Notifier, host_netns_fd: int | None = None):
         self.cfg, self.pri, self.nl, self.events = cfg, pri, nl, events
         self.machine = Machine()
         self.link = SecondaryLink(cfg, pri, nl)
@@ -67,11 +69,16 @@ class PrimaryDaemon:
         self.pauses = metrics.PauseHistogram()
         self.sync: Progress | None = None      # the initial sync's, while it runs
         self.verifying: dict | None = None     # a verify's progress, while it runs
+        self.fencing = PeerFencing(cfg, log, self.eventlog.emit, host_netns_fd)
         self.machine.on_move = self._moved
 
     def _moved(self, m: Machine, previous: State, event: Event) -> None:
         self.notifier.status(self.status_line())
         self.eventlog.emit("state", state=str(m.state), previous=str(previous), cause=str(event), reason=m.reason)
+        if m.state == State.DEGRADED and previous != State.DEGRADED:
+            # Writes go on without the secondary: its view lacks them from now on (daemon/fencing.py).
+            st = self.pri.state()
+            self.fencing.outdate((st.checkpoint if st else 0) + 1, m.reason)
 
     def status_line(self) -> str:
         """systemd's STATUS=: role, state and reason, checkpoint."""
@@ -231,6 +238,7 @@ class PrimaryDaemon:
             log(f"checkpoint {st.checkpoint} ({why}): pause {pause * 1000:.1f} ms "
                 f"(secondary {peer_pause * 1000:.1f} ms)")
         self.pauses.observe(pause)
+        self.fencing.clear(st.checkpoint)          # the secondary's view holds every write again
         self.notifier.status(self.status_line())
         self.eventlog.emit("checkpoint", **{k: v for k, v in self.last_checkpoint.items() if k != "time"})
         return dict(self.last_checkpoint)
@@ -326,6 +334,7 @@ def status_reply(d: "PrimaryDaemon", pri: Primary) -> dict:
             "sync": d.sync.latest if d.sync is not None and m.state == State.SYNCING else None,
             "verify": d.verifying,
             "secondary": f"{d.link.peer_cfg.link_host}:{d.link.peer_cfg.link_port}",
+            "fencing": d.fencing.status(),
             "checkpoint_interval_s": d.cfg.checkpoint_interval_s, "tunnel": tunnel.status(d.cfg),
             "devices": pri.devices(), **pri.kernel_status(),
             "history": [{"time": t, "event": e, "state": s, "reason": r} for t, e, s, r in m.history]}
@@ -333,25 +342,33 @@ def status_reply(d: "PrimaryDaemon", pri: Primary) -> dict:
 
 def run(cfg: PrimaryConfig, *, assume_clean: bool = False) -> int:
     """The daemon, in the foreground, until SIGTERM/SIGINT or `dmrepl down`; returns the exit status."""
+    why = check_runnable(cfg.fencing)
+    if why is not None:
+        raise DmreplError(f"{cfg.source}: {why}", "install the command or fix [fencing] in the config")
     notifier = Notifier.from_environment()
     exporter = metrics.Exporter(cfg.metrics, cfg.name, log) if cfg.metrics else None
+    host_netns = None
     try:
         if exporter is not None:
             exporter.start()                # in this host's namespace, not the link's
         with Primary.open(cfg) as pri, netlink.NBDNetlink() as nl, netlink.LinkEvents() as events:
             if cfg.netns is not None:
+                # [fencing]'s command talks to a cluster manager in this host's namespace.
+                host_netns = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
                 netns.enter(cfg.netns)
             with tunnel.opened(cfg, log):       # in the link's namespace, before any link socket
-                return _serve(cfg, pri, nl, events, assume_clean, notifier, exporter)
+                return _serve(cfg, pri, nl, events, assume_clean, notifier, exporter, host_netns)
     finally:
         if exporter is not None:
             exporter.close()
         notifier.close()
+        if host_netns is not None:
+            os.close(host_netns)
 
 
 def _serve(cfg: PrimaryConfig, pri: Primary, nl, events, assume_clean: bool, notifier: Notifier,
-           exporter: metrics.Exporter | None) -> int:
-    d = PrimaryDaemon(cfg, pri, nl, events, notifier)
+           exporter: metrics.Exporter | None, host_netns: int | None) -> int:
+    d = PrimaryDaemon(cfg, pri, nl, events, notifier, host_netns)
     if exporter is not None:
         exporter.families = lambda: metrics.primary_families(d.submit({"op": "status"}), d.pauses, time.time())
 
@@ -385,6 +402,7 @@ def _serve(cfg: PrimaryConfig, pri: Primary, nl, events, assume_clean: bool, not
         d.eventlog.emit("stopped", pid=os.getpid())
         return 0
     finally:
+        d.fencing.close()
         if responder is not None:
             responder.close()
         server.close()
