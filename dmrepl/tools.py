@@ -33,5 +33,6 @@ class Tool:
 NBDKIT = Tool("nbdkit", "nbdkit", "the secondary's NBD export")
 ERA_INVALIDATE = Tool("era_invalidate", "thin-provisioning-tools", "era change lists")
 MODPROBE = Tool("modprobe", "kmod", "loading the dm, loop and nbd modules")
+NSENTER = Tool("nsenter", "util-linux", "[fencing]'s command in the host's network namespace (a primary with netns)")
 
-ALL = (MODPROBE, ERA_INVALIDATE, NBDKIT)
+ALL = (MODPROBE, ERA_INVALIDATE, NBDKIT, NSENTER)

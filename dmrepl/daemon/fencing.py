@@ -30,6 +30,7 @@ from typing import Callable
 
 from dmrepl import private
 from dmrepl.config import PrimaryConfig
+from dmrepl.tools import NSENTER
 
 WISH_FILE = "fencing.json"
 OUTPUT_CHARS = 400          # of the command's output, kept for the log and status
@@ -144,7 +145,7 @@ class PeerFencing:
         argv = [*self.fencing.command, wish["action"]]
         pass_fds: tuple[int, ...] = ()
         if self.netns_fd is not None:           # back to the host's namespace for this command
-            argv = ["nsenter", f"--net=/proc/self/fd/{self.netns_fd}", "--", *argv]
+            argv = [NSENTER.path() or "nsenter", f"--net=/proc/self/fd/{self.netns_fd}", "--", *argv]
             pass_fds = (self.netns_fd,)
         env = {**os.environ, "DMREPL_RESOURCE": self.cfg.name, "DMREPL_RESOURCE_ID": self.cfg.resource_id,
                "DMREPL_CHECKPOINT": str(wish["checkpoint"]), "DMREPL_REASON": wish["reason"]}

@@ -4,6 +4,7 @@ command killed, the wish kept across daemons (unit tier: no kernel)."""
 
 import json
 import os
+import subprocess
 import time
 
 import pytest
@@ -176,3 +177,26 @@ def test_a_stop_lets_the_last_wish_run_but_does_not_wait_for_retries(tmp_path):
     t0 = time.monotonic()
     failing.fencing.close()             # already tried: left for the next daemon (the wish file)
     assert time.monotonic() - t0 < 0.5 and os.path.exists(failing.wish)
+
+
+def test_the_command_runs_in_the_namespace_it_was_given(tmp_path):
+    """The daemon lives in the link's namespace and hands the host's over: the command runs there."""
+    if os.geteuid() != 0:
+        pytest.fail("run as root (a namespace, and nsenter needs CAP_SYS_ADMIN), as CI does")
+    lab = Lab(tmp_path, behave=f"readlink /proc/self/ns/net >> {tmp_path / 'calls'}")
+    other = subprocess.Popen(["unshare", "--net", "sleep", "60"])      # a namespace of its own
+    try:
+        path = f"/proc/{other.pid}/ns/net"
+        poll.wait_for(lambda: os.readlink(path) != os.readlink("/proc/self/ns/net"), "unshare", timeout=10)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            f = PeerFencing(lab.cfg, lab.logged.append, host_netns_fd=fd)
+            f.outdate(2, "x")
+            lab.settled("outdated", f)
+            assert lab.lines()[1] == os.readlink(path) != os.readlink("/proc/self/ns/net")
+            f.close()
+        finally:
+            os.close(fd)
+    finally:
+        other.kill()
+        other.wait()
