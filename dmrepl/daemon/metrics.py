@@ -108,6 +108,13 @@ def primary_families(s: dict, pauses: PauseHistogram, now: float) -> list:
         out.append(g)
         out.append(_gauge("dmrepl_resync_progress_ratio", "The current (else the last) resync's progress, 0 to 1: "
                           "comparing up to 0.5, copying from 0.5", r, resync_progress(shown)))
+    fencing = s.get("fencing")
+    if fencing:
+        out.append(_gauge("dmrepl_peer_outdated", "1 while the other host is marked outdated ([fencing]: "
+                          "outdated, or clearing or failing to clear the mark)", r,
+                          0.0 if fencing["state"] in ("none", "cleared", "outdating", "outdate failed") else 1.0))
+        out.append(_gauge("dmrepl_fencing_failing", "1 while [fencing]'s last run failed (it is retried)", r,
+                          1.0 if fencing["state"].endswith("failed") else 0.0))
     out.append(pauses.family(r))
     return out
 

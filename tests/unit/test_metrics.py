@@ -79,6 +79,18 @@ def test_the_primarys_families_from_its_status():
     assert got[("dmrepl_resync_progress_ratio", frozenset({r}))] == 0.625
     # No block statistics here (no such device): no byte counters rather than wrong ones.
     assert not [k for k in got if k[0].startswith(("dmrepl_written", "dmrepl_replicated"))]
+    assert not [k for k in got if k[0] in ("dmrepl_peer_outdated", "dmrepl_fencing_failing")]  # no [fencing]
+
+
+@pytest.mark.parametrize("state,outdated,failing", [
+    ("none", 0, 0), ("outdating", 0, 0), ("outdated", 1, 0), ("outdate failed", 0, 1), ("clearing", 1, 0),
+    ("clear failed", 1, 1), ("cleared", 0, 0)])
+def test_the_fencing_gauges(state, outdated, failing):
+    status = {"name": "vm1", "state": "degraded", "checkpoint": 4, "devices": {}, "nbd": None, "resync": None,
+              "fencing": {"command": "/usr/lib/dmrepl/crm-fencing", "state": state, "checkpoint": 5}}
+    got = samples(metrics.primary_families(status, metrics.PauseHistogram(), now=0))
+    r = frozenset({("resource", "vm1")})
+    assert (got[("dmrepl_peer_outdated", r)], got[("dmrepl_fencing_failing", r)]) == (outdated, failing)
 
 
 @pytest.mark.parametrize("phase,compared,copy,copied,want", [
