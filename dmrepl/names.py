@@ -18,6 +18,7 @@ be found, listed and cleaned up without touching anyone else's devices
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 from dmrepl.kernel.nodes import MAPPER_DIR
@@ -27,6 +28,13 @@ NAME_PREFIX = "dmrepl-"
 LINK_DIR = "/dev/dmrepl"
 
 SECONDARY_PARTS = ("origin", "hidden", "active", "era")
+
+
+def outdated_mark(resource_id: str) -> str:
+    """The name a cluster records a host's outdated mark under ([fencing]: ocf/crm-fencing's node
+    attribute, which ocf/dmrepl reads): the resource id both hosts share, in characters any
+    cluster's attribute names take."""
+    return NAME_PREFIX + re.sub(r"[^A-Za-z0-9_.-]", "_", resource_id) + "-outdated"
 
 
 def is_ours(uuid: str) -> bool:

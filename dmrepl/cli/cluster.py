@@ -12,6 +12,7 @@ import shlex
 
 from dmrepl.cli.render import print_json, resource_parser
 from dmrepl.config import ConfigError, PrimaryConfig, SecondaryConfig, load
+from dmrepl.names import outdated_mark
 from dmrepl.roles.promotion import Facts, assess
 
 HELP = ("this host's part in NAME for a cluster manager: what runs (promoted, unpromoted, standby, "
@@ -67,7 +68,8 @@ def facts(name: str, path: str | None) -> tuple[dict, Facts]:
               diverged=bool(st and st.diverged and st.diverged.get("ranges") and cfg.role == "secondary"),
               merging=bool(st and st.role == "merging"),
               unclean=cfg.role == "primary" and stopped_uncleanly(cfg.resource_state_dir))
-    return {"name": cfg.name, "role": cfg.role, "both_roles": both, "config": cfg.source,
+    return {"name": cfg.name, "resource_id": cfg.resource_id, "role": cfg.role, "both_roles": both,
+            "config": cfg.source,
             "consumer_openers": openers}, f
 
 
@@ -75,6 +77,7 @@ def command(args) -> int:
     about, f = facts(args.name, args.config)
     v = assess(f)
     out = {**about, "run": v.run, "score": v.score, "why": v.why, "checkpoint": f.checkpoint,
+           "mark_name": outdated_mark(about["resource_id"]),
            "primary_state": f.primary_state, "merging": f.merging}
     if args.json:
         print_json(out)

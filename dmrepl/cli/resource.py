@@ -65,6 +65,13 @@ def command(args) -> int:
         return _resolve(args)
     if args.action == "up" and args.detach:
         return _detach(cfg, args)
+    if args.action == "failover":
+        from dmrepl.config.fencing import check_runnable
+
+        why = check_runnable(cfg.fencing)       # before anything moves: the primary it leads to runs it
+        if why is not None:
+            raise DmreplError(f"{cfg.source}: {why}: the primary this failover leads to could not start",
+                              "install the command or fix [fencing] in the config, then fail over")
     if isinstance(cfg, PrimaryConfig) and _took_over_here(cfg):
         if args.action == "up":
             raise DmreplError(f"{cfg.name} took over on this host (failover) and runs on the secondary's stack "

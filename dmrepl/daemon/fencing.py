@@ -1,28 +1,36 @@
 """The primary marks its secondary outdated while it writes without it ([fencing], config/fencing.py).
 
-    the machine moves to degraded       -> COMMAND outdate   (DMREPL_CHECKPOINT: the newest
-                                           checkpoint the other host may hold)
-    a checkpoint joins the hosts again  -> COMMAND clear     (only if a mark was asked for)
+    the secondary falls behind            -> COMMAND outdate   (DMREPL_CHECKPOINT: the newest
+      (daemon/primary.py: degraded, resyncing,                    checkpoint the other host may hold)
+       a failed checkpoint)
+    a checkpoint joins the hosts again    -> COMMAND clear     (only if a mark was asked for)
 
-The mark's wish is kept in STATE_DIR/NAME/fencing.json until a `clear` succeeded, so that a
-daemon that starts after one that marked (a restart, a takeover of its stack) clears it at its
-first joined checkpoint, and a restart while degraded marks again.  DMREPL_CHECKPOINT is the
-primary's last checkpoint + 1: a checkpoint the link broke in may have reached the secondary
-although the primary kept n-1.  A cluster-side reader compares it with the secondary's checkpoint
-(outdated while that is not newer), so a mark whose `clear` never ran cannot hold a secondary back
-once it joined again.
+While the primary replicates, a failover to the secondary's checkpoint loses at most one
+checkpoint interval of writes; degraded or resyncing (no checkpoint until the resync is done),
+or with checkpoints failing, the loss has no bound: that is when the other host is marked.
+
+The wish is kept in STATE_DIR/NAME/fencing.json until a `clear` succeeded: a daemon that starts
+after one that marked (a restart, a takeover of its stack) marks again at once (the command is
+idempotent) and clears at its first joined checkpoint.  DMREPL_CHECKPOINT is the primary's last
+checkpoint, + 1 when a checkpoint failed since (it may have reached the secondary although the
+primary kept n-1).  A cluster-side reader compares it with the secondary's checkpoint (outdated
+while that is not newer), so a mark whose `clear` never ran holds a secondary back only until a
+newer checkpoint joined the hosts.  DMREPL_MARK_NAME is the name to record the mark under
+(names.outdated_mark: the shared resource id).
 
 The command runs on a thread of its own: no write waits for it (the stall bound after losing
 the secondary holds whatever the cluster does).  A run that fails or outlives timeout_s (killed)
-is logged, shown in `status` (fencing) and tried again every retry_interval_s.  It runs in the
-host's network namespace, not the link's (a cluster's IPC is there), with DMREPL_RESOURCE,
-DMREPL_RESOURCE_ID, DMREPL_CHECKPOINT and DMREPL_REASON in its environment.
+is logged, shown in `status` (fencing) and tried again every retry_interval_s; a run that outlives
+it is killed with its whole process group.  It runs in the host's network namespace, not the
+link's (a cluster's IPC is there), with DMREPL_RESOURCE, DMREPL_RESOURCE_ID, DMREPL_MARK_NAME,
+DMREPL_CHECKPOINT and DMREPL_REASON in its environment.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -30,6 +38,7 @@ from typing import Callable
 
 from dmrepl import private
 from dmrepl.config import PrimaryConfig
+from dmrepl.names import outdated_mark
 from dmrepl.tools import NSENTER
 
 WISH_FILE = "fencing.json"
@@ -52,9 +61,10 @@ class PeerFencing:
         self.state: dict = {"state": "none"}
         wish = self._read_wish()
         if wish is not None and self.fencing is not None:
-            self.state = {"state": "outdated", "checkpoint": wish["checkpoint"],
-                          "reason": f"asked for before this daemon started ({wish.get('reason')}); cleared "
-                                    "at the first checkpoint that joins the hosts"}
+            # An earlier daemon's mark, perhaps never set: again (it is idempotent), cleared at
+            # this daemon's first joined checkpoint.
+            self._ask({"action": "outdate", "checkpoint": wish["checkpoint"],
+                       "reason": f"kept from an earlier daemon: {wish.get('reason')}"})
 
     # -- what the daemon asks (its loop's thread) --------------------------------------------
 
@@ -68,6 +78,8 @@ class PeerFencing:
         if self.fencing is None:
             return
         with self._cond:
+            if self._want is not None and self._want["action"] == "clear" and self._want != self._done:
+                return              # one under way or failing: its retries keep their pace
             marked = self._want is not None and self._want["action"] == "outdate"
         if marked or self._read_wish() is not None:
             self._ask({"action": "clear", "checkpoint": checkpoint, "reason": f"checkpoint {checkpoint} joined the hosts"})
@@ -83,7 +95,8 @@ class PeerFencing:
         `clear` after a handover's last checkpoint is not lost with the process; a failed one
         stays in the wish file for the next daemon."""
         with self._cond:
-            deadline = time.monotonic() + self.fencing.timeout_s + 1 if self.fencing else 0
+            # A run under way, then the newest wish: twice the command's time at most.
+            deadline = time.monotonic() + 2 * self.fencing.timeout_s + 1 if self.fencing else 0
             while (self._thread is not None and self._want is not None and self._want != self._done
                    and self._want != self._failed and time.monotonic() < deadline):
                 self._cond.wait(max(0.0, deadline - time.monotonic()))
@@ -148,18 +161,28 @@ class PeerFencing:
             argv = [NSENTER.path() or "nsenter", f"--net=/proc/self/fd/{self.netns_fd}", "--", *argv]
             pass_fds = (self.netns_fd,)
         env = {**os.environ, "DMREPL_RESOURCE": self.cfg.name, "DMREPL_RESOURCE_ID": self.cfg.resource_id,
+               "DMREPL_MARK_NAME": outdated_mark(self.cfg.resource_id),
                "DMREPL_CHECKPOINT": str(wish["checkpoint"]), "DMREPL_REASON": wish["reason"]}
         t0 = time.monotonic()
         try:
-            r = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, pass_fds=pass_fds, timeout=self.fencing.timeout_s)
-        except subprocess.TimeoutExpired:
-            return False, f"no answer within {self.fencing.timeout_s:g} s (killed)", time.monotonic() - t0
+            # A session of its own: at the timeout its children go too (a late `outdate` from a
+            # killed run must not land after a `clear`).
+            proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, pass_fds=pass_fds, start_new_session=True)
         except OSError as e:
             return False, f"cannot run {argv[0]}: {e.strerror or e}", time.monotonic() - t0
-        said = " ".join(r.stdout.decode(errors="replace").split())[-OUTPUT_CHARS:]
-        if r.returncode != 0:
-            return False, f"exit status {r.returncode}" + (f": {said}" if said else ""), time.monotonic() - t0
+        try:
+            out, _ = proc.communicate(timeout=self.fencing.timeout_s)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.communicate()
+            return False, f"no answer within {self.fencing.timeout_s:g} s (killed)", time.monotonic() - t0
+        said = " ".join(out.decode(errors="replace").split())[-OUTPUT_CHARS:]
+        if proc.returncode != 0:
+            return False, f"exit status {proc.returncode}" + (f": {said}" if said else ""), time.monotonic() - t0
         return True, said, time.monotonic() - t0
 
     def _report(self, wish: dict, ok: bool, said: str, took: float) -> None:

@@ -70,15 +70,18 @@ class PrimaryDaemon:
         self.sync: Progress | None = None      # the initial sync's, while it runs
         self.verifying: dict | None = None     # a verify's progress, while it runs
         self.fencing = PeerFencing(cfg, log, self.eventlog.emit, host_netns_fd)
+        self.checkpoint_in_doubt = False       # one failed since the last that succeeded: S may hold it
         self.machine.on_move = self._moved
 
     def _moved(self, m: Machine, previous: State, event: Event) -> None:
         self.notifier.status(self.status_line())
         self.eventlog.emit("state", state=str(m.state), previous=str(previous), cause=str(event), reason=m.reason)
-        if m.state == State.DEGRADED and previous != State.DEGRADED:
-            # Writes go on without the secondary: its view lacks them from now on (daemon/fencing.py).
+        behind = (State.DEGRADED, State.RESYNCING)
+        if m.state in behind and previous not in behind or event == Event.CHECKPOINT_FAILED:
+            # No checkpoint will reach the secondary for a while: its view falls behind by more than
+            # an interval from now on (daemon/fencing.py).
             st = self.pri.state()
-            self.fencing.outdate((st.checkpoint if st else 0) + 1, m.reason)
+            self.fencing.outdate((st.checkpoint if st else 0) + self.checkpoint_in_doubt, m.reason)
 
     def status_line(self) -> str:
         """systemd's STATUS=: role, state and reason, checkpoint."""
@@ -222,15 +225,18 @@ class PrimaryDaemon:
         try:
             st, pause, peer_pause = self.pri.checkpoint(lambda n: peer.remote_checkpoint(session, n, self.link.silence_s))
         except (FrameError, OSError) as e:
+            self.checkpoint_in_doubt = True
             if self.machine.state in (State.REPLICATING, State.RESYNCING):
                 self.lost(Event.LINK_ERROR, f"the control link broke during a checkpoint: {e}")
             raise DmreplError(f"checkpoint failed: the control link broke ({e})",
                               "both hosts stay at the previous checkpoint") from None
         except DmreplError as e:
+            self.checkpoint_in_doubt = True
             if self.machine.state == State.REPLICATING:
                 self.machine.fire(Event.CHECKPOINT_FAILED, str(e))
             log(f"checkpoint failed ({why}): {e}")
             raise
+        self.checkpoint_in_doubt = False
         self.last_checkpoint = {"checkpoint": st.checkpoint, "pause_ms": round(pause * 1000, 3),
                                 "secondary_pause_ms": round(peer_pause * 1000, 3), "time": time.time(),
                                 "why": why}

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "..", "..", "ocf", "crm-fencing")
-ATTR = "dmrepl-vm1-outdated"
+ATTR = "dmrepl-vm1-2026-outdated"
 
 
 @pytest.fixture
@@ -27,7 +27,7 @@ def cib(tmp_path):
 
 def fencing(env, action, node="alpha", checkpoint="8"):
     return subprocess.run([SCRIPT, action], capture_output=True, text=True, timeout=30,
-                          env={**env, "DMREPL_RESOURCE": "vm1", "DMREPL_CHECKPOINT": checkpoint,
+                          env={**env, "DMREPL_MARK_NAME": ATTR, "DMREPL_CHECKPOINT": checkpoint,
                                "OCF_RESKEY_CRM_meta_on_node": node})
 
 
@@ -59,7 +59,7 @@ def test_outdate_marks_every_other_node_and_clear_removes_the_marks(cib):
     ("delta", "8", "outdate", "crm-fencing: this node 'delta' is not among the cluster's nodes (alpha beta gamma): "
                               "nothing marked"),
     ("alpha", "8x", "outdate", "crm-fencing: DMREPL_CHECKPOINT is not a checkpoint number: '8x'"),
-    ("alpha", "8", "fence", "usage: DMREPL_RESOURCE=NAME DMREPL_CHECKPOINT=N"),
+    ("alpha", "8", "fence", "usage: DMREPL_MARK_NAME=ATTRIBUTE DMREPL_CHECKPOINT=N"),
 ])
 def test_mistakes_change_nothing_and_say_why(cib, node, checkpoint, action, message):
     r = fencing(cib, action, node=node, checkpoint=checkpoint)

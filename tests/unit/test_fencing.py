@@ -55,11 +55,12 @@ class Lab:
         self.calls = tmp_path / "calls"
         self.script = tmp_path / "fence"
         self.script.write_text("#!/bin/sh\n"
-                               f'echo "$1 $DMREPL_RESOURCE $DMREPL_RESOURCE_ID $DMREPL_CHECKPOINT $DMREPL_REASON" >> {self.calls}\n'
+                               f'echo "$1 $DMREPL_RESOURCE $DMREPL_RESOURCE_ID $DMREPL_MARK_NAME $DMREPL_CHECKPOINT '
+                               f'$DMREPL_REASON" >> {self.calls}\n'
                                f"{behave}\n")
         self.script.chmod(0o755)
         state = tmp_path / "state"
-        cfg = parse(f'state_dir = "{state}"\nresource_id = "vm1-id"\n' + PRIMARY +
+        cfg = parse(f'state_dir = "{state}"\nresource_id = "vm1 id/2"\n' + PRIMARY +
                     f'[fencing]\ncommand = "{self.script} --x"\ntimeout_s = {timeout_s}\n'
                     f'retry_interval_s = {retry_s}\n', source="vm1.toml", default_name="vm1")
         os.makedirs(cfg.resource_state_dir)
@@ -83,13 +84,14 @@ def test_outdate_then_clear_run_the_command_with_the_resource_and_checkpoint(tmp
     lab.fencing.outdate(8, "the mirror marked the NBD leg failed")
     st = lab.settled("outdated")
     assert (st["command"], st["checkpoint"]) == (f"{lab.script} --x", 8)
-    assert lab.lines() == ["--x vm1 vm1-id 8 the mirror marked the NBD leg failed"]   # argv: command + action
+    # argv: the command, then the action; the mark's name from the shared resource id
+    assert lab.lines() == ["--x vm1 vm1 id/2 dmrepl-vm1_id_2-outdated 8 the mirror marked the NBD leg failed"]
     with open(lab.wish) as f:
         assert json.load(f)["checkpoint"] == 8
     assert oct(os.stat(lab.wish).st_mode & 0o777) == "0o600"
     lab.fencing.clear(9)
     lab.settled("cleared")
-    assert lab.lines()[1:] == ["--x vm1 vm1-id 9 checkpoint 9 joined the hosts"]
+    assert lab.lines()[1:] == ["--x vm1 vm1 id/2 dmrepl-vm1_id_2-outdated 9 checkpoint 9 joined the hosts"]
     assert not os.path.exists(lab.wish)
     lab.fencing.clear(10)                           # nothing marked: nothing runs
     time.sleep(0.3)
@@ -144,14 +146,16 @@ def test_the_newest_wish_wins_and_the_next_daemon_clears_an_earlier_mark(tmp_pat
     gate.touch()
     st = lab.settled("outdated")
     assert st["checkpoint"] == 8
-    assert [line.split()[3] for line in lab.lines()] == ["6", "8"]
+    assert [line.split()[5] for line in lab.lines()] == ["6", "8"]
     lab.fencing.close()
 
-    later = lab.new()                   # a restart: the wish file is still there
-    assert later.status()["state"] == "outdated" and later.status()["checkpoint"] == 8
+    later = lab.new()                   # a restart: the wish file is still there, marked again
+    st = lab.settled("outdated", later)
+    assert st["checkpoint"] == 8 and st["reason"] == "kept from an earlier daemon: second loss"
+    assert lab.lines()[-1].split()[5] == "8"
     later.clear(12)
     lab.settled("cleared", later)
-    assert lab.lines()[-1].split()[3] == "12" and not os.path.exists(lab.wish)
+    assert lab.lines()[-1].split()[5] == "12" and not os.path.exists(lab.wish)
     later.close()
 
 
@@ -200,3 +204,27 @@ def test_the_command_runs_in_the_namespace_it_was_given(tmp_path):
     finally:
         other.kill()
         other.wait()
+
+
+def test_a_failing_clear_keeps_its_pace_whatever_the_checkpoints(tmp_path):
+    lab = Lab(tmp_path, behave='[ "$2" = outdate ] || exit 4', retry_s=60)
+    lab.fencing.outdate(3, "loss")
+    lab.settled("outdated")
+    lab.fencing.clear(4)
+    lab.settled("clear failed")
+    for n in range(5, 10):              # checkpoints every few seconds: no run each
+        lab.fencing.clear(n)
+    time.sleep(0.3)
+    assert [line.split()[5] for line in lab.lines()] == ["3", "4"]     # the outdate, one clear
+    assert lab.fencing.status()["checkpoint"] == 4 and os.path.exists(lab.wish)
+    lab.fencing.close()
+
+
+def test_a_killed_run_takes_its_children_along(tmp_path):
+    late = tmp_path / "late"
+    lab = Lab(tmp_path, behave=f"(sleep 1; touch {late}) & sleep 30", timeout_s=0.3, retry_s=60)
+    lab.fencing.outdate(3, "loss")
+    lab.settled("outdate failed")
+    time.sleep(1.5)
+    assert not late.exists()            # the background child died with the run
+    lab.fencing.close()
