@@ -81,6 +81,12 @@ def mark(hosts, host: str) -> str | None:
     return crm_attr(hosts, host, MARK)
 
 
+def fencing_reaches(hosts, host: str, state: str, what: str) -> dict:
+    """The primary on `host` once its [fencing] (status) is in `state`."""
+    return poll.wait_for(lambda: (status_of(hosts, host) or {}).get("fencing") or {}, what,
+                         ok=lambda f: f.get("state") == state, timeout=30)
+
+
 def agent(hosts, host: str, action: str, expect: int = OCF_SUCCESS) -> str:
     env = {**os.environ, "OCF_ROOT": "/usr/lib/ocf", "OCF_RESOURCE_INSTANCE": f"dmrepl-{host}",
            "OCF_RESKEY_name": name_of(host), "OCF_RESKEY_config": hosts.config(host),
@@ -168,16 +174,14 @@ def _run(hosts):
     agent(hosts, "s", "monitor", OCF_RUNNING_PROMOTED)
     assert status_of(hosts, "s")["state"] == "degraded"
     assert cib_score(hosts, "s") == "10000"
-    fenced = poll.wait_for(lambda: status_of(hosts, "s")["fencing"], "s to mark p outdated",
-                           ok=lambda f: f["state"] == "outdated", timeout=30)
+    fenced = fencing_reaches(hosts, "s", "outdated", "s to mark p outdated")
     assert fenced["checkpoint"] == s["checkpoint"] and mark(hosts, "p") == str(s["checkpoint"])
     agent(hosts, "p", "start")                                  # p comes back as s's secondary
     agent(hosts, "p", "monitor", OCF_SUCCESS)
     poll.wait_for(lambda: status_of(hosts, "s"), "s to resync p and replicate",
                   ok=lambda st: st and st["state"] == "replicating", timeout=START_TIMEOUT)
     # The checkpoint that ended the resync joined the hosts: the mark is gone, p may be promoted.
-    poll.wait_for(lambda: status_of(hosts, "s")["fencing"], "s to clear p's mark",
-                  ok=lambda f: f["state"] == "cleared", timeout=30)
+    fencing_reaches(hosts, "s", "cleared", "s to clear p's mark")
     assert mark(hosts, "p") is None
     agent(hosts, "p", "monitor", OCF_SUCCESS)
     assert cib_score(hosts, "p") == "1000"
@@ -209,8 +213,7 @@ def _run(hosts):
     agent(hosts, "s", "monitor", OCF_NOT_RUNNING)
     poll.wait_for(lambda: status_of(hosts, "p"), "p to lose s", ok=lambda st: st and st["state"] == "degraded",
                   timeout=60)
-    poll.wait_for(lambda: status_of(hosts, "p")["fencing"], "p to mark s outdated",
-                  ok=lambda f: f["state"] == "outdated", timeout=30)
+    fencing_reaches(hosts, "p", "outdated", "p to mark s outdated")
     assert mark(hosts, "s") == str(n)
     last = _pattern(b"p-alone", 4096)
     blockdev.write_at(TOP, 2 * MiB, last)
@@ -242,8 +245,7 @@ def _run(hosts):
     assert blockdev.read_at(TOP, 0, 2 * MiB + 4096) == data + more + last
     poll.wait_for(lambda: status_of(hosts, "p"), "p to resync s and replicate",
                   ok=lambda st: st and st["state"] == "replicating", timeout=START_TIMEOUT)
-    poll.wait_for(lambda: status_of(hosts, "p")["fencing"], "p to clear s's mark",
-                  ok=lambda f: f["state"] == "cleared", timeout=30)
+    fencing_reaches(hosts, "p", "cleared", "p to clear s's mark")
     assert mark(hosts, "s") is None
     agent(hosts, "s", "monitor", OCF_SUCCESS)
     assert (cib_score(hosts, "p"), cib_score(hosts, "s")) == ("10000", "1000")
