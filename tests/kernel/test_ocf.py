@@ -166,6 +166,7 @@ def _run(hosts):
     assert (p["run"], p["role"]) == ("stopped", "secondary"), p
     assert (s["run"], s["score"]) == ("unpromoted", 1000) and s["checkpoint"] == p["checkpoint"] >= 2, (p, s)
 
+    agent(hosts, "s", "monitor", OCF_SUCCESS)      # Pacemaker's recurring monitor stores the score
     assert (cib_score(hosts, "s"), mark(hosts, "p"), mark(hosts, "s")) == ("1000", None, None)
 
     # s is promoted: a failover at that checkpoint, then the primary, degraded while p is stopped:
