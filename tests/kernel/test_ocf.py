@@ -91,6 +91,8 @@ def agent(hosts, host: str, action: str, expect: int = OCF_SUCCESS) -> str:
     env = {**os.environ, "OCF_ROOT": "/usr/lib/ocf", "OCF_RESOURCE_INSTANCE": f"dmrepl-{host}",
            "OCF_RESKEY_name": name_of(host), "OCF_RESKEY_config": hosts.config(host),
            "OCF_RESKEY_CRM_meta_timeout": "600000", "HA_LOGFILE": os.path.join(hosts.logs, f"agent-{host}.log"),
+           # A monitor here is Pacemaker's recurring one (interval 0 would be a probe: no score set).
+           "OCF_RESKEY_CRM_meta_interval": "20000" if action == "monitor" else "0",
            **cib_env(hosts, host)}
     r = subprocess.run([AGENT, action], env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == expect, (host, action, r.returncode, r.stdout, r.stderr, _tail(hosts, host))
@@ -166,7 +168,7 @@ def _run(hosts):
     assert (p["run"], p["role"]) == ("stopped", "secondary"), p
     assert (s["run"], s["score"]) == ("unpromoted", 1000) and s["checkpoint"] == p["checkpoint"] >= 2, (p, s)
 
-    agent(hosts, "s", "monitor", OCF_SUCCESS)      # Pacemaker's recurring monitor stores the score
+    agent(hosts, "s", "monitor", OCF_SUCCESS)      # the recurring monitor stores the score
     assert (cib_score(hosts, "s"), mark(hosts, "p"), mark(hosts, "s")) == ("1000", None, None)
 
     # s is promoted: a failover at that checkpoint, then the primary, degraded while p is stopped:
