@@ -77,7 +77,8 @@ class PrimaryDaemon:
         self.notifier.status(self.status_line())
         self.eventlog.emit("state", state=str(m.state), previous=str(previous), cause=str(event), reason=m.reason)
         behind = (State.DEGRADED, State.RESYNCING)
-        if m.state in behind and previous not in behind or event == Event.CHECKPOINT_FAILED:
+        if self.cfg.fencing is not None and (m.state in behind and previous not in behind
+                                             or event == Event.CHECKPOINT_FAILED):
             # No checkpoint will reach the secondary for a while: its view falls behind by more than
             # an interval from now on (daemon/fencing.py).
             st = self.pri.state()
