@@ -80,8 +80,10 @@ class PeerFencing:
         with self._cond:
             if self._want is not None and self._want["action"] == "clear" and self._want != self._done:
                 return              # one under way or failing: its retries keep their pace
+            # The wish file is read once, at the start (which asks for its outdate again), and
+            # written by every outdate since: `_want` tells whether a mark was asked for.
             marked = self._want is not None and self._want["action"] == "outdate"
-        if marked or self._read_wish() is not None:
+        if marked:
             self._ask({"action": "clear", "checkpoint": checkpoint, "reason": f"checkpoint {checkpoint} joined the hosts"})
 
     def status(self) -> dict | None:
@@ -147,7 +149,7 @@ class PeerFencing:
                         self._forget_wish()
                 else:
                     self._failed = wish
-                if not ok and current:
+                if not ok and current:          # a superseded wish is not retried
                     self._retry_at = time.monotonic() + self.fencing.retry_interval_s
                     self.state = {"state": f"{wish['action']} failed", "checkpoint": wish["checkpoint"],
                                   "reason": wish["reason"], "error": said, "time": time.time(),
