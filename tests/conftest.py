@@ -24,6 +24,20 @@ os.umask(0o022)
 KERNEL_TEST_TIMEOUT = 480
 
 
+def pytest_configure(config):
+    """DMREPL_TEST_INSTALLED=PREFIX (scripts/test's wheel tier): the tests must exercise the copy of
+    dmrepl installed under PREFIX (a fresh venv with the built wheel), not the source tree that
+    happens to be the working directory."""
+    prefix = os.environ.get("DMREPL_TEST_INSTALLED")
+    if prefix:
+        import dmrepl
+
+        where = os.path.realpath(dmrepl.__file__)
+        if not where.startswith(os.path.realpath(prefix) + os.sep):
+            raise pytest.UsageError(f"DMREPL_TEST_INSTALLED={prefix} but dmrepl is imported from {where}: "
+                                    "run pytest with PYTHONSAFEPATH=1 and the venv's own pytest")
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         rel = os.path.relpath(str(item.fspath), HERE)

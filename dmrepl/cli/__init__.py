@@ -53,6 +53,8 @@ def cmd_doctor(args) -> int:
         width = max(len(c.name) for c in checks)
         for c in checks:
             print(f"{c.verdict.upper():4}  {c.name:<{width}}  {c.detail}")
+            if c.install:
+                print(f"{'':4}  {'':<{width}}  install: {c.install}")
         print("verdict: this host can run dmrepl" if not failed
               else f"verdict: this host cannot run dmrepl ({len(failed)} check(s) failed)")
     return 1 if failed else 0

@@ -159,6 +159,17 @@ def default_path(name: str) -> str:
     return os.path.join(CONFIG_DIR, f"{check_name(name)}.toml")
 
 
+# Every key each table takes (man/dmrepl.toml.5 documents each; a unit test holds them together).
+TOP_KEYS = frozenset({"name", "resource_id", "state_dir", "start_as", "secondary", "primary", "link", "metrics",
+                      "fencing"})
+SECONDARY_KEYS = frozenset({"disk", "hidden_stores", "listen", "chunk_kib", "store_fill_warn", "link_listen",
+                            "key_file", "netns"})
+PRIMARY_KEYS = frozenset({"disk", "era_metadata", "key_file", "era_block_kib", "chunk_kib", "checkpoint_interval_s",
+                          "heartbeat_interval_s", "heartbeat_misses", "nbd_connections", "nbd_timeout_s",
+                          "secondaries", "netns", "reconnect_interval_s"})
+PEER_KEYS = frozenset({"nbd", "link"})
+
+
 def netns_name(table: dict, where: str) -> str | None:
     netns = expect(table, "netns", str, where)
     if netns is not None and not NAME_RE.match(netns):
@@ -169,8 +180,7 @@ def netns_name(table: dict, where: str) -> str | None:
 def _secondary(doc: dict, common: dict, source: str) -> SecondaryConfig:
     sec = expect(doc, "secondary", dict, source, required=True)
     where = f"{source} [secondary]"
-    check_keys(sec, {"disk", "hidden_stores", "listen", "chunk_kib", "store_fill_warn", "link_listen",
-                      "key_file", "netns"}, where)
+    check_keys(sec, SECONDARY_KEYS, where)
     disk = expect(sec, "disk", str, where, required=True)
     stores = expect(sec, "hidden_stores", list, where, required=True)
     if len(stores) != 2 or not all(isinstance(s, str) and s for s in stores):
@@ -210,7 +220,7 @@ def _peers(pri: dict, where: str, tunnel: Tunnel | None) -> tuple[Peer, ...]:
         at = f"{where} secondaries[{i}]"
         if not isinstance(table, dict):
             raise ConfigError(f"{at}: must be a table with 'nbd' and 'link'")
-        check_keys(table, {"nbd", "link"}, at)
+        check_keys(table, PEER_KEYS, at)
         nbd_host, nbd_port = parse_address(expect(table, "nbd", str, at, required=True), at, "nbd")
         link_host, link_port = parse_address(expect(table, "link", str, at, required=True), at, "link",
                                               DEFAULT_PORT + 1)
@@ -223,9 +233,7 @@ def _peers(pri: dict, where: str, tunnel: Tunnel | None) -> tuple[Peer, ...]:
 def _primary(doc: dict, common: dict, source: str) -> PrimaryConfig:
     pri = expect(doc, "primary", dict, source, required=True)
     where = f"{source} [primary]"
-    check_keys(pri, {"disk", "era_metadata", "key_file", "era_block_kib", "chunk_kib",
-                     "checkpoint_interval_s", "heartbeat_interval_s", "heartbeat_misses", "nbd_connections",
-                     "nbd_timeout_s", "secondaries", "netns", "reconnect_interval_s"}, where)
+    check_keys(pri, PRIMARY_KEYS, where)
     netns = netns_name(pri, where)
     disk, meta = distinct([expect(pri, "disk", str, where, required=True),
                             expect(pri, "era_metadata", str, where, required=True)],
@@ -264,9 +272,7 @@ def parse(text: str, *, source: str, default_name: str | None = None, role: str 
     """The config of one role: the section present says which; with both sections, `role`
     (the state file's, see `role_of`) or else the file's `start_as`."""
     doc = _toml(text, source)
-    check_keys(doc, {"name", "resource_id", "state_dir", "secondary", "primary", "start_as", "link", "metrics",
-               "fencing"},
-               source)
+    check_keys(doc, TOP_KEYS, source)
     name = check_name(expect(doc, "name", str, source, default_name, required=default_name is None))
     common = dict(name=name, resource_id=expect(doc, "resource_id", str, source, name),
                   state_dir=os.path.abspath(expect(doc, "state_dir", str, source, DEFAULT_STATE_DIR)),

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 from dmrepl.config.fields import ConfigError, check_keys, expect, number
 
+KEYS = frozenset({"command", "timeout_s", "retry_interval_s"})
+
 
 @dataclass(frozen=True)
 class Fencing:
@@ -34,7 +36,7 @@ def parse(doc: dict, source: str) -> Fencing | None:
     if table is None:
         return None
     where = f"{source} [fencing]"
-    check_keys(table, {"command", "timeout_s", "retry_interval_s"}, where)
+    check_keys(table, KEYS, where)
     raw = expect(table, "command", str, where, required=True)
     try:
         argv = tuple(shlex.split(raw))

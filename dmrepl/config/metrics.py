@@ -18,6 +18,8 @@ from dmrepl.config.fields import ConfigError, check_keys, expect, number, parse_
 
 DEFAULT_PORT = 9650
 
+KEYS = frozenset({"listen", "textfile", "textfile_interval_s"})
+
 
 @dataclass(frozen=True)
 class Metrics:
@@ -31,7 +33,7 @@ def parse(doc: dict, source: str) -> Metrics | None:
     if table is None:
         return None
     where = f"{source} [metrics]"
-    check_keys(table, {"listen", "textfile", "textfile_interval_s"}, where)
+    check_keys(table, KEYS, where)
     listen = expect(table, "listen", str, where)
     textfile = expect(table, "textfile", str, where)
     if listen is None and textfile is None:

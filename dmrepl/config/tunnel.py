@@ -28,6 +28,9 @@ DEFAULT_WG_PORT = 51820
 IFNAMSIZ = 16        # include/uapi/linux/if.h, with the terminating NUL
 ENCRYPTIONS = ("none", "wireguard")
 
+KEYS = frozenset({"encrypt", "interface", "private_key_file", "peer_public_key", "address", "peer_address",
+                  "peer_endpoint", "listen_port"})
+
 
 @dataclass(frozen=True)
 class Tunnel:
@@ -62,8 +65,7 @@ def parse(doc: dict, source: str, name: str) -> Tunnel | None:
     """The tunnel [link] asks for, or None for a plain link."""
     where = f"{source} [link]"
     table = expect(doc, "link", dict, source, {})
-    check_keys(table, {"encrypt", "interface", "private_key_file", "peer_public_key", "address",
-                       "peer_address", "peer_endpoint", "listen_port"}, where)
+    check_keys(table, KEYS, where)
     encrypt = expect(table, "encrypt", str, where, "none")
     if encrypt not in ENCRYPTIONS:
         raise ConfigError(f"{where}: 'encrypt' must be \"none\" or \"wireguard\", got {encrypt!r}")

@@ -126,7 +126,8 @@ def test_vm_runner_stopped_by_sigterm_stops_what_it_started(tmp_path):
     code = ("import testvm\n"
             "testvm.stop_on_sigterm()\n"
             f"testvm.run_group(['bash', '-c', 'sleep 300 & echo $! > {pidfile}; wait'], {{}}, timeout=60)\n")
-    runner = subprocess.Popen([sys.executable, "-c", code], cwd=os.path.dirname(testvm.__file__))
+    here = os.path.dirname(testvm.__file__)     # by PYTHONPATH: the wheel tier runs with PYTHONSAFEPATH
+    runner = subprocess.Popen([sys.executable, "-c", code], cwd=here, env=dict(os.environ, PYTHONPATH=here))
     deadline = time.monotonic() + 10
     while not pidfile.exists() or not pidfile.read_text().strip():
         assert time.monotonic() < deadline, "the runner did not start its command"
