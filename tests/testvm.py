@@ -104,12 +104,21 @@ def interpreter_paths() -> list[str]:
     return paths
 
 
+# Debian's python3 runs the installed .deb (tests/kernel/test_package.py): its standard library and
+# the .deb's Python dependencies, read over 9p, would make each `dmrepl` start take half a minute.
+SYSTEM_PYTHON = ("/usr/lib/python3.11", "/usr/lib/python3/dist-packages/pyroute2",
+                 "/usr/lib/python3/dist-packages/pyudev", "/usr/lib/python3/dist-packages/prometheus_client")
+FAST_DIR = "/run/dmrepl-testvm"
+FAST_MAP = f"{FAST_DIR}/paths"      # in the guest: "INDEX<TAB>PATH" per line, for a test that mounts over /usr
+
+
 def pack_interpreter(tar_path: str) -> list[str]:
-    """Write the interpreter's files to `tar_path`, one member per path (named 0, 1, ...);
-    returns the paths in that order."""
+    """Write the interpreter's files (and Debian's python3's, where present) to `tar_path`, one
+    member per path (named 0, 1, ...); returns the paths in that order."""
     paths = interpreter_paths()
+    paths += [p for p in SYSTEM_PYTHON if os.path.isdir(p) and p not in paths]
     for i, path in enumerate(paths):
-        skip = _STDLIB_SKIP if i == 0 else _VENV_SKIP if path == sys.prefix else ()
+        skip = _STDLIB_SKIP if i == 0 or path == SYSTEM_PYTHON[0] else _VENV_SKIP if path == sys.prefix else ()
         parent, base = os.path.split(path.rstrip("/"))
         argv = ["tar", "-r" if i else "-c", "-f", tar_path, "-C", parent, f"--transform=s,^{re.escape(base)},{i},",
                 "--exclude=*.opt-1.pyc", "--exclude=*.opt-2.pyc"]
@@ -121,10 +130,11 @@ def pack_interpreter(tar_path: str) -> list[str]:
 def unpack_lines(tar_path: str, paths: list[str]) -> list[str]:
     """Guest lines that unpack `tar_path` into a tmpfs and bind-mount each copy over its path; if
     anything fails the guest goes on reading over 9p, only slower."""
-    fast = "/run/dmrepl-testvm"
+    fast = FAST_DIR
     binds = " && ".join(f"mount --bind {fast}/{i} {shlex.quote(p)}" for i, p in enumerate(paths))
+    listing = shlex.quote("".join(f"{i}\t{p}\n" for i, p in enumerate(paths)))
     return [f"mkdir -p {fast} && mount -t tmpfs -o size=1G tmpfs {fast} && "
-            f"tar -x -f {shlex.quote(tar_path)} -C {fast} && {binds} || "
+            f"tar -x -f {shlex.quote(tar_path)} -C {fast} && {binds} && printf %s {listing} > {FAST_MAP} || "
             "echo 'testvm: the interpreter stays on 9p (slower): its copy into a tmpfs failed' >&2"]
 
 

@@ -43,6 +43,11 @@ class Hosts:
         self.dir, self.lab, self.logs = tmp_path, lab, logs
         self.nbd_timeout_s = 15
         self.procs: dict[str, subprocess.Popen] = {}
+        # How the daemons and the CLI are run: this tree's code by default; the installed .deb's
+        # command in test_package.py (with `cwd` and `env` such that nothing imports this tree).
+        self.command = [sys.executable, "-m", "dmrepl.cli"]
+        self.cwd: str | None = None
+        self.env: dict | None = None
         key = tmp_path / "r5.key"
         key.write_text(os.urandom(32).hex() + "\n")
         key.chmod(0o600)
@@ -94,9 +99,9 @@ class Hosts:
         moves its link sockets into p itself (its config's 'netns': the nbd netlink family lives
         in the initial namespace only)."""
         log = open(os.path.join(self.logs, f"{host}.log"), "ab")
-        argv = [sys.executable, "-m", "dmrepl.cli", "up", NAME, "--config", self.config(host), *extra]
+        argv = [*self.command, "up", NAME, "--config", self.config(host), *extra]
         popen = self.lab.popen if host == "s" else (lambda _h, a, **kw: subprocess.Popen(a, **kw))
-        self.procs[host] = popen(host, argv, stdout=log, stderr=log)
+        self.procs[host] = popen(host, argv, stdout=log, stderr=log, cwd=self.cwd, env=self.env)
         log.close()
         return self.procs[host]
 
@@ -137,8 +142,8 @@ class Hosts:
         return rc
 
     def cli(self, host: str, *argv: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "dmrepl.cli", *argv, NAME, "--config", self.config(host)],
-                              capture_output=True, text=True, timeout=timeout)
+        return subprocess.run([*self.command, *argv, NAME, "--config", self.config(host)],
+                              capture_output=True, text=True, timeout=timeout, cwd=self.cwd, env=self.env)
 
     def stop(self) -> None:
         """Both daemons down at the test's end.  `dmrepl down` runs in this process (the CLI's own

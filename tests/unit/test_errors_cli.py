@@ -72,16 +72,18 @@ def test_vm_carries_the_interpreter_in_one_tar(tmp_path):
     import tarfile
     tar = str(tmp_path / "i.tar")
     paths = testvm.pack_interpreter(tar)
-    assert paths[0] == os.path.dirname(os.__file__) and paths[-1] == sys.prefix
+    assert paths[0] == os.path.dirname(os.__file__) and sys.prefix in paths
+    assert [p for p in testvm.SYSTEM_PYTHON if os.path.isdir(p)] == [p for p in paths if p in testvm.SYSTEM_PYTHON]
     with tarfile.open(tar) as t:
         names = set(t.getnames())
     assert "0/os.py" in names and not any(n.startswith(("0/test/", "0/site-packages/")) for n in names)
-    venv = str(len(paths) - 1)
+    venv = str(paths.index(sys.prefix))
     assert f"{venv}/bin/python" in names
     assert any(n.startswith(f"{venv}/lib/") and "/site-packages/pyroute2/" in n for n in names)
     assert not any("/site-packages/pip/" in n for n in names)
     line, = testvm.unpack_lines(tar, paths)
     assert f"mount --bind /run/dmrepl-testvm/0 {paths[0]}" in line and "|| echo" in line
+    assert f"> {testvm.FAST_MAP}" in line
 
 
 def test_vm_runner_refuses_without_a_command(capsys):
