@@ -221,8 +221,6 @@ def _fail(message: str, hint: str | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dmrepl.daemon.export import ExportError
-
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -235,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         if isinstance(e, DmreplError):
             return _fail(str(e), e.hint)
-        if isinstance(e, (ConfigError, StateError, ExportError)):
+        if isinstance(e, (ConfigError, StateError)):
             return _fail(str(e), None)
         if isinstance(e, OSError):
             return _fail(str(e), "run with --debug for a traceback; `dmrepl doctor` checks this host")

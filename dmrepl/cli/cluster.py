@@ -33,7 +33,7 @@ def _section(name: str, path: str | None, role: str):
 
 
 def facts(name: str, path: str | None) -> tuple[dict, Facts]:
-    from dmrepl.daemon import control, supervisor
+    from dmrepl.daemon import control, pids
     from dmrepl.errors import DmreplError
     from dmrepl.kernel import dm
     from dmrepl.names import SECONDARY_PARTS, StackNames
@@ -61,7 +61,7 @@ def facts(name: str, path: str | None) -> tuple[dict, Facts]:
             runs_taken_over(cfg.name, cfg.disk, cfg.resource_state_dir, ctl)
     st = StateStore(cfg.resource_state_dir).load()
     f = Facts(role=cfg.role, primary_state=primary_state,
-              secondary_running=sec is not None and supervisor.running_pid(sec) is not None,
+              secondary_running=sec is not None and pids.running_pid(sec) is not None,
               stack_left=stack_left, taken_over=taken_over,
               checkpoint=st.checkpoint if st else 0, checkpoint_lost=bool(st and st.checkpoint_lost),
               # After a handover (demote with the secondary connected) nothing was given up.

@@ -14,7 +14,6 @@ import sys
 import time
 
 from dmrepl.config import CONFIG_DIR, ConfigError, load
-from dmrepl.daemon.events import Follower
 from dmrepl.errors import DmreplError
 
 POLL_S = 0.2
@@ -52,6 +51,8 @@ def _state_dirs(name: str | None, config: str | None) -> dict[str, str]:
 
 
 def command(args) -> int:
+    from dmrepl.daemon.events import Follower
+
     history = args.history or args.no_follow
     followers = [Follower(d, history) for d in _state_dirs(args.name, args.config).values()]
     try:

@@ -87,7 +87,7 @@ def command(args) -> int:
 
 def _detach(cfg, args) -> int:
     from dmrepl import private
-    from dmrepl.daemon import detach, supervisor
+    from dmrepl.daemon import detach, pids
 
     if args.timeout <= 0:
         raise DmreplError(f"--timeout must be more than 0 seconds, got {args.timeout:g}")
@@ -95,7 +95,7 @@ def _detach(cfg, args) -> int:
     config = os.path.abspath(args.config) if args.config else None
     argv = [sys.executable, "-m", "dmrepl.cli", "up", cfg.name, *(["--config", config] if config else []),
             *(["--assume-clean"] if args.assume_clean else [])]
-    log_path = supervisor.log_path(cfg)
+    log_path = pids.log_path(cfg)
     pid, status = detach.start(argv, log_path, args.timeout)
     if args.json:
         print_json({"name": cfg.name, "pid": pid, "status": status, "log": log_path})

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from dmrepl.cli.render import human_bytes, print_json, resource_parser, status_json, tunnel_line
 from dmrepl.config import SecondaryConfig, default_path, load_secondary
-from dmrepl.daemon import running_pid, service, tunnel
-from dmrepl.daemon.secondary_link import read_peer
-from dmrepl.roles.secondary import Secondary, SecondaryStatus
+
+if TYPE_CHECKING:
+    from dmrepl.roles.secondary import Secondary, SecondaryStatus
+
+# The daemon and the policy are imported by the functions that use them: `dmrepl --help` and every
+# other command build this parser, and a Python start in the test VM pays for each module read.
 
 HELPS = {"up": "build the stack from disk and start the NBD export",
          "down": "stop the export and remove the stack (refuses while active is open)",
@@ -33,6 +37,8 @@ def add_parser(sub, run) -> None:
 
 
 def command(args) -> int:
+    from dmrepl.roles.secondary import Secondary
+
     cfg = load_secondary(args.name, args.config)
     config_path = args.config or default_path(args.name)
     if args.action == "up" and cfg.netns is not None:
@@ -44,6 +50,8 @@ def command(args) -> int:
 
 
 def _up(sec: Secondary, cfg: SecondaryConfig, config_path: str, args) -> int:
+    from dmrepl.daemon import service
+
     res = service.up(sec, config_path)
     st = res["state"]
     out = {"name": cfg.name, "role": st.role, "checkpoint": st.checkpoint, "active": sec.active_path,
@@ -66,6 +74,8 @@ def _up(sec: Secondary, cfg: SecondaryConfig, config_path: str, args) -> int:
 
 
 def _down(sec: Secondary, cfg: SecondaryConfig, config_path: str, args) -> int:
+    from dmrepl.daemon import service
+
     done = service.down(sec, force=args.force)
     if args.json:
         print_json({"name": cfg.name, "removed": done})
@@ -85,6 +95,8 @@ def _checkpoint(sec: Secondary, cfg: SecondaryConfig, config_path: str, args) ->
 
 
 def _failover(sec: Secondary, cfg: SecondaryConfig, config_path: str, args) -> int:
+    from dmrepl.daemon import service
+
     t0 = time.perf_counter()
     st = service.failover(sec)
     switch = time.perf_counter() - t0
@@ -129,6 +141,10 @@ def warnings(s: SecondaryStatus, cfg: SecondaryConfig) -> list[str]:
 
 
 def status_dict(s: SecondaryStatus, cfg: SecondaryConfig) -> dict:
+    from dmrepl.daemon import tunnel
+    from dmrepl.daemon.secondary_link import read_peer
+    from dmrepl.daemon.supervisor import running_pid
+
     st = s.state
     out: dict = {"name": s.name, "resource_id": s.resource_id, "up": s.up, "role": st.role if st else None,
                  "devices": {d.part: {"name": d.name, "path": d.path, "dev": d.dev, "open_count": d.open_count,

@@ -5,17 +5,7 @@
     daemon/gate.py        the NBD gate: one nbdkit per admitted connection of the authenticated primary
     daemon/service.py     up / down / failover with the daemon, in the right order (CLI and demo share it)
 
-It sits above the policy (dmrepl.roles) and below the CLI.
+It sits above the policy (dmrepl.roles) and below the CLI.  Nothing is imported here: the CLI
+imports dmrepl.daemon.control for every command, and the supervisor's imports (the policy,
+prometheus_client) cost a command that does not run a daemon half its start-up.
 """
-
-from dmrepl.daemon.supervisor import (
-    export_pid,
-    export_pid_path,
-    export_pids,
-    fence,
-    log_path,
-    running_pid,
-    stop,
-)
-
-__all__ = ["export_pid", "export_pid_path", "export_pids", "fence", "log_path", "running_pid", "stop"]

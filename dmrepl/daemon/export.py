@@ -15,10 +15,11 @@ import subprocess
 import time
 
 from dmrepl import private, tools
+from dmrepl.errors import DmreplError
 
 
-class ExportError(RuntimeError):
-    pass
+class ExportError(DmreplError):
+    """nbdkit cannot serve the export (missing, cannot listen, exited)."""
 
 
 def nbdkit_argv(device: str, host: str, port: int, export_name: str) -> list[str]:
