@@ -85,9 +85,20 @@ class Overlay:
         self.holder.wait()
 
 
+def share_netns_dir() -> None:
+    """/run/netns as `ip netns add` makes it on first use (a shared bind mount of itself), before the
+    holder copies the mount tree: the namespaces the test's Lab adds later then appear in the
+    holder's namespace too (it is a slave of this one), where the primary's daemon opens them."""
+    os.makedirs("/run/netns", exist_ok=True)
+    if subprocess.run(["mountpoint", "-q", "/run/netns"]).returncode != 0:
+        subprocess.run(["mount", "--bind", "/run/netns", "/run/netns"], check=True)
+    subprocess.run(["mount", "--make-shared", "/run/netns"], check=True)
+
+
 @pytest.fixture(scope="module")
 def overlay(tmp_path_factory):
     deb = built_deb()
+    share_netns_dir()
     o = Overlay(str(tmp_path_factory.mktemp("overlay")))
     try:
         t0 = time.monotonic()
