@@ -13,8 +13,8 @@ from dmrepl import tools
 from dmrepl.kernel import dm, modules
 from dmrepl.kernel.errors import DMError
 
-VM_HINT = "this kernel cannot run dmrepl; on a development machine use the test VM: scripts/demo, " \
-          "or scripts/vm -- dmrepl doctor"
+VM_HINT = "this kernel cannot run dmrepl; in dmrepl's source tree on a development machine, the test VM " \
+          "runs it: scripts/demo, or scripts/vm -- dmrepl doctor"
 
 # Debian's kernel image: device-mapper, its targets, loop and nbd are modules in it.
 KERNEL_PACKAGE = "linux-image-amd64"

@@ -23,7 +23,7 @@ from dmrepl.names import StackNames, is_ours
 from dmrepl.nbd import attach, netlink
 
 OPT_IN = "DMREPL_TEST_ON_HOST"
-PROCESS_MARKERS = ("nbdkit", "dmrepl.daemon", "dmrepl.cli")
+PROCESS_MARKERS = ("nbdkit", "dmrepl.daemon", "dmrepl.cli", "bin/dmrepl")   # the last: the .deb's command
 
 
 class RefusedOnHost(RuntimeError):

@@ -35,6 +35,7 @@ from dmrepl.daemon.events import EventLog
 from dmrepl.daemon.fencing import PeerFencing
 from dmrepl.daemon.machine import Event, Machine, State
 from dmrepl.daemon.notify import Notifier
+from dmrepl.daemon.preload import preload
 from dmrepl.daemon.primary_link import Lost, SecondaryLink
 from dmrepl.daemon.primary_resync import Resync, ResyncStopped, verify
 from dmrepl.daemon.progress import Progress, log, progress_fields, rate_and_eta
@@ -349,6 +350,7 @@ def status_reply(d: "PrimaryDaemon", pri: Primary) -> dict:
 
 def run(cfg: PrimaryConfig, *, assume_clean: bool = False) -> int:
     """The daemon, in the foreground, until SIGTERM/SIGINT or `dmrepl down`; returns the exit status."""
+    preload(tunnel=cfg.tunnel is not None)
     why = check_runnable(cfg.fencing)
     if why is not None:
         raise DmreplError(f"{cfg.source}: {why}", "install the command or fix [fencing] in the config")

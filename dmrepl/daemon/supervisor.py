@@ -36,6 +36,7 @@ from dmrepl.daemon.pids import (  # noqa: F401 (service, the CLI and tests name 
     pid_path,
     running_pid,
 )
+from dmrepl.daemon.preload import preload
 from dmrepl.daemon.secondary_link import LinkServer, read_peer
 from dmrepl.errors import DmreplError
 from dmrepl.roles.secondary import Secondary
@@ -115,6 +116,7 @@ def _log(msg: str) -> None:
 
 
 def run_secondary(cfg: SecondaryConfig) -> int:
+    preload(tunnel=cfg.tunnel is not None)
     stopping = False
 
     def on_term(signum, frame):

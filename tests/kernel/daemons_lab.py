@@ -45,7 +45,9 @@ class Hosts:
         self.procs: dict[str, subprocess.Popen] = {}
         # How the daemons and the CLI are run: this tree's code by default; the installed .deb's
         # command in test_package.py (with `cwd` and `env` such that nothing imports this tree).
+        # `enter` comes before everything, `ip netns exec` included (a mount namespace: nsenter).
         self.command = [sys.executable, "-m", "dmrepl.cli"]
+        self.enter: list[str] = []
         self.cwd: str | None = None
         self.env: dict | None = None
         key = tmp_path / "r5.key"
@@ -100,8 +102,8 @@ class Hosts:
         in the initial namespace only)."""
         log = open(os.path.join(self.logs, f"{host}.log"), "ab")
         argv = [*self.command, "up", NAME, "--config", self.config(host), *extra]
-        popen = self.lab.popen if host == "s" else (lambda _h, a, **kw: subprocess.Popen(a, **kw))
-        self.procs[host] = popen(host, argv, stdout=log, stderr=log, cwd=self.cwd, env=self.env)
+        argv = [*self.enter, *(self.lab.argv(host, argv) if host == "s" else argv)]
+        self.procs[host] = subprocess.Popen(argv, stdout=log, stderr=log, cwd=self.cwd, env=self.env)
         log.close()
         return self.procs[host]
 
@@ -142,7 +144,7 @@ class Hosts:
         return rc
 
     def cli(self, host: str, *argv: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run([*self.command, *argv, NAME, "--config", self.config(host)],
+        return subprocess.run([*self.enter, *self.command, *argv, NAME, "--config", self.config(host)],
                               capture_output=True, text=True, timeout=timeout, cwd=self.cwd, env=self.env)
 
     def stop(self) -> None:

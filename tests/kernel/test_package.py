@@ -4,8 +4,8 @@ leaves a running resource up, a removal waits until no resource is up and leaves
 and only a purge removes /var/lib/dmrepl.
 
 The guest shares the host's root file system read-only.  The test makes a mount namespace of its
-own (a holder process, `unshare --mount --propagation slave`) with overlays on /usr and /var/lib
-whose upper layers are in the guest's /tmp: dpkg installs into them, and every process the test
+own (a holder process, `unshare --mount --propagation slave`) with overlays on /usr, /var/lib and
+/etc whose upper layers are in the guest's /tmp: dpkg installs into them, and every process the test
 runs through `nsenter --mount` sees the package, while the rest of the guest and the host see
 nothing of it.  The namespace goes with its last process.
 """
@@ -24,8 +24,11 @@ from daemons_lab import ACTIVE, TOP, MiB
 
 from dmrepl.kernel import blockdev
 
+pytestmark = pytest.mark.timeout(1800, method="signal")     # dpkg, the demo and an initial sync
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PACKAGED = "/usr/lib/python3/dist-packages/dmrepl/"
+DMREPL, PYTHON3 = "/usr/bin/dmrepl", "/usr/bin/python3"
 
 # Runs in the new mount namespace: the overlays, the fast copies of Debian's python3 that testvm
 # bind-mounted over /usr (hidden by the overlay) mounted again on top, then wait.  man-db's trigger
@@ -33,7 +36,7 @@ PACKAGED = "/usr/lib/python3/dist-packages/dmrepl/"
 HOLDER = r"""
 set -eu
 work=$1
-for d in /usr /var/lib; do
+for d in /usr /var/lib /etc; do
     n=$(echo "$d" | tr / _)
     mkdir -p "$work/$n.upper" "$work/$n.work"
     mount -t overlay overlay -o "lowerdir=$d,upperdir=$work/$n.upper,workdir=$work/$n.work" "$d"
@@ -67,11 +70,13 @@ class Overlay:
             env=dict(os.environ, FAST_MAP=testvm.FAST_MAP, FAST_DIR=testvm.FAST_DIR))
         line = self.holder.stdout.readline().strip()
         assert line == "ready", f"the overlay namespace did not come up (exit {self.holder.poll()})"
-        # cwd "/" and PYTHONSAFEPATH: no process imports this tree's dmrepl/ by accident.
-        self.env = dict(os.environ, PYTHONSAFEPATH="1")
+        # Debian's PATH (the guest's starts with this tree's venv, whose dmrepl is the tree's), cwd
+        # "/" and PYTHONSAFEPATH: no process runs or imports this tree's dmrepl by accident.
+        self.env = dict(os.environ, PYTHONSAFEPATH="1", PATH="/usr/sbin:/usr/bin:/sbin:/bin")
+        self.enter = ["nsenter", f"--mount=/proc/{self.holder.pid}/ns/mnt", "--"]
 
     def command(self, *argv: str) -> list[str]:
-        return ["nsenter", f"--mount=/proc/{self.holder.pid}/ns/mnt", "--", *argv]
+        return [*self.enter, *argv]
 
     def run(self, *argv: str, timeout: float = 600) -> subprocess.CompletedProcess:
         return subprocess.run(self.command(*argv), capture_output=True, text=True, cwd="/", env=self.env,
@@ -130,14 +135,14 @@ def test_the_installed_package_runs_the_demo(overlay):
     unit = overlay.run("cat", "/lib/systemd/system/dmrepl@.service").stdout
     assert "ExecStart=/usr/bin/dmrepl up %i" in unit and "/usr/bin/env" not in unit
     # Debian's python3 imports the package's copy, with the extension built by Debian's cython3.
-    r = overlay.run("python3", "-c", "import dmrepl, dmrepl._kernel as k; print(dmrepl.__file__, k.__file__)")
+    r = overlay.run(PYTHON3, "-c", "import dmrepl, dmrepl._kernel as k; print(dmrepl.__file__, k.__file__)")
     assert r.returncode == 0 and r.stdout.split() == [PACKAGED + "__init__.py",
                                                        PACKAGED + "_kernel.cpython-311-x86_64-linux-gnu.so"], r
-    r = overlay.run("dmrepl", "doctor")
+    r = overlay.run(DMREPL, "doctor")
     assert r.returncode == 0 and "this host can run dmrepl" in r.stdout, r.stdout + r.stderr
 
     t0 = time.monotonic()
-    r = overlay.run("dmrepl", "demo", timeout=900)
+    r = overlay.run(DMREPL, "demo", timeout=900)
     print(f"dmrepl demo from the package: {time.monotonic() - t0:.1f} s")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "demo passed in" in r.stdout and "every byte checked" in r.stdout, r.stdout
@@ -163,20 +168,26 @@ def repack(deb: str, version: str, out: str) -> str:
 
 
 def test_an_upgrade_leaves_a_resource_up_a_removal_waits_and_leaves_nothing(overlay, hosts, tmp_path):
-    hosts.command = overlay.command("dmrepl")
+    hosts.enter, hosts.command = overlay.enter, [DMREPL]
     hosts.cwd, hosts.env = "/", overlay.env
     hosts.start_secondary()
     hosts.start_primary()
     daemons = {h: p.pid for h, p in hosts.procs.items()}
     for host, pid in daemons.items():          # nsenter and ip netns exec exec the daemon in place
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            assert f.read().split(b"\0")[:2] == [PYTHON3.encode(), DMREPL.encode()], host
         assert PACKAGED + "_kernel" in maps_of(pid), f"{host}'s daemon does not run the package's code"
     blockdev.write_at(TOP, 0, b"\x21" * MiB)
     r = hosts.cli("p", "checkpoint")
     assert r.returncode == 0, r.stderr
     assert blockdev.read_at(ACTIVE, 0, MiB) == b"\x21" * MiB
 
-    overlay.run("mkdir", "-p", "/var/lib/dmrepl/vm9")
-    overlay.run("touch", "/var/lib/dmrepl/vm9/state.json")     # another resource's state, for the purge
+    # Another resource's state and its enabled instance, for the removal and the purge.
+    enabled = "/etc/systemd/system/multi-user.target.wants/dmrepl@vm9.service"
+    for argv in (("mkdir", "-p", "/var/lib/dmrepl/vm9"), ("touch", "/var/lib/dmrepl/vm9/state.json"),
+                 ("mkdir", "-p", os.path.dirname(enabled)),
+                 ("ln", "-s", "/lib/systemd/system/dmrepl@.service", enabled)):
+        assert overlay.run(*argv).returncode == 0, argv
     files = files_of(overlay)
 
     newer = repack(built_deb(), "0.1.0+upgrade1", str(tmp_path / "dmrepl_upgrade.deb"))
@@ -193,10 +204,11 @@ def test_an_upgrade_leaves_a_resource_up_a_removal_waits_and_leaves_nothing(over
     assert r.returncode == 0, r.stderr
     assert blockdev.read_at(ACTIVE, 0, 2 * MiB) == b"\x21" * MiB + b"\x22" * MiB
 
-    # A removal while the resource is up is refused and changes nothing.
+    # A removal while the resource is up is refused and changes nothing (but the selection: dpkg
+    # sets "deinstall" before it runs prerm, and the hint says how to set it back).
     r = overlay.run("dpkg", "--log=/dev/null", "-r", "dmrepl")
-    assert r.returncode != 0 and "resources are up" in r.stderr, r.stdout + r.stderr
-    assert overlay.run("dpkg-query", "-W", "-f", "${Status}", "dmrepl").stdout == "install ok installed"
+    assert r.returncode != 0 and "resources are up" in r.stderr and "set-selections" in r.stderr, r.stdout + r.stderr
+    assert overlay.run("dpkg-query", "-W", "-f", "${db:Status-Status}", "dmrepl").stdout == "installed"
     assert all(overlay.exists(p) for p in files)
     assert all(hosts.procs[h].poll() is None for h in daemons)
 
@@ -206,9 +218,11 @@ def test_an_upgrade_leaves_a_resource_up_a_removal_waits_and_leaves_nothing(over
     left = [p for p in files if overlay.exists(p)]
     assert left == [], left
     assert overlay.exists("/var/lib/dmrepl/vm9/state.json"), "a removal must keep the state"
+    assert overlay.run("test", "-L", enabled).returncode == 0, "a removal keeps the admin's enablement"
     r = overlay.run("dpkg", "--log=/dev/null", "--purge", "dmrepl")
     assert r.returncode == 0, r.stdout + r.stderr
     assert not overlay.exists("/var/lib/dmrepl"), "a purge removes the state"
+    assert overlay.run("test", "-L", enabled).returncode != 0, "a purge removes the enabled instances' links"
     r = overlay.run("dpkg-query", "-W", "-f", "${Status}", "dmrepl")
     assert "installed" not in r.stdout or "not-installed" in r.stdout, r.stdout
     assert not overlay.exists(PACKAGED)

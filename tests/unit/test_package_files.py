@@ -78,16 +78,31 @@ def test_the_config_man_page_documents_every_key_of_every_table():
     }
 
 
+def man_commands(text: str) -> dict[str, str]:
+    """dmrepl(8)'s COMMANDS section: the first word of each .TP item's tag -> the item's text."""
+    section = text.split(".SH COMMANDS", 1)[1].split("\n.SH ", 1)[0]
+    items = {}
+    for item in section.split(".TP\n")[1:]:
+        tag = item.split("\n", 1)[0]
+        word = re.match(r'\.(?:B|BI|BR) "?([a-z]+)', tag).group(1)
+        items[word] = item
+    return items
+
+
 def test_the_command_man_page_documents_every_command_and_option():
     text = read("man", "dmrepl.8")
-    section = text.split(".SH COMMANDS", 1)[1].split("\n.SH ", 1)[0]
+    items = man_commands(text)
     for command, options in parser_commands().items():
-        word = command.split()[-1] if command.startswith("secondary ") else command
-        assert re.search(rf'^\.(B|BI|BR) "?{re.escape(command.split()[0])}\b', section, re.M), command
-        assert word in section, command
-        for option in options:
-            # roff writes a dash as \-; --config and --json are described once below the list
-            assert option.replace("-", r"\-") in text, (command, option)
+        first, *rest = command.split()
+        assert first in items, f"dmrepl.8 has no item for {command}"
+        item = items[first]
+        if rest:
+            tag = re.sub(r"\\f[BIRP]", "", item.split("\n", 1)[0])       # without roff's font changes
+            assert re.search(rf"\b{rest[0]}\b", tag), command
+        # --config and --json are described once, below the list
+        for option in options - {"--config", "--json"}:
+            assert option.replace("-", r"\-") in item, (command, option)
+    assert r"\-\-config" in text and r"\-\-json" in text
 
 
 def test_the_completion_lists_the_parser_own_commands_and_options():
@@ -192,3 +207,52 @@ def test_the_installed_command_runs_doctor():
     assert {"root", "device-mapper", "nbd", "nbdkit", "era_invalidate", "python pyroute2"} <= set(names)
     assert all(c["install"] for c in out["checks"] if c["verdict"] == "fail" and c["name"] != "root")
     assert shutil.which("dmrepl", path=os.path.dirname(sys.executable)) == command
+
+
+def deferred_imports() -> set[str]:
+    """Modules that dmrepl's daemon layers (everything but the CLI, the demo, doctor, ls and the
+    lab) import inside a function: what a running daemon could still read from disk after an
+    upgrade replaced the files."""
+    import ast
+    import importlib.util
+
+    skip = ("cli", "demo.py", "demo_secondary.py", "doctor.py", "inventory.py", "lab.py")
+    package = os.path.dirname(dmrepl.__file__)
+    found = set()
+    for dirpath, _dirs, names in os.walk(package):
+        for name in names:
+            rel = os.path.relpath(os.path.join(dirpath, name), package)
+            if not name.endswith(".py") or rel.split(os.sep)[0] in skip:
+                continue
+            with open(os.path.join(dirpath, name)) as f:
+                tree = ast.parse(f.read())
+            for func in ast.walk(tree):
+                if not isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    continue
+                for node in ast.walk(func):
+                    if isinstance(node, ast.Import):
+                        found.update(a.name for a in node.names)
+                    elif isinstance(node, ast.ImportFrom) and node.module:
+                        for a in node.names:      # `from pkg import mod` names a module when it is one
+                            sub = f"{node.module}.{a.name}"
+                            found.add(sub if importlib.util.find_spec(node.module) and
+                                      _is_module(sub) else node.module)
+    return found
+
+
+def _is_module(name: str) -> bool:
+    import importlib.util
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def test_a_daemon_loads_at_its_start_every_module_its_code_imports_late():
+    from dmrepl.daemon import preload
+
+    # primary_start's imports of the primary's daemon and policy break an import cycle; the
+    # daemon that calls it has both loaded already.
+    already_loaded = {"dmrepl.daemon.primary", "dmrepl.roles.primary"}
+    listed = set(preload.DEFERRED) | set(preload.DEFERRED_WITH_TUNNEL)
+    assert deferred_imports() - already_loaded == listed
