@@ -5,7 +5,7 @@ and only a purge removes /var/lib/dmrepl.
 
 The guest shares the host's root file system read-only.  The test makes a mount namespace of its
 own (a holder process, `unshare --mount --propagation slave`) with overlays on /usr, /var/lib and
-/etc whose upper layers are in the guest's /tmp: dpkg installs into them, and every process the test
+/etc whose upper layers are on a tmpfs of that namespace: dpkg installs into them, and every process the test
 runs through `nsenter --mount` sees the package, while the rest of the guest and the host see
 nothing of it.  The namespace goes with its last process.
 """
@@ -36,6 +36,10 @@ DMREPL, PYTHON3 = "/usr/bin/dmrepl", "/usr/bin/python3"
 HOLDER = r"""
 set -eu
 work=$1
+# virtme-ng's own overlays already make /usr, /etc, /var and /tmp writable in the guest (upper
+# layers in /run/tmp); an overlay's upper layer cannot be on another overlay, so ours get a tmpfs
+# of their own (private to this namespace, gone with it).
+mount -t tmpfs -o size=1G dmrepl-package "$work"
 for d in /usr /var/lib /etc; do
     n=$(echo "$d" | tr / _)
     mkdir -p "$work/$n.upper" "$work/$n.work"
@@ -100,6 +104,28 @@ def share_netns_dir() -> None:
     subprocess.run(["mount", "--make-shared", "/run/netns"], check=True)
 
 
+# udevd runs in the guest's own mount namespace and reads its rules there, not in the overlay: the
+# rule the package installed is handed to it through /run/udev/rules.d (the same bytes), as long as
+# the package is installed.  The stack waits for the link it makes (/dev/dmrepl/NAME/active).
+UDEV_RULE = "56-dmrepl.rules"
+UDEV_RUN = f"/run/udev/rules.d/{UDEV_RULE}"
+
+
+def show_udev_the_package_rule(o: Overlay) -> None:
+    r = o.run("cat", f"/lib/udev/rules.d/{UDEV_RULE}")
+    assert r.returncode == 0, r.stderr
+    os.makedirs(os.path.dirname(UDEV_RUN), exist_ok=True)
+    with open(UDEV_RUN, "w") as f:
+        f.write(r.stdout)
+    subprocess.run(["udevadm", "control", "--reload"], check=True)
+
+
+def hide_udev_rule() -> None:
+    if os.path.exists(UDEV_RUN):
+        os.unlink(UDEV_RUN)
+        subprocess.run(["udevadm", "control", "--reload"], check=False)
+
+
 @pytest.fixture(scope="module")
 def overlay(tmp_path_factory):
     deb = built_deb()
@@ -110,8 +136,10 @@ def overlay(tmp_path_factory):
         r = o.run("dpkg", "--log=/dev/null", "-i", deb)
         assert r.returncode == 0, r.stdout + r.stderr
         print(f"dpkg -i {os.path.basename(deb)}: {time.monotonic() - t0:.1f} s")
+        show_udev_the_package_rule(o)
         yield o
     finally:
+        hide_udev_rule()
         o.close()
 
 
@@ -213,6 +241,7 @@ def test_an_upgrade_leaves_a_resource_up_a_removal_waits_and_leaves_nothing(over
     assert all(hosts.procs[h].poll() is None for h in daemons)
 
     hosts.stop()
+    hide_udev_rule()
     r = overlay.run("dpkg", "--log=/dev/null", "-r", "dmrepl")
     assert r.returncode == 0, r.stdout + r.stderr
     left = [p for p in files if overlay.exists(p)]
