@@ -9,8 +9,9 @@ import subprocess
 
 import pytest
 
-from dmrepl import cli, daemon, poll
+from dmrepl import cli, poll
 from dmrepl.config import load_secondary
+from dmrepl.daemon import supervisor as daemon
 from dmrepl.kernel import blockdev, dm, loop
 from dmrepl.nbd.client import NBDClient
 from dmrepl.nbd.protocol import NBDOptionError
