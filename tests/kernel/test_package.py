@@ -86,8 +86,15 @@ class Overlay:
         return subprocess.run(self.command(*argv), capture_output=True, text=True, cwd="/", env=self.env,
                               timeout=timeout)
 
+    def existing(self, paths: list[str], test: str = "-e") -> list[str]:
+        """Those of `paths` for which `test PATH` holds in the namespace: one process for all (a
+        process start in the VM costs a tenth of a second and more; the package has 150 paths)."""
+        r = self.run("sh", "-c", f'for p; do [ {test} "$p" ] && printf "%s\\n" "$p"; done; true', "sh", *paths)
+        assert r.returncode == 0, r.stderr
+        return r.stdout.splitlines()
+
     def exists(self, path: str) -> bool:
-        return self.run("test", "-e", path).returncode == 0
+        return self.existing([path]) == [path]
 
     def close(self) -> None:
         self.holder.kill()
@@ -146,7 +153,7 @@ def overlay(tmp_path_factory):
 def files_of(o: Overlay) -> list[str]:
     r = o.run("dpkg", "-L", "dmrepl")
     assert r.returncode == 0, r.stderr
-    return [p for p in r.stdout.split() if o.run("test", "-f", p).returncode == 0]
+    return o.existing(r.stdout.split(), "-f")
 
 
 def test_the_installed_package_runs_the_demo(overlay):
@@ -238,14 +245,14 @@ def test_an_upgrade_leaves_a_resource_up_a_removal_waits_and_leaves_nothing(over
     r = overlay.run("dpkg", "--log=/dev/null", "-r", "dmrepl")
     assert r.returncode != 0 and "resources are up" in r.stderr and "set-selections" in r.stderr, r.stdout + r.stderr
     assert overlay.run("dpkg-query", "-W", "-f", "${db:Status-Status}", "dmrepl").stdout == "installed"
-    assert all(overlay.exists(p) for p in files)
+    assert overlay.existing(files) == files
     assert all(hosts.procs[h].poll() is None for h in daemons)
 
     hosts.stop()
     hide_udev_rule()
     r = overlay.run("dpkg", "--log=/dev/null", "-r", "dmrepl")
     assert r.returncode == 0, r.stdout + r.stderr
-    left = [p for p in files if overlay.exists(p)]
+    left = overlay.existing(files)
     assert left == [], left
     assert overlay.exists("/var/lib/dmrepl/vm9/state.json"), "a removal must keep the state"
     assert overlay.run("test", "-L", enabled).returncode == 0, "a removal keeps the admin's enablement"
