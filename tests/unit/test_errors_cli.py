@@ -71,8 +71,9 @@ def test_vm_carries_the_interpreter_in_one_tar(tmp_path):
     import os
     import tarfile
     tar = str(tmp_path / "i.tar")
-    paths = testvm.pack_interpreter(tar)
+    paths = testvm.pack_interpreter(tar, testvm.PROJECT_DIR)
     assert paths[0] == os.path.dirname(os.__file__) and sys.prefix in paths
+    assert paths[-1] == os.path.join(testvm.PROJECT_DIR, "dmrepl")
     assert [p for p in testvm.SYSTEM_PYTHON if os.path.isdir(p)] == [p for p in paths if p in testvm.SYSTEM_PYTHON]
     with tarfile.open(tar) as t:
         names = set(t.getnames())
@@ -81,6 +82,9 @@ def test_vm_carries_the_interpreter_in_one_tar(tmp_path):
     assert f"{venv}/bin/python" in names
     assert any(n.startswith(f"{venv}/lib/") and "/site-packages/pyroute2/" in n for n in names)
     assert not any("/site-packages/pip/" in n for n in names)
+    package = str(len(paths) - 1)
+    assert {f"{package}/cli/__init__.py", f"{package}/cli/__pycache__/__init__.cpython-"
+            f"{sys.version_info.major}{sys.version_info.minor}.pyc"} <= names
     line, = testvm.unpack_lines(tar, paths)
     assert f"mount --bind /run/dmrepl-testvm/0 {paths[0]}" in line and "|| echo" in line
     assert f"> {testvm.FAST_MAP}" in line
