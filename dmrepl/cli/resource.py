@@ -27,8 +27,24 @@ HELPS = {"up": "start this host's role for NAME (foreground daemon; systemd runs
          "verify": "on the primary: compare P and S by digests (only digests travel); exit 1 if they differ",
          "wait": "on the primary: wait until it replicates (an initial sync or a resync done), with a progress "
                  "bar on a terminal; exit 1 at --timeout",
+         "tune": "on the primary: change the copies' rate limits (initial sync, resync), also for the one "
+                 "running, until the daemon's next start",
          "resolve": "give up this host's writes since the last shared checkpoint and follow the other host "
                     "as its secondary (failback, split brain); needs --discard-my-data"}
+
+
+def rate_arg(text: str) -> int:
+    from argparse import ArgumentTypeError
+
+    from dmrepl.config.fields import parse_rate
+    try:
+        return parse_rate(text)
+    except ValueError as e:
+        raise ArgumentTypeError(str(e)) from None
+
+
+def rate_arg_or_zero(text: str) -> int:
+    return 0 if text.strip() == "0" else rate_arg(text)
 
 
 def add_parsers(sub, run) -> None:
@@ -53,6 +69,17 @@ def add_parsers(sub, run) -> None:
                            help="give up after S seconds (exit 1, saying what runs); default: no limit")
         if action == "verify":
             a.add_argument("--repair", action="store_true", help="copy the differing pieces from P to S")
+            a.add_argument("--rate", type=rate_arg, default=None, metavar="RATE",
+                           help="read at most RATE bytes a second on each host (K, M, G: 200M = 200 MiB/s); "
+                                "default: as fast as the disks go")
+        if action == "tune":
+            a.add_argument("--resync-max", type=rate_arg_or_zero, default=None, metavar="RATE",
+                           help="a copy takes at most RATE bytes a second, less what the consumer writes "
+                                "(K, M, G: 200M); 0: no limit")
+            a.add_argument("--resync-min", type=rate_arg_or_zero, default=None, metavar="RATE",
+                           help="... but at least RATE, whatever the consumer writes")
+            a.add_argument("--resync-share", type=float, default=None, metavar="F",
+                           help="... and while the consumer writes, at most this share (0.01 to 1) of --resync-max")
         if action == "resolve":
             a.add_argument("--discard-my-data", action="store_true",
                            help="this host's writes since the last shared checkpoint are overwritten by the peer's")
@@ -160,7 +187,7 @@ def _secondary(cfg, args) -> int:
             return 0
         supervisor.configure_logging()
         return supervisor.run_secondary(cfg)
-    if args.action in ("verify", "wait"):
+    if args.action in ("verify", "wait", "tune"):
         why = "which compares both disks" if args.action == "verify" else "which drives the sync and the resync"
         raise DmreplError(f"{cfg.name} is the secondary on this host: {args.action} runs on the primary, {why}",
                           f"on the primary host: `dmrepl {args.action} {cfg.name}`")
@@ -243,6 +270,16 @@ def _p_status(cfg: PrimaryConfig, args) -> int:
                   f"{r['candidate_bytes'] >> 10} KiB, {r['differing_bytes'] >> 10} KiB differ, copied "
                   f"{r['copied_bytes'] >> 10} of {r['copy_bytes'] >> 10} KiB, {r['digest_bytes'] >> 10} KiB of digests"
                   f" ({r.get('compare_seconds', 0):.1f} s comparing, {r.get('copy_seconds', 0):.1f} s copying)")
+    v, last = s.get("verify"), s.get("last_verify")
+    if v:
+        print(f"  verify: {v['phase']} ({v['why']}), {100 * v['done_bytes'] // max(v['total_bytes'], 1)}% "
+              f"at {v['rate_bytes_s'] / 1e6:.1f} MB/s")
+    if last:
+        found = f"{last['differing_bytes'] >> 10} KiB differ" if last["differing"] else "P and S equal"
+        print(f"  last verify ({last['why']}): {found}, {time.time() - last['finished']:.0f} s ago, "
+              f"took {last['seconds']:.1f} s" + (f"; repair {last['repair']}" if last.get("repair") else ""))
+    if s.get("verify_interval_s"):
+        print(f"  verify every {s['verify_interval_s']:g} s")
     return 0
 
 
@@ -265,7 +302,8 @@ def _p_verify(cfg: PrimaryConfig, args) -> int:
     bar = Bar() if sys.stderr.isatty() and not args.json else None   # in a log: the daemon's lines (each 25 %)
     try:
         with ThreadPoolExecutor(1) as pool:
-            fut = pool.submit(control.request, _sock(cfg), "verify", timeout=None, repair=args.repair)
+            fut = pool.submit(control.request, _sock(cfg), "verify", timeout=None, repair=args.repair,
+                              rate_bytes_s=args.rate)
             while bar is not None and not wait([fut], timeout=0.5).done:
                 try:
                     p = control.request(_sock(cfg), "status", timeout=10).get("verify")
@@ -288,6 +326,10 @@ def _p_verify(cfg: PrimaryConfig, args) -> int:
             print(f"  differ: bytes [{off}, {off + n}) ({n >> 10} KiB)")
         if len(r["differing"]) > 20:
             print(f"  ... and {len(r['differing']) - 20} more (--json lists all)")
+        if r.get("frozen_pieces"):
+            print(f"  {r['frozen_pieces'] * r['piece_bytes'] >> 10} KiB compared again with the writes suspended "
+                  f"({r['frozen_pauses']} pause(s), the longest {r['frozen_pause_max_ms']:.1f} ms): "
+                  "a write in flight is never reported")
         if r.get("repair"):
             print(f"  repair {r['repair']}")
     return 1 if r["differing"] and not r.get("repair") else 0
@@ -360,10 +402,32 @@ def _wait_replicating(cfg: PrimaryConfig, timeout: float | None, t0: float, bar)
             time.sleep(0.5)
 
 
+def _p_tune(cfg: PrimaryConfig, args) -> int:
+    given = {k: v for k, v in (("resync_min", args.resync_min), ("resync_max", args.resync_max),
+                               ("resync_share", args.resync_share)) if v is not None}
+    if not given:
+        raise DmreplError("tune: nothing to change", "give --resync-max, --resync-min or --resync-share")
+    r = control.request(_sock(cfg), "tune", **given)
+    r.pop("ok", None)
+    if args.json:
+        print_json({"name": cfg.name, **r})
+        return 0
+    now = r["now"]
+    if now["ceiling_bytes_s"] is None:
+        print(f"{cfg.name}: copies to S go as fast as the kernel copies (no limit)")
+    else:
+        print(f"{cfg.name}: copies to S take {now['floor_bytes_s'] / (1 << 20):g} to "
+              f"{now['ceiling_bytes_s'] / (1 << 20):g} MiB/s less the consumer's writes (at most "
+              f"{now['share']:.0%} of it while the consumer writes); now {now['rate_limit_bytes_s'] / (1 << 20):.1f} "
+              f"MiB/s (the consumer writes {now['consumer_write_bytes_s'] / (1 << 20):.1f} MiB/s). "
+              f"Until the next start: put resync_max etc. in {cfg.source} to keep it")
+    return 0
+
+
 def _p_failover(cfg: PrimaryConfig, args) -> int:
     raise DmreplError(f"{cfg.name} is the primary on this host: failover runs on the secondary, which takes over",
                       f"on the secondary host: `dmrepl failover {cfg.name}`")
 
 
 PRIMARY = {"up": _p_up, "down": _p_down, "status": _p_status, "checkpoint": _p_checkpoint,
-           "failover": _p_failover, "verify": _p_verify, "wait": _p_wait}
+           "failover": _p_failover, "verify": _p_verify, "wait": _p_wait, "tune": _p_tune}

@@ -27,6 +27,13 @@
     heartbeat_interval_s = 1.0
     heartbeat_misses = 3              # this many unanswered heartbeats: "degraded"
     reconnect_interval_s = 5.0        # degraded: try the secondary again this often (then a delta resync)
+    resync_max = "200M"               # a copy to S (initial sync, resync) takes at most this a second
+                                      # less what the consumer writes (default: no limit)
+    resync_min = "10M"                # ... but at least this, whatever the consumer writes (default 0)
+    resync_share = 0.5                # ... and while it writes, at most this share of resync_max (default 1)
+    verify_interval_s = 0             # verify P against S this often after the last (0: only `dmrepl verify`)
+    verify_rate = "50M"               # the scheduled verify reads at most this much a second
+    verify_repair = false             # the scheduled verify repairs what it finds
     nbd_connections = 4
     nbd_timeout_s = 5                 # the longest a dead secondary stalls a write
     netns = "repl"                    # optional: make the link's sockets in this network namespace
@@ -71,12 +78,14 @@ from dmrepl.config.fields import (
     number,
     parse_address,
     parse_listen,
+    rate,
 )
 from dmrepl.config.metrics import Metrics
 from dmrepl.config.tunnel import Tunnel, check_inside
 
 CONFIG_DIR = "/etc/dmrepl"
 DEFAULT_STATE_DIR = "/var/lib/dmrepl"
+DEFAULT_VERIFY_RATE = 50 << 20      # bytes a second: the scheduled verify's
 
 def check_name(name: str) -> str:
     if not NAME_RE.match(name or ""):
@@ -142,6 +151,12 @@ class PrimaryConfig:
     source: str = "<built>"
     netns: str | None = None
     reconnect_interval_s: float = 5.0
+    resync_min_bytes_s: int = 0
+    resync_max_bytes_s: int | None = None     # None: a copy goes as fast as the kernel copies
+    resync_share: float = 1.0
+    verify_interval_s: float = 0.0            # 0: no scheduled verify
+    verify_rate_bytes_s: int | None = DEFAULT_VERIFY_RATE
+    verify_repair: bool = False
     # With both sections: [secondary]'s link address, where this host, while primary, answers a
     # hello from another primary (split brain: seen on both hosts).  None: nowhere.
     hello_listen: tuple[str, int] | None = None
@@ -166,7 +181,8 @@ SECONDARY_KEYS = frozenset({"disk", "hidden_stores", "listen", "chunk_kib", "sto
                             "key_file", "netns"})
 PRIMARY_KEYS = frozenset({"disk", "era_metadata", "key_file", "era_block_kib", "chunk_kib", "checkpoint_interval_s",
                           "heartbeat_interval_s", "heartbeat_misses", "nbd_connections", "nbd_timeout_s",
-                          "secondaries", "netns", "reconnect_interval_s"})
+                          "secondaries", "netns", "reconnect_interval_s", "verify_interval_s", "verify_rate",
+                          "verify_repair", "resync_min", "resync_max", "resync_share"})
 PEER_KEYS = frozenset({"nbd", "link"})
 
 
@@ -244,6 +260,11 @@ def _primary(doc: dict, common: dict, source: str) -> PrimaryConfig:
     interval = number(pri, "checkpoint_interval_s", float, where, 5.0, 0.0, 86400.0)
     if 0 < interval < 0.05:
         raise ConfigError(f"{where}: 'checkpoint_interval_s' must be 0 (on demand only) or at least 0.05")
+    verify_interval = number(pri, "verify_interval_s", float, where, 0.0, 0.0, 366 * 86400.0)
+    floor, ceiling = rate(pri, "resync_min", where, 0), rate(pri, "resync_max", where, None)
+    if ceiling is not None and floor > ceiling:
+        raise ConfigError(f"{where}: 'resync_min' ({floor} bytes/s) is above 'resync_max' ({ceiling} bytes/s)")
+    share = number(pri, "resync_share", float, where, 1.0, 0.01, 1.0)
     return PrimaryConfig(
         disk=disk, era_metadata=meta,
         key_file=os.path.abspath(expect(pri, "key_file", str, where, required=True)),
@@ -254,7 +275,10 @@ def _primary(doc: dict, common: dict, source: str) -> PrimaryConfig:
         heartbeat_misses=number(pri, "heartbeat_misses", int, where, 3, 1, 100),
         nbd_connections=number(pri, "nbd_connections", int, where, 4, 1, 16),
         nbd_timeout_s=number(pri, "nbd_timeout_s", int, where, 5, 1, 600), netns=netns,
-        reconnect_interval_s=number(pri, "reconnect_interval_s", float, where, 5.0, 0.1, 3600.0), **common)
+        reconnect_interval_s=number(pri, "reconnect_interval_s", float, where, 5.0, 0.1, 3600.0),
+        resync_min_bytes_s=floor, resync_max_bytes_s=ceiling, resync_share=share,
+        verify_interval_s=verify_interval, verify_rate_bytes_s=rate(pri, "verify_rate", where, DEFAULT_VERIFY_RATE),
+        verify_repair=expect(pri, "verify_repair", bool, where, False), **common)
 
 
 ROLES = ("primary", "secondary")

@@ -75,3 +75,33 @@ def distinct(paths: list[str], where: str, what: str) -> list[str]:
     if len(set(out)) != len(out):
         raise ConfigError(f"{where}: {what} must be different paths")
     return out
+
+
+RATE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+MIN_RATE = 64 << 10       # bytes a second: less would take a day for 5 GiB
+
+
+def parse_rate(value) -> int:
+    """Bytes a second from an integer or a string with a binary unit ("200M" = 200 MiB/s; K, M,
+    G; an optional "/s"); ValueError with what is wrong."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"a rate is a number of bytes a second or a string such as \"200M\", got {value!r}")
+    text = str(value).strip().upper().removesuffix("/S").removesuffix("IB").removesuffix("B")
+    unit = text[-1:] if text[-1:] in RATE_UNITS else ""
+    digits = text[:len(text) - len(unit)]
+    if not digits.isdigit():
+        raise ValueError(f"not a rate: {value!r} (bytes a second, or with K, M or G: \"200M\")")
+    rate = int(digits) * RATE_UNITS[unit]
+    if rate < MIN_RATE:
+        raise ValueError(f"a rate must be at least 64K (bytes a second), got {value!r}")
+    return rate
+
+
+def rate(table: dict, key: str, where: str, default: int | None) -> int | None:
+    """An optional rate key (parse_rate); `default` when absent."""
+    if key not in table:
+        return default
+    try:
+        return parse_rate(table[key])
+    except ValueError as e:
+        raise ConfigError(f"{where}: '{key}': {e}") from None

@@ -108,6 +108,14 @@ def primary_families(s: dict, pauses: PauseHistogram, now: float) -> list:
         out.append(g)
         out.append(_gauge("dmrepl_resync_progress_ratio", "The current (else the last) resync's progress, 0 to 1: "
                           "comparing up to 0.5, copying from 0.5", r, resync_progress(shown)))
+    out.append(_gauge("dmrepl_verify_active", "1 while a verify compares P and S", r, 1.0 if s.get("verify") else 0.0))
+    last = s.get("last_verify") or {}
+    if last:
+        out.append(_gauge("dmrepl_verify_differing_bytes", "Bytes the last verify found differing between P and S", r,
+                          float(last["differing_bytes"])))
+        out.append(_gauge("dmrepl_verify_last_end_timestamp_seconds", "When the last verify ended (Unix time)", r,
+                          float(last["finished"])))
+        out.append(_gauge("dmrepl_verify_last_seconds", "How long the last verify took", r, float(last["seconds"])))
     fencing = s.get("fencing")
     if fencing:
         out.append(_gauge("dmrepl_peer_outdated", "1 while the other host is marked outdated ([fencing]: "

@@ -37,9 +37,10 @@ from dmrepl.daemon.machine import Event, Machine, State
 from dmrepl.daemon.notify import Notifier
 from dmrepl.daemon.preload import preload
 from dmrepl.daemon.primary_link import Lost, SecondaryLink
-from dmrepl.daemon.primary_resync import Resync, ResyncStopped, verify
-from dmrepl.daemon.progress import Progress, log, progress_fields, rate_and_eta
+from dmrepl.daemon.primary_resync import Resync, ResyncStopped
+from dmrepl.daemon.progress import Progress, log
 from dmrepl.daemon.split_brain import HelloResponder
+from dmrepl.daemon.verify import Verify
 from dmrepl.errors import DmreplError
 from dmrepl.kernel import dm, netns
 from dmrepl.link.frames import FrameError, Kind
@@ -47,6 +48,7 @@ from dmrepl.nbd import netlink
 from dmrepl.nbd.attach import AttachError
 from dmrepl.roles.hello import Hello
 from dmrepl.roles.primary import Devices, Primary, ResyncBase
+from dmrepl.roles.primary.rate import Controller, Limits
 
 REQUEST_TIMEOUT = 60.0
 
@@ -69,7 +71,12 @@ class PrimaryDaemon:
         self.eventlog = EventLog(cfg.resource_state_dir, cfg.name, "primary")
         self.pauses = metrics.PauseHistogram()
         self.sync: Progress | None = None      # the initial sync's, while it runs
-        self.verifying: dict | None = None     # a verify's progress, while it runs
+        self.verifying: Verify | None = None   # a verify, while it runs (between the loop's other work)
+        self.last_verify: dict = {}
+        # A copy's limits (initial sync, resyncs): the config's, changed at run time by `dmrepl tune`.
+        self.copy_rate = Controller(Limits(cfg.resync_min_bytes_s, cfg.resync_max_bytes_s, cfg.resync_share),
+                                    pri.consumer_written_bytes)
+        self.next_verify = (time.monotonic() + cfg.verify_interval_s) if cfg.verify_interval_s else float("inf")
         self.fencing = PeerFencing(cfg, log, self.eventlog.emit, host_netns_fd)
         self.checkpoint_in_doubt = False       # one failed since the last that succeeded: S may hold it
         self.machine.on_move = self._moved
@@ -118,6 +125,10 @@ class PrimaryDaemon:
             timeout = max(0.0, min(next_cp, next_hb) - now)
             if self.machine.state in (State.RESYNCING, State.DEGRADED):
                 timeout = min(timeout, 0.2)
+            if self.verifying is not None:
+                timeout = min(timeout, max(0.0, self.verifying.due - now))
+            elif self.next_verify < float("inf"):
+                timeout = min(timeout, max(0.0, self.next_verify - now))
             session = self.link.session
             fds = [self.events.fileno(), self.wake_r.fileno(), dm_events.fileno()] + \
                 ([session.sock.fileno()] if session else [])
@@ -139,10 +150,12 @@ class PrimaryDaemon:
                         self.link.heartbeat(now)
             except Lost as e:
                 self.lost(e.event, e.reason)
+            self.copy_rate.sample()         # the consumer's write rate, for a copy's limit
             watching = self.machine.state in (State.REPLICATING, State.RESYNCING)
             kernel = self.pri.kernel_status() if watching else {}     # one read for both below
             self.watch_mirror(kernel)
             self.step_resync(kernel)
+            self.step_verify()
             if now >= next_cp:
                 if self.machine.state == State.REPLICATING:
                     self.checkpoint("interval")
@@ -155,6 +168,7 @@ class PrimaryDaemon:
         if self.resync is not None:
             self.last_resync = {**self.resync.status(), "phase": "interrupted"}
             self.resync = None
+        self.stop_verify(f"verify stopped: {reason}")
         self.link.drop((lambda: self.pri.drop_leg(self.devs)) if self.built else None)
 
     def try_reconnect(self) -> None:
@@ -167,7 +181,7 @@ class PrimaryDaemon:
         base = self.pri.resync_base(theirs.checkpoints, theirs.diverged)
         self.machine.fire(Event.RECONNECTED, f"resync: {base.describe()}")
         self.resync = Resync(self.pri, self.devs, self.link.nbd.path, self.link.session, base,
-                             self.link.heartbeat_silence_s, stopping=lambda: self.stopping)
+                             self.link.heartbeat_silence_s, stopping=lambda: self.stopping, rate=self.copy_rate)
         try:
             self.resync.begin()
         except ResyncStopped:
@@ -267,8 +281,10 @@ class PrimaryDaemon:
             self.stopping = True
             self.wake_w.send(b"x")
             return {"stopping": True}
+        if op == "tune":
+            return self.tune(request)
         if op not in ("checkpoint", "verify"):
-            raise DmreplError(f"unknown request {op!r}", "the daemon answers status, checkpoint, verify, stop")
+            raise DmreplError(f"unknown request {op!r}", "the daemon answers status, checkpoint, verify, tune, stop")
         self.machine.refuse_unless(op, self.cfg.name)
         fut: Future = Future()
         self.requests.put((request, fut))
@@ -283,37 +299,100 @@ class PrimaryDaemon:
                 return
             try:
                 self.machine.refuse_unless(request["op"], self.cfg.name)
-                fut.set_result(self.checkpoint("on demand") if request["op"] == "checkpoint"
-                               else self.verify(bool(request.get("repair"))))
+                if request["op"] == "checkpoint":
+                    fut.set_result(self.checkpoint("on demand"))
+                else:       # answered when the verify (this one, or one already running) ends
+                    self.start_verify("on demand", request.get("rate_bytes_s"), bool(request.get("repair")), fut)
             except Exception as e:  # noqa: BLE001 -- handed to the caller, who reports it
                 fut.set_exception(e)
 
-    def verify(self, repair: bool) -> dict:
-        """Compare all of P and S by digests; with `repair`, resync the pieces that differ."""
-        t0 = time.monotonic()
-
-        def progress(done: int, total: int) -> None:
-            self.verifying = {"work": "verify", **progress_fields(done, total, *rate_and_eta(done, total, t0))}
+    def tune(self, request: dict) -> dict:
+        """New copy limits from now on, for the copy running too (the next batch, the initial
+        sync's next piece); the config's come back at the next start."""
+        old = self.copy_rate.limits
         try:
-            report, pieces, region = verify(self.pri, self.devs, self.link.session,
-                                            self.link.heartbeat_silence_s, progress)
+            new = old.changed(floor_bytes_s=request.get("resync_min"), ceiling_bytes_s=request.get("resync_max"),
+                              share=request.get("resync_share"))
+        except ValueError as e:
+            raise DmreplError(f"{self.cfg.name}: tune refused: {e}", "nothing changed") from None
+        self.copy_rate.limits = new
+        self.wake_w.send(b"x")
+        log(f"tune: resync limits {describe(old)} -> {describe(new)}")
+        self.eventlog.emit("tune", floor_bytes_s=new.floor_bytes_s, ceiling_bytes_s=new.ceiling_bytes_s, share=new.share)
+        return {"before": self.copy_rate_fields(old), "now": self.copy_rate.status()}
+
+    @staticmethod
+    def copy_rate_fields(lim: Limits) -> dict:
+        return {"floor_bytes_s": lim.floor_bytes_s, "ceiling_bytes_s": lim.ceiling_bytes_s, "share": lim.share}
+
+    # -- verify ---------------------------------------------------------------------------
+
+    def start_verify(self, why: str, rate: int | None, repair: bool, waiter: Future | None = None) -> None:
+        """A verify of all of P against S, stepped by the loop (daemon/verify.py); a request while
+        one runs waits for that one's report (and asks it to repair)."""
+        if self.verifying is None:
+            self.verifying = Verify(self.pri, self.devs, self.link.session, self.link.heartbeat_silence_s,
+                                    rate_bytes_s=rate, repair=repair, why=why)
+            limit = f" at most {rate >> 20} MiB/s" if rate else ""
+            log(f"verify ({why}): comparing {self.verifying.size >> 20} MiB{limit}")
+            self.eventlog.emit("verify-started", why=why, rate_limit_bytes_s=rate)
+        else:
+            self.verifying.repair |= repair
+        if waiter is not None:
+            self.verifying.waiters.append(waiter)
+
+    def step_verify(self) -> None:
+        now = time.monotonic()
+        if self.verifying is None:
+            if now >= self.next_verify and self.machine.state == State.REPLICATING:
+                self.start_verify("schedule", self.cfg.verify_rate_bytes_s, self.cfg.verify_repair)
+            return
+        if self.machine.state != State.REPLICATING:
+            self.stop_verify(f"verify stopped: the resource is {self.machine.state} ({self.machine.reason})")
+            return
+        if now < self.verifying.due:
+            return
+        try:
+            if not self.verifying.step():
+                return
         except (FrameError, OSError) as e:
             self.lost(Event.LINK_ERROR, f"the control link broke during verify: {e}")
-            raise DmreplError(f"verify stopped: the control link broke ({e})") from None
-        finally:
-            self.verifying = None
-        if repair and pieces:
-            self.machine.fire(Event.REPAIR, f"verify --repair: {len(pieces)} piece(s) differ")
+            return
+        except DmreplError as e:    # a pause that could not be taken (the suspend failed)
+            self.stop_verify(f"verify failed: {e}")
+            return
+        job, self.verifying = self.verifying, None
+        self.next_verify = (time.monotonic() + self.cfg.verify_interval_s) if self.cfg.verify_interval_s \
+            else float("inf")
+        report = job.report()
+        if job.repair and job.differing:
+            self.machine.fire(Event.REPAIR, f"verify --repair: {len(job.differing)} piece(s) differ")
             self.resync = Resync(self.pri, self.devs, self.link.nbd.path, self.link.session,
-                                 ResyncBase(None, None), self.link.heartbeat_silence_s)
-            self.resync.begin(known=(region, pieces))
+                                 ResyncBase(None, None), self.link.heartbeat_silence_s, rate=self.copy_rate)
+            self.resync.begin(known=(job.region, sorted(job.differing)))
             report["repair"] = "started: `dmrepl status` shows the resync"
-        return report
+        self.last_verify = report
+        self.eventlog.emit("verify", **{k: report[k] for k in (
+            "why", "compared_bytes", "differing_bytes", "differing", "seconds", "frozen_pieces")},
+            repair=report.get("repair"))
+        for fut in job.waiters:
+            fut.set_result(dict(report))
+
+    def stop_verify(self, why: str) -> None:
+        """A running verify ends without a report (the link or the state changed); its waiters hear why."""
+        job, self.verifying = self.verifying, None
+        if job is None:
+            return
+        log(why)
+        self.eventlog.emit("verify-stopped", why=job.why, reason=why)
+        for fut in job.waiters:
+            fut.set_exception(DmreplError(why, "run `dmrepl verify` again once the resource replicates"))
 
     # -- stop -----------------------------------------------------------------------
 
     def teardown(self) -> None:
         """Undo what this daemon made (never a stack another one built)."""
+        self.stop_verify("verify stopped: the daemon stops")
         if self.built:
             try:
                 self.pri.refuse_while_open()
@@ -328,6 +407,13 @@ class PrimaryDaemon:
         self.link.drop(None, lost=False)
 
 
+def describe(lim: Limits) -> str:
+    if lim.ceiling_bytes_s is None:
+        return "no limit"
+    return (f"{lim.floor_bytes_s / (1 << 20):g}-{lim.ceiling_bytes_s / (1 << 20):g} MiB/s, "
+            f"at most {lim.share:.0%} of it while the consumer writes")
+
+
 def status_reply(d: "PrimaryDaemon", pri: Primary) -> dict:
     """What `dmrepl status NAME` shows: the daemon's state and reason, the state file, the kernel."""
     st = pri.state()
@@ -340,7 +426,8 @@ def status_reply(d: "PrimaryDaemon", pri: Primary) -> dict:
             "nbd_dead_connections": d.link.dead_sockets, "split_brain": d.link.split_brain,
             "resync": d.resync.status() if d.resync else None, "last_resync": d.last_resync,
             "sync": d.sync.latest if d.sync is not None and m.state == State.SYNCING else None,
-            "verify": d.verifying,
+            "verify": d.verifying.progress() if d.verifying else None, "last_verify": d.last_verify,
+            "verify_interval_s": d.cfg.verify_interval_s, "copy_rate": d.copy_rate.status(),
             "secondary": f"{d.link.peer_cfg.link_host}:{d.link.peer_cfg.link_port}",
             "fencing": d.fencing.status(),
             "checkpoint_interval_s": d.cfg.checkpoint_interval_s, "tunnel": tunnel.status(d.cfg),

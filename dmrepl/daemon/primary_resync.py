@@ -2,9 +2,11 @@
 
     begin():  (the NBD leg is back: every write reaches both legs)
               era blocks written since the common checkpoint -> pieces -> digests of P and of S
-              compared -> the differing pieces handed to the kernel's mirror recovery
-    poll():   until the mirror has copied them; then the log is checked (a copy that failed leaves
-              its bit: never trust "in sync" alone) and the mirror goes back to core nosync
+              compared -> the differing pieces handed to the kernel's mirror recovery, all at once
+              without a rate limit, else a batch of what the rate allows in PLAN_S
+    poll():   until the mirror has copied the batch; then the log is checked (a copy that failed
+              leaves its bit: never trust "in sync" alone) and the mirror goes back to core nosync;
+              the next batch starts when the rate allows (roles/primary/rate.py)
     status(): what `dmrepl status` shows: phase, pieces compared and differing, bytes sent
 
 The daemon then takes a checkpoint, which makes S's view P's again.  Until
@@ -22,6 +24,7 @@ from dmrepl.daemon.progress import Progress, log
 from dmrepl.errors import DmreplError
 from dmrepl.link.session import Session
 from dmrepl.roles.primary import Devices, Primary, ResyncBase, resync, sync
+from dmrepl.roles.primary.rate import PLAN_S, Controller
 from dmrepl.roles.primary.resync import Comparison
 
 
@@ -31,49 +34,6 @@ class ResyncFailed(DmreplError):
 
 class ResyncStopped(Exception):
     """The daemon is stopping: the comparison ends where it is (the next start compares again)."""
-
-
-VERIFY_PASSES = 3   # a piece must differ this many times in a row: a write in flight is not a difference
-
-
-def verify(pri: Primary, devs: Devices, session: Session, silence_s: float,
-           on_progress=lambda done_bytes, total_bytes: None) -> tuple[dict, list[int], int]:
-    """All of P against all of S by digests while replication runs; returns (report, differing
-    pieces, piece sectors).  Pieces that differ are compared again: a write between the two
-    reads of a piece makes it differ once, a real difference every time.  `on_progress` hears
-    the first pass's bytes compared."""
-    size = pri.size_bytes()
-    region = resync.region_sectors(size)
-    piece = region * 512
-    t0 = time.time()
-    remote = lambda spans, p: peer.remote_digests(session, spans, p, silence_s)  # noqa: E731
-    shown = [-1]
-
-    def progress(done, total):
-        on_progress(done * piece, total * piece)
-        pct = 100 * done // max(total, 1)
-        if pct // 25 != shown[0] // 25:
-            log(f"verify: {pct}% ({done} of {total} pieces of {piece // 1024} KiB)")
-            shown[0] = pct
-
-    cmp = resync.compare(devs.disk, [(0, resync.regions(size, region))], region, remote, progress)
-    differing, digest_bytes = cmp.differing, cmp.digest_bytes
-    for _ in range(VERIFY_PASSES - 1):
-        if not differing:
-            break
-        again = resync.compare(devs.disk, [(d, d + 1) for d in differing], region, remote)
-        differing, digest_bytes = again.differing, digest_bytes + again.digest_bytes
-    ranges: list[list[int]] = []
-    for d in differing:
-        if ranges and ranges[-1][0] + ranges[-1][1] == d * piece:
-            ranges[-1][1] += piece
-        else:
-            ranges.append([d * piece, piece])
-    report = {"compared_bytes": size, "piece_bytes": piece, "differing_bytes": len(differing) * piece,
-              "differing": ranges, "digest_bytes": digest_bytes, "seconds": round(time.time() - t0, 3)}
-    log(f"verify: {len(differing)} piece(s) differ in {len(ranges)} range(s) "
-        f"({report['seconds']:.1f} s, {digest_bytes >> 10} KiB of digests)")
-    return report, differing, region
 
 
 def initial_sync(disk: str, nbd_path: str, session: Session, store_bytes: int, progress: Progress) -> None:
@@ -89,12 +49,18 @@ def initial_sync(disk: str, nbd_path: str, session: Session, store_bytes: int, p
 
 class Resync:
     def __init__(self, pri: Primary, devs: Devices, nbd_path: str, session: Session, base: ResyncBase,
-                 silence_s: float, stopping: Callable[[], bool] = lambda: False):
+                 silence_s: float, stopping: Callable[[], bool] = lambda: False, rate: Controller | None = None):
         """`silence_s`: the longest the secondary may send nothing while it hashes (its heartbeat
-        answers go on meanwhile): the heartbeat timeout, as outside a comparison."""
+        answers go on meanwhile): the heartbeat timeout, as outside a comparison.  `rate`: the
+        copy's limits (None: the kernel copies everything at once)."""
         self.pri, self.devs, self.nbd_path, self.session, self.base = pri, devs, nbd_path, session, base
         self.silence_s = silence_s
         self.stopping = stopping
+        self.rate = rate
+        self.batch: list[int] = []               # the regions the kernel copies now
+        self.next_batch_at = 0.0                 # time.monotonic(): the rate's gate for the next one
+        self.batches = 0
+        self.in_batch = 0                        # regions of the batch the kernel says are copied
         self.phase = "comparing"
         self.started = time.time()
         self.region = 0
@@ -115,7 +81,8 @@ class Resync:
     def _progress(self, what: str, done: int, total: int) -> None:
         pct = 100 * done // max(total, 1)
         if pct // 25 != self._shown // 25 or done >= total:
-            log(f"resync: {what} {pct}% ({done} of {total} pieces of {self.piece // 1024} KiB)")
+            unit = f"regions of {self.copy_region // 2}" if what == "copied" else f"pieces of {self.piece // 1024}"
+            log(f"resync: {what} {pct}% ({done} of {total} {unit} KiB)")
         self._shown = -1 if done >= total else pct
 
     def begin(self, known: tuple[int, list[int]] | None = None) -> None:
@@ -148,29 +115,56 @@ class Resync:
         budget = resync.copy_budget(self.differing_bytes, self.cmp.digest_bytes)
         self.copy_region, self.to_copy = resync.coarsen(self.cmp.differing, self.region, self.pri.size_bytes(),
                                                         budget)
-        self.event_nr, self.regions = self.pri.start_recovery(self.devs, self.nbd_path, self.copy_region,
-                                                              self.to_copy)
         self.phase = "copying"
+        limit = self.rate.rate() if self.rate else None
         log(f"resync: {len(self.cmp.differing)} piece(s) differ ({self.differing_bytes >> 10} KiB): the kernel "
-            f"copies them as {len(self.to_copy)} region(s) of {self.copy_region // 2} KiB under its region locks")
+            f"copies them as {len(self.to_copy)} region(s) of {self.copy_region // 2} KiB under its region locks"
+            + (f", at most {limit / (1 << 20):.1f} MiB/s now" if limit else ""))
+        self._start_batch()
+
+    def _start_batch(self) -> None:
+        """Hand the kernel the next regions: all that are left without a limit, else what the rate
+        allows in PLAN_S (at least one region)."""
+        left = self.to_copy[self.copied_regions:]
+        limit = self.rate.rate() if self.rate else None
+        region_bytes = self.copy_region * 512
+        n = len(left) if limit is None else max(1, int(limit * PLAN_S) // region_bytes)
+        self.batch = left[:n]
+        now = time.monotonic()
+        self.next_batch_at = now + (len(self.batch) * region_bytes / limit if limit else 0.0)
+        self.event_nr, self.regions = self.pri.start_recovery(self.devs, self.nbd_path, self.copy_region,
+                                                              self.batch)
+        self.batches += 1
 
     def poll(self, kernel: dict) -> bool:
         """True once every differing piece is on S and the mirror replicates plainly again
         (`kernel`: the primary's kernel_status, read this turn of the loop)."""
         if self.phase == "copied":
             return True
+        if self.rate is not None:
+            self.rate.sample()
+        if not self.batch:                       # between batches: the mirror replicates plainly
+            if time.monotonic() < self.next_batch_at:
+                return False
+            self._start_batch()
+            return False
         rec = kernel.get("recovery")
         if rec is None:
             return False
         missing = rec["regions"] - rec["regions_in_sync"]
-        self.copied_regions = len(self.to_copy) - missing
-        self._progress("copied", self.copied_regions, len(self.to_copy))
+        done_before = self.copied_regions
+        self.in_batch = len(self.batch) - missing
+        self._progress("copied", done_before + self.in_batch, len(self.to_copy))
         if missing:
             return False
         left = self.pri.finish_recovery(self.devs, self.nbd_path, self.regions)
         if left:
             raise ResyncFailed(f"{len(left)} piece(s) were not copied although the mirror said in sync "
                                "(a write to S failed during the copy)", "the next reconnection copies them")
+        self.copied_regions += len(self.batch)
+        self.batch, self.in_batch = [], 0
+        if self.copied_regions < len(self.to_copy):
+            return False
         self.phase = "copied"
         self.finished = time.time()
         return True
@@ -191,11 +185,17 @@ class Resync:
 
     def status(self) -> dict:
         compare_s, copy_s = self.seconds()
+        copied = self.copy_bytes if self.phase == "copied" else \
+            (self.copied_regions + self.in_batch) * self.copy_region * 512
+        rate = copied / copy_s if copy_s > 0 else 0.0
+        eta = (self.copy_bytes - copied) / rate if rate > 0 and self.phase == "copying" else None
+        limits = self.rate.status() if self.rate else {"rate_limit_bytes_s": None}
         return {"phase": self.phase, "since": self.base.describe(), "started": self.started,
                 "piece_bytes": self.piece, "candidate_bytes": self.cmp.candidate_pieces * self.piece,
                 "compared_bytes": self.compared * self.piece, "differing_bytes": self.differing_bytes,
                 "copy_region_bytes": self.copy_region * 512, "copy_bytes": self.copy_bytes,
-                "copied_bytes": self.copy_bytes if self.phase == "copied" else self.copied_regions * self.copy_region * 512,
+                "copied_bytes": copied, "rate_bytes_s": round(rate), "eta_s": None if eta is None else round(eta, 1),
+                "batches": self.batches, **limits,
                 "digest_bytes": self.cmp.digest_bytes, "sent_bytes": self.copy_bytes + self.cmp.digest_bytes,
                 "compare_seconds": round(compare_s, 3), "copy_seconds": round(copy_s, 3)}
 

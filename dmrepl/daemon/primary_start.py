@@ -26,7 +26,8 @@ from dmrepl.nbd.attach import AttachError
 
 if TYPE_CHECKING:
     from dmrepl.daemon.primary import PrimaryDaemon
-    from dmrepl.roles.primary import Primary
+    from dmrepl.roles.primary.rate import Pacer
+from dmrepl.roles.primary import Primary
 
 
 def start(d: "PrimaryDaemon", assume_clean: bool) -> None:
@@ -52,7 +53,8 @@ def start(d: "PrimaryDaemon", assume_clean: bool) -> None:
     d.devs = d.pri.attach()
     if st is None and not assume_clean:
         d.machine.fire(Event.CONNECTED, "first start: S gets a full copy of P")
-        d.sync = Progress(lambda: d.stopping, d.notifier, on_step=lambda p: d.eventlog.emit("progress", **p))
+        d.sync = Progress(lambda: d.stopping, d.notifier, on_step=lambda p: d.eventlog.emit("progress", **p),
+                          pacer=Pacer(d.copy_rate, lambda: d.stopping))
         initial_sync(d.devs.disk, d.link.nbd.path, d.link.session, theirs.store_bytes, d.sync)
         event, why = Event.SYNCED, "initial sync verified"
     elif assume_clean:

@@ -93,10 +93,11 @@ class Progress:
     """The initial sync's progress: a live bar with rate and ETA on a terminal, a line every 10 %
     in a log; `latest` for `status --json`, `on_step` (every 10 %) for the event log."""
 
-    def __init__(self, stopping=lambda: False, notifier=None, on_step=None):
+    def __init__(self, stopping=lambda: False, notifier=None, on_step=None, pacer=None):
         """`notifier`: systemd's (daemon/notify.py): each step extends the unit's start timeout,
         so that a long initial sync that makes progress is not killed, and one that hangs is."""
         self.stopping = stopping
+        self.pacer = pacer          # holds the copy back to its rate limit (roles/primary/rate.py)
         self.notifier = notifier
         self.on_step = on_step
         self.tty = sys.stderr.isatty()
@@ -109,6 +110,8 @@ class Progress:
         if self.stopping():
             raise DmreplError(f"initial sync stopped at {done >> 20} of {total >> 20} MiB ({phase})",
                               "S is incomplete: the next start copies it again")
+        if self.pacer is not None:
+            self.pacer(done)
         pct = 100 * done // max(total, 1)
         rate, eta = rate_and_eta(done, total, self.t0)
         self.latest = {"work": "initial sync", "phase": phase, **progress_fields(done, total, rate, eta)}

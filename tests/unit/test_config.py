@@ -112,6 +112,15 @@ def test_primary_config():
     assert cfg.secondaries == (Peer("10.77.0.2", 10809, "10.77.0.2", 10810),)
     assert (cfg.era_block_sectors, cfg.chunk_sectors, cfg.checkpoint_interval_s) == (128, 8, 1.0)
     assert (cfg.heartbeat_interval_s, cfg.heartbeat_misses, cfg.nbd_connections, cfg.nbd_timeout_s) == (1.0, 3, 4, 5)
+    assert (cfg.verify_interval_s, cfg.verify_rate_bytes_s, cfg.verify_repair) == (0.0, 50 << 20, False)
+
+
+@pytest.mark.parametrize("value,rate", [('"200M"', 200 << 20), ('"64K"', 64 << 10), ('"1G/s"', 1 << 30),
+                                        ('"50MiB/s"', 50 << 20), ("1048576", 1 << 20), ('"3mb"', 3 << 20)])
+def test_verify_schedule_and_its_rate(value, rate):
+    cfg = parse(PRIMARY.replace("checkpoint_interval_s = 1", f"verify_interval_s = 3600\nverify_rate = {value}\n"
+                                "verify_repair = true"), source="vm1.toml")
+    assert (cfg.verify_interval_s, cfg.verify_rate_bytes_s, cfg.verify_repair) == (3600.0, rate, True)
 
 
 def test_secondary_link_defaults_to_the_next_port():
@@ -128,6 +137,11 @@ def test_secondary_link_defaults_to_the_next_port():
     (("checkpoint_interval_s = 1", "checkpoint_interval_s = 0.01"), "0 (on demand only) or at least 0.05"),
     (("checkpoint_interval_s = 1", "heartbeat_misses = 0"), "'heartbeat_misses' must be from 1 to 100"),
     (("checkpoint_interval_s = 1", "nbd_conections = 2"), "unknown key 'nbd_conections'"),
+    (("checkpoint_interval_s = 1", "verify_interval_s = -1"), "'verify_interval_s' must be from 0.0 to"),
+    (("checkpoint_interval_s = 1", 'verify_rate = "fast"'), "'verify_rate': not a rate: 'fast'"),
+    (("checkpoint_interval_s = 1", 'verify_rate = "1K"'), "'verify_rate': a rate must be at least 64K"),
+    (("checkpoint_interval_s = 1", "verify_rate = 2.5"), "'verify_rate': a rate is a number of bytes a second"),
+    (("checkpoint_interval_s = 1", 'verify_repair = "yes"'), "key 'verify_repair' must be bool"),
     (('era_metadata = "/srv/vm1/era.img"', 'era_metadata = "/srv/vm1/disk.img"'), "must be different paths"),
     (('key_file = "/etc/dmrepl/vm1.key"\n', ''), "missing required key 'key_file'"),
     (('link = "10.77.0.2:10810"', 'link = "peer:10810"'), "link address 'peer:10810': expected IP:PORT"),

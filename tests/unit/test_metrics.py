@@ -65,7 +65,8 @@ RESYNC = {"phase": "copying", "since": "checkpoint 4", "candidate_bytes": 1 << 2
 
 def test_the_primarys_families_from_its_status():
     status = {"name": "vm1", "state": "resyncing", "checkpoint": 4, "last_checkpoint": {"time": 1000.0},
-              "devices": {}, "nbd": None, "resync": RESYNC, "last_resync": {}}
+              "devices": {}, "nbd": None, "resync": RESYNC, "last_resync": {}, "verify": None,
+              "last_verify": {"differing_bytes": 8192, "finished": 990.0, "seconds": 4.5}}
     got = samples(metrics.primary_families(status, metrics.PauseHistogram(), now=1012.5))
     r = ("resource", "vm1")
     assert got[("dmrepl_state", frozenset({r, ("state", "resyncing")}))] == 1
@@ -77,6 +78,9 @@ def test_the_primarys_families_from_its_status():
     assert got[("dmrepl_resync_active", frozenset({r}))] == 1
     assert got[("dmrepl_resync_bytes", frozenset({r, ("kind", "sent")}))] == 67584
     assert got[("dmrepl_resync_progress_ratio", frozenset({r}))] == 0.625
+    assert (got[("dmrepl_verify_active", frozenset({r}))], got[("dmrepl_verify_differing_bytes", frozenset({r}))],
+            got[("dmrepl_verify_last_end_timestamp_seconds", frozenset({r}))],
+            got[("dmrepl_verify_last_seconds", frozenset({r}))]) == (0, 8192, 990.0, 4.5)
     # No block statistics here (no such device): no byte counters rather than wrong ones.
     assert not [k for k in got if k[0].startswith(("dmrepl_written", "dmrepl_replicated"))]
     assert not [k for k in got if k[0] in ("dmrepl_peer_outdated", "dmrepl_fencing_failing")]  # no [fencing]

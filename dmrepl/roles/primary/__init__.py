@@ -107,6 +107,14 @@ class Primary:
         """N of the /dev/nbdN the mirror uses (None: the stack is down or the leg dropped)."""
         return self.stack.nbd_index() if self.stack.present()["mirror"] else None
 
+    def consumer_written_bytes(self) -> int | None:
+        """Bytes the consumer wrote through the top device since it appeared (block statistics);
+        None while it is not there."""
+        try:
+            return blockdev.io_bytes(self.top_path)[1]
+        except OSError:
+            return None
+
     def size_bytes(self) -> int:
         return blockdev.size_bytes(self.cfg.disk)
 
@@ -274,6 +282,12 @@ class Primary:
 
             pause = self.stack.checkpoint(peer, commit)
         return st, pause, peer_pause[0] if peer_pause else 0.0
+
+    def frozen(self, fn: Callable[[], None]) -> float:
+        """`fn` runs while the consumer's writes wait (the top device suspended with flush): P and
+        S hold the same acknowledged writes and none is in flight.  Returns the pause in seconds.
+        No era status may be read inside `fn` (see `checkpoint`)."""
+        return self.stack.frozen(fn)
 
     # -- losing the secondary, and resync ---------------------------------------------
 

@@ -146,6 +146,12 @@ class PrimaryStack:
             self.ctl.resume(name)
         return zeros or mirrorlog.read(log_dev, regions).out_of_sync
 
+    def frozen(self, fn) -> float:
+        """Run `fn` with the top device suspended with flush (every acknowledged write on P and S,
+        none in flight), then resume; returns the pause.  A failure of `fn` resumes too."""
+        top = self.dm("top")
+        return switch.run(self.ctl, switch.SwitchPlan(suspend=[top], load={}, resume=[top], commit=fn)).pause_seconds
+
     def checkpoint(self, peer_checkpoint, commit) -> float:
         """The primary's half of a checkpoint: quiesce the top device (flush: every acknowledged
         write is on P and S), let the secondary switch (`peer_checkpoint`), persist (`commit`),
