@@ -83,6 +83,13 @@ class Probe:
         return [d for t, d in self.lat if t0 <= t < t1]
 
 
+def flushes(dev: str) -> int:
+    """Flush requests completed by block device `dev` (/sys/block/DEV/stat, field 15;
+    Documentation/block/stat.rst)."""
+    with open(f"/sys/block/{os.path.basename(dev)}/stat") as f:
+        return int(f.read().split()[14])
+
+
 def figures(lat: list[float]) -> dict:
     return {"n": len(lat), "median": statistics.median(lat), "p99": statistics.quantiles(lat, n=100)[-1]}
 
@@ -110,12 +117,21 @@ def dmrepl_rounds(disk: int) -> list[tuple[str, float, dict, dict]]:
                     write_pattern(top, disk, "spread", 10 + seed)
                     t1 = time.monotonic()
                     pair.lab.link_up("s")
+                s = poll.wait_for(pair.status, "the resync's copy", timeout=900, interval=0.1,
+                                  ok=lambda s: (s["resync"] or {}).get("phase") == "copying"
+                                  or s["state"] == "replicating" and resyncs(s) > before)
+                nbd, t_copy = s["nbd"], time.monotonic()
+                f0 = flushes(nbd)
                 s = poll.wait_for(pair.status, "the resync", timeout=900, interval=0.2,
                                   ok=lambda s: s["state"] == "replicating" and resyncs(s) > before)
                 t2 = time.monotonic()
+                f1 = flushes(nbd)
                 r = s["last_resync"]
+                writes = len(probe.between(t_copy, t2))
                 say(f"dmrepl {label}: resync {t2 - t1:.1f} s ({r['copy_bytes'] >> 20} MiB copied in "
-                    f"{r['copy_seconds']:.1f} s, {r['batches']} batch(es))")
+                    f"{r['copy_seconds']:.1f} s as {r['copy_bytes'] // r['copy_region_bytes']} region(s) of "
+                    f"{r['copy_region_bytes'] >> 10} KiB, {r['batches']} batch(es)); {f1 - f0} flushes of {nbd} "
+                    f"during the copy, {writes} consumer writes")
                 out.append((f"dmrepl, {label}", t2 - t1, base, figures(probe.between(t1, t2))))
     return out
 
