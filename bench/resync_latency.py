@@ -38,6 +38,7 @@ from dmrepl.names import StackNames  # noqa: E402
 
 KiB, MiB = 1 << 10, 1 << 20
 ZONE = 16 * MiB
+NOTES: list[str] = []      # printed after the table (the VM's console may drop stderr lines)
 BASELINE_S = 6.0
 
 
@@ -128,10 +129,11 @@ def dmrepl_rounds(disk: int) -> list[tuple[str, float, dict, dict]]:
                 f1 = flushes(nbd)
                 r = s["last_resync"]
                 writes = len(probe.between(t_copy, t2))
-                say(f"dmrepl {label}: resync {t2 - t1:.1f} s ({r['copy_bytes'] >> 20} MiB copied in "
+                NOTES.append(f"dmrepl {label}: resync {t2 - t1:.1f} s ({r['copy_bytes'] >> 20} MiB copied in "
                     f"{r['copy_seconds']:.1f} s as {r['copy_bytes'] // r['copy_region_bytes']} region(s) of "
                     f"{r['copy_region_bytes'] >> 10} KiB, {r['batches']} batch(es)); {f1 - f0} flushes of {nbd} "
                     f"during the copy, {writes} consumer writes")
+                say(NOTES[-1])
                 out.append((f"dmrepl, {label}", t2 - t1, base, figures(probe.between(t1, t2))))
     return out
 
@@ -181,6 +183,7 @@ def main() -> int:
                   f"{base['p99'] * 1000:.2f} ms | 1 | 1 |")
         print(f"| {label} | {took:.1f} s | {dur['n']} | {dur['median'] * 1000:.2f} ms | {dur['p99'] * 1000:.2f} ms | "
               f"{dur['median'] / base['median']:.2f}x | {dur['p99'] / base['p99']:.2f}x |")
+    print("\n".join(NOTES))
     return 0
 
 
