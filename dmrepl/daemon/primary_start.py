@@ -23,11 +23,11 @@ from dmrepl.kernel import modules
 from dmrepl.link.frames import FrameError
 from dmrepl.nbd import netlink
 from dmrepl.nbd.attach import AttachError
+from dmrepl.roles.primary.rate import Pacer
 
 if TYPE_CHECKING:
     from dmrepl.daemon.primary import PrimaryDaemon
-    from dmrepl.roles.primary.rate import Pacer
-from dmrepl.roles.primary import Primary
+    from dmrepl.roles.primary import Primary
 
 
 def start(d: "PrimaryDaemon", assume_clean: bool) -> None:
