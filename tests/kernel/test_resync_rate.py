@@ -20,6 +20,7 @@ CEILING, FLOOR, SHARE = 256 * KiB, 64 * KiB, 0.5
 # The consumer's write latency during a limited resync, against its latency while replicating
 # without one: the median at most this many times (the bound the README states).
 LATENCY_BOUND = 2.0
+SAMPLES = 20                     # writes timed in each window at least
 
 
 def _file(path) -> bytes:
@@ -42,6 +43,7 @@ def test_a_resync_keeps_to_its_limits_beside_the_consumer_and_tune_lifts_them_wh
     with Writer(blocks, pause_s=0.02) as w:
         t0 = time.monotonic()
         time.sleep(4)
+        poll.wait_for(lambda: len(_latencies(w, t0, time.monotonic())) >= SAMPLES, "the writer's baseline", timeout=60)
         baseline = _latencies(w, t0, time.monotonic())
         hosts.lab.link_down("s")
         poll.wait_for(hosts.status, "the primary to degrade", ok=lambda s: s["state"] == "degraded", timeout=30)
@@ -51,6 +53,9 @@ def test_a_resync_keeps_to_its_limits_beside_the_consumer_and_tune_lifts_them_wh
                           ok=lambda s: s["state"] == "resyncing" and (s["resync"] or {}).get("phase") == "copying")
         t_copy = time.monotonic()
         time.sleep(3)
+        # Under load a write may wait out the window (a region being copied): at least SAMPLES.
+        poll.wait_for(lambda: len(_latencies(w, t_copy, time.monotonic())) >= SAMPLES, "the writer during the copy",
+                      timeout=60)
         during = _latencies(w, t_copy, time.monotonic())
         r = hosts.status()["resync"]
         assert r["phase"] == "copying" and r["copy_bytes"] >= BULK, r
