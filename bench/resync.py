@@ -176,6 +176,12 @@ def drbd_without_helpers():
             f.write(old)
 
 
+def drbd_in_sync(minor: int, what: str = "DRBD in sync", timeout: float = 300) -> None:
+    """Until the minor's /proc/drbd line says Connected and UpToDate on both sides."""
+    poll.wait_for(lambda: drbd_minors()[minor], what, timeout=timeout, interval=0.05,
+                  ok=lambda line: "cs:Connected" in line and "ds:UpToDate/UpToDate" in line)
+
+
 def drbd_round(path: str, disk_bytes: int, pattern: str, seed: int) -> dict:
     res, minor = DRBD_RESOURCES[0], DRBD_MINORS[0]
     here, there = f"ipv4:{HOST}:{DRBD_PORTS[0]}", f"ipv4:{HOST}:{DRBD_PORTS[1]}"
@@ -184,8 +190,7 @@ def drbd_round(path: str, disk_bytes: int, pattern: str, seed: int) -> dict:
     say(f"drbd {pattern}: {written >> 20} MiB written while disconnected; {drbd_minors()[minor].strip()}")
     t0 = time.monotonic()
     drbdsetup("connect", res, here, there, "--protocol=C")
-    poll.wait_for(lambda: drbd_minors()[minor], "DRBD in sync", timeout=300, interval=0.05,
-                  ok=lambda line: "cs:Connected" in line and "ds:UpToDate/UpToDate" in line)
+    drbd_in_sync(minor)
     # DRBD zeroes its counters when a connection is established: ns: now counts the resync alone
     # (seen as negative deltas in the first run), so the value read now is what the resync sent.
     return {"written": written, "seconds": time.monotonic() - t0, "sent": drbd_sent_kib(minor) * KiB}
@@ -218,8 +223,7 @@ def drbd_stalls(path: str) -> dict:
     for i, m in enumerate(DRBD_MINORS):     # DRBD reconnects by itself unless it went StandAlone
         if "StandAlone" in drbd_minors()[m]:
             drbdsetup("connect", res[i], addrs[i], addrs[1 - i], "--protocol=C")
-    poll.wait_for(lambda: drbd_minors()[minor], "DRBD in sync after the loss", timeout=300, interval=0.05,
-                  ok=lambda line: "cs:Connected" in line and "ds:UpToDate/UpToDate" in line)
+    drbd_in_sync(minor, "DRBD in sync after the loss")
     out["kill"] = stall(path, lambda: drbdsetup("disconnect", "--force", addrs[1], addrs[0]))
     return out
 

@@ -28,8 +28,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from primary import DRBD_MINORS, DRBD_PORTS, DRBD_RESOURCES, HOST, drbd_minors, drbd_pair, drbdsetup  # noqa: E402
-from resync import dmrepl_pair, drbd_without_helpers, resyncs, say, write_pattern  # noqa: E402
+from primary import DRBD_MINORS, DRBD_PORTS, DRBD_RESOURCES, HOST, drbd_pair, drbdsetup  # noqa: E402
+from resync import dmrepl_pair, drbd_in_sync, drbd_without_helpers, resyncs, say, write_pattern  # noqa: E402
 
 from dmrepl import poll  # noqa: E402
 from dmrepl.daemon import control  # noqa: E402
@@ -159,8 +159,7 @@ def drbd_rounds(disk: int) -> list[tuple[str, float, dict, dict]]:
                     write_pattern(path, disk, "spread", 10 + seed)
                     t1 = time.monotonic()
                     drbdsetup("connect", DRBD_RESOURCES[0], here, there, "--protocol=C")
-                poll.wait_for(lambda: drbd_minors()[minor], "DRBD in sync", timeout=900, interval=0.05,
-                              ok=lambda line: "cs:Connected" in line and "ds:UpToDate/UpToDate" in line)
+                drbd_in_sync(minor, timeout=900)
                 t2 = time.monotonic()
                 say(f"drbd {label}: resync {t2 - t1:.1f} s")
                 out.append((f"DRBD, {label}", t2 - t1, base, figures(probe.between(t1, t2))))
