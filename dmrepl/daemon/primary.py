@@ -76,7 +76,7 @@ class PrimaryDaemon:
         # A copy's limits (initial sync, resyncs): the config's, changed at run time by `dmrepl tune`.
         self.copy_rate = Controller(Limits(cfg.resync_min_bytes_s, cfg.resync_max_bytes_s, cfg.resync_share),
                                     pri.consumer_written_bytes)
-        self.next_verify = (time.monotonic() + cfg.verify_interval_s) if cfg.verify_interval_s else float("inf")
+        self.next_verify = self._verify_due()
         self.fencing = PeerFencing(cfg, log, self.eventlog.emit, host_netns_fd)
         self.checkpoint_in_doubt = False       # one failed since the last that succeeded: S may hold it
         self.machine.on_move = self._moved
@@ -318,12 +318,8 @@ class PrimaryDaemon:
         self.copy_rate.limits = new
         self.wake_w.send(b"x")
         log(f"tune: resync limits {describe(old)} -> {describe(new)}")
-        self.eventlog.emit("tune", floor_bytes_s=new.floor_bytes_s, ceiling_bytes_s=new.ceiling_bytes_s, share=new.share)
-        return {"before": self.copy_rate_fields(old), "now": self.copy_rate.status()}
-
-    @staticmethod
-    def copy_rate_fields(lim: Limits) -> dict:
-        return {"floor_bytes_s": lim.floor_bytes_s, "ceiling_bytes_s": lim.ceiling_bytes_s, "share": lim.share}
+        self.eventlog.emit("tune", **new.fields())
+        return {"before": old.fields(), "now": self.copy_rate.status()}
 
     # -- verify ---------------------------------------------------------------------------
 
@@ -340,6 +336,10 @@ class PrimaryDaemon:
             self.verifying.repair |= repair
         if waiter is not None:
             self.verifying.waiters.append(waiter)
+
+    def _verify_due(self) -> float:
+        """When the schedule's next verify is due (time.monotonic()): an interval after now; never without one."""
+        return time.monotonic() + self.cfg.verify_interval_s if self.cfg.verify_interval_s else float("inf")
 
     def step_verify(self) -> None:
         now = time.monotonic()
@@ -362,8 +362,7 @@ class PrimaryDaemon:
             self.stop_verify(f"verify failed: {e}")
             return
         job, self.verifying = self.verifying, None
-        self.next_verify = (time.monotonic() + self.cfg.verify_interval_s) if self.cfg.verify_interval_s \
-            else float("inf")
+        self.next_verify = self._verify_due()
         report = job.report()
         if job.repair and job.differing:
             self.machine.fire(Event.REPAIR, f"verify --repair: {len(job.differing)} piece(s) differ")

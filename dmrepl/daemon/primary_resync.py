@@ -141,8 +141,6 @@ class Resync:
         (`kernel`: the primary's kernel_status, read this turn of the loop)."""
         if self.phase == "copied":
             return True
-        if self.rate is not None:
-            self.rate.sample()
         if not self.batch:                       # between batches: the mirror replicates plainly
             if time.monotonic() < self.next_batch_at:
                 return False
@@ -152,9 +150,8 @@ class Resync:
         if rec is None:
             return False
         missing = rec["regions"] - rec["regions_in_sync"]
-        done_before = self.copied_regions
         self.in_batch = len(self.batch) - missing
-        self._progress("copied", done_before + self.in_batch, len(self.to_copy))
+        self._progress("copied", self.copied_regions + self.in_batch, len(self.to_copy))
         if missing:
             return False
         left = self.pri.finish_recovery(self.devs, self.nbd_path, self.regions)

@@ -44,6 +44,9 @@ class Limits:
             given["ceiling_bytes_s"] = None
         return replace(self, **given).check()
 
+    def fields(self) -> dict:
+        return {"floor_bytes_s": self.floor_bytes_s, "ceiling_bytes_s": self.ceiling_bytes_s, "share": self.share}
+
     def rate(self, consumer_bytes_s: float) -> int | None:
         """Bytes a second the copy may take now; None: no limit."""
         if self.ceiling_bytes_s is None:
@@ -84,9 +87,7 @@ class Controller:
         return self.limits.rate(self.consumer_bytes_s)
 
     def status(self) -> dict:
-        lim = self.limits
-        return {"rate_limit_bytes_s": lim.rate(self.consumer_bytes_s), "floor_bytes_s": lim.floor_bytes_s,
-                "ceiling_bytes_s": lim.ceiling_bytes_s, "share": lim.share,
+        return {"rate_limit_bytes_s": self.limits.rate(self.consumer_bytes_s), **self.limits.fields(),
                 "consumer_write_bytes_s": round(self.consumer_bytes_s)}
 
 
