@@ -29,6 +29,8 @@ HELPS = {"up": "start this host's role for NAME (foreground daemon; systemd runs
                  "bar on a terminal; exit 1 at --timeout",
          "tune": "on the primary: change the copies' rate limits (initial sync, resync), also for the one "
                  "running, until the daemon's next start",
+         "switchover": "on the primary: move the primary's role to the secondary (no write lost, no resync); "
+                       "this host becomes its secondary. The consumer stops first",
          "resolve": "give up this host's writes since the last shared checkpoint and follow the other host "
                     "as its secondary (failback, split brain); needs --discard-my-data"}
 
@@ -80,6 +82,12 @@ def add_parsers(sub, run) -> None:
                            help="... but at least RATE, whatever the consumer writes")
             a.add_argument("--resync-share", type=float, default=None, metavar="F",
                            help="... and while the consumer writes, at most this share (0.01 to 1) of --resync-max")
+        if action == "switchover":
+            a.add_argument("--no-wait", action="store_true",
+                           help="return once the other host took over; do not wait for it to replicate back "
+                                "to this one")
+            a.add_argument("--timeout", type=float, default=300.0, metavar="S",
+                           help="how long to wait for the new primary to replicate to this host (default 300)")
         if action == "resolve":
             a.add_argument("--discard-my-data", action="store_true",
                            help="this host's writes since the last shared checkpoint are overwritten by the peer's")
@@ -185,8 +193,16 @@ def _secondary(cfg, args) -> int:
         if st.role != "secondary":
             print(f"{cfg.name}: up as {st.role}: no export to serve", file=sys.stderr)
             return 0
+        from dmrepl.daemon import handover
+
         supervisor.configure_logging()
-        return supervisor.run_secondary(cfg)
+        status = supervisor.run_secondary(cfg)
+        if status == handover.HANDOVER:
+            supervisor.become_primary(cfg)
+        return status
+    if args.action == "switchover":
+        raise DmreplError(f"{cfg.name} is the secondary on this host: switchover runs on the primary, which hands "
+                          "its role over to this host", f"on the primary host: `dmrepl switchover {cfg.name}`")
     if args.action in ("verify", "wait", "tune"):
         why = "which compares both disks" if args.action == "verify" else "which drives the sync and the resync"
         raise DmreplError(f"{cfg.name} is the secondary on this host: {args.action} runs on the primary, {why}",
@@ -199,9 +215,13 @@ def _sock(cfg: PrimaryConfig) -> str:
 
 
 def _p_up(cfg: PrimaryConfig, args) -> int:
-    from dmrepl.daemon import primary
+    from dmrepl.daemon import handover, primary
+    from dmrepl.daemon.progress import log
 
-    return primary.run(cfg, assume_clean=args.assume_clean)
+    status = primary.run(cfg, assume_clean=args.assume_clean)
+    if status == handover.HANDOVER:
+        handover.reexec(cfg.name, cfg.source, log)
+    return status
 
 
 def _p_down(cfg: PrimaryConfig, args) -> int:
@@ -424,10 +444,52 @@ def _p_tune(cfg: PrimaryConfig, args) -> int:
     return 0
 
 
+def _p_switchover(cfg: PrimaryConfig, args) -> int:
+    """Ask the daemon; then (unless --no-wait) wait for this host's secondary to hold the new
+    primary's first checkpoint: the other host replicates to this one."""
+    from dmrepl.config import load_secondary
+    from dmrepl.state import StateStore
+
+    if args.timeout <= 0:
+        raise DmreplError(f"--timeout must be more than 0 seconds, got {args.timeout:g}")
+    try:
+        sec_cfg = load_secondary(cfg.name, cfg.source)
+    except DmreplError:
+        sec_cfg = None
+    if sec_cfg is None or sec_cfg.era_metadata is None:
+        raise DmreplError(f"{cfg.source} has no [secondary] section: after a switchover this host follows the new "
+                          "primary as its secondary", "add [secondary] and start_as to the config on both hosts")
+    t0 = time.monotonic()
+    r = control.request(_sock(cfg), "switchover", timeout=args.timeout)
+    r.pop("ok", None)
+    if not args.json:
+        print(f"{cfg.name}: {r['new_primary']} took over at checkpoint {r['checkpoint']} in {r['seconds']:.2f} s "
+              f"(nothing to resync); this host is its secondary now", flush=True)
+    if not args.no_wait:
+
+        def joined():
+            st = StateStore(sec_cfg.resource_state_dir).load()
+            return st is not None and st.role == "secondary" and st.checkpoint > r["checkpoint"] and not st.diverged
+
+        try:
+            poll.wait_for(joined, f"the new primary's first checkpoint on this host (after {r['checkpoint']})",
+                          timeout=max(1.0, args.timeout - (time.monotonic() - t0)), interval=0.2)
+        except poll.WaitTimeout:
+            raise DmreplError(f"{cfg.name}: {r['new_primary']} took over at checkpoint {r['checkpoint']}, but has "
+                              f"not replicated to this host within {args.timeout:g} s",
+                              f"see `dmrepl status {cfg.name}` on both hosts and this host's daemon log") from None
+        r["replicating_s"] = round(time.monotonic() - t0, 3)
+        if not args.json:
+            print(f"{cfg.name}: the new primary replicates to this host ({r['replicating_s']:.1f} s in all)")
+    if args.json:
+        print_json({"name": cfg.name, **r})
+    return 0
+
+
 def _p_failover(cfg: PrimaryConfig, args) -> int:
     raise DmreplError(f"{cfg.name} is the primary on this host: failover runs on the secondary, which takes over",
                       f"on the secondary host: `dmrepl failover {cfg.name}`")
 
 
 PRIMARY = {"up": _p_up, "down": _p_down, "status": _p_status, "checkpoint": _p_checkpoint,
-           "failover": _p_failover, "verify": _p_verify, "wait": _p_wait, "tune": _p_tune}
+           "failover": _p_failover, "switchover": _p_switchover, "verify": _p_verify, "wait": _p_wait, "tune": _p_tune}

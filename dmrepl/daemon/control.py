@@ -54,6 +54,8 @@ class ControlServer:
         finally:
             os.umask(old)
         self.sock.listen(8)
+        self._busy = 0                  # requests being answered
+        self._idle = threading.Condition()
         self._thread = threading.Thread(target=self._serve, name="control", daemon=True)
         self._thread.start()
 
@@ -66,6 +68,22 @@ class ControlServer:
             threading.Thread(target=self._one, args=(conn,), name="control-request", daemon=True).start()
 
     def _one(self, conn: socket.socket) -> None:
+        with self._idle:
+            self._busy += 1
+        try:
+            self._reply(conn)
+        finally:
+            with self._idle:
+                self._busy -= 1
+                self._idle.notify_all()
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until every request taken has had its reply sent (before the process runs another
+        program: a switchover's caller must hear how it went); False at `timeout`."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._busy == 0, timeout)
+
+    def _reply(self, conn: socket.socket) -> None:
         with conn:
             conn.settimeout(10.0)
             try:

@@ -47,6 +47,7 @@ class Event(str, Enum):
     HEARTBEAT_MISSED = "heartbeat-missed"  # the secondary did not answer heartbeats in time
     LINK_ERROR = "link-error"             # the control link broke (closed, bad frame)
     STOP = "stop"                         # SIGTERM or `dmrepl down`
+    SWITCHOVER = "switchover"             # `dmrepl switchover`: the stack is gone, the secondary takes over
     START_FAILED = "start-failed"         # an error before replication started
 
     def __str__(self) -> str:
@@ -72,6 +73,7 @@ TRANSITIONS: dict[tuple[State, Event], State] = {
     (State.SYNCING, Event.STOP): State.STOPPING,
     (State.REPLICATING, Event.CHECKPOINT_FAILED): State.REPLICATING,
     (State.REPLICATING, Event.STOP): State.STOPPING,
+    (State.REPLICATING, Event.SWITCHOVER): State.STOPPING,
     (State.DEGRADED, Event.STOP): State.STOPPING,
     **{(State.REPLICATING, e): State.DEGRADED for e in _LOST},
     **{(State.RESYNCING, e): State.DEGRADED for e in _LOST},
@@ -83,6 +85,7 @@ TRANSITIONS: dict[tuple[State, Event], State] = {
 REQUIRES: dict[str, tuple[State, ...]] = {
     "checkpoint": (State.REPLICATING,),
     "verify": (State.REPLICATING,),
+    "switchover": (State.REPLICATING,),
     "status": tuple(State),
     "stop": tuple(State),
 }

@@ -14,6 +14,7 @@ import socket
 import threading
 
 ENV = "NOTIFY_SOCKET"
+_taken: str | None = None       # this process's $NOTIFY_SOCKET, which from_environment took out
 
 
 class Notifier:
@@ -30,7 +31,9 @@ class Notifier:
     def from_environment(cls) -> "Notifier":
         """Take $NOTIFY_SOCKET out of the environment: the processes this one starts (nbdkit) are
         not the service's main process and must not speak for it."""
-        return cls(os.environ.pop(ENV, None) or None)
+        global _taken
+        _taken = os.environ.pop(ENV, None) or _taken
+        return cls(_taken)
 
     @property
     def active(self) -> bool:
@@ -67,7 +70,18 @@ class Notifier:
     def stopping(self) -> bool:
         return self.send("STOPPING=1")
 
+    def handing_over(self, status: str) -> bool:
+        """This process runs `dmrepl up` again in its new role (a switchover): to systemd a reload,
+        which the new role's READY=1 ends (STOPPING=1 would make it wait for an exit)."""
+        self.last_status = status
+        return self.send("RELOADING=1", f"STATUS={status}")
+
     def extend_start(self, seconds: float, status: str) -> bool:
         """More time to start (an initial sync that is making progress)."""
         self.last_status = status
         return self.send(f"EXTEND_TIMEOUT_USEC={int(seconds * 1e6)}", f"STATUS={status}")
+
+
+def reexec_environment() -> dict[str, str]:
+    """What the environment of this process's next program needs to speak for the service."""
+    return {ENV: _taken} if _taken else {}

@@ -9,6 +9,11 @@
                                    <-      HEARTBEAT {t}
     DIGESTS {offset, spans, piece} ->     (hashes those pieces of S)
                                    <-      DIGESTS_REPLY {offset, digests | error}
+    SWITCHOVER {n}                 ->      (n the last checkpoint: can it take over there?)
+                                   <-      SWITCHOVER_READY {n, ok | error}
+    (the primary removes its stack and disconnects NBD)
+    SWITCHOVER_GO {n}              ->      (fails over at n, its store empty: nothing rolled back)
+                                   <-      SWITCHOVER_DONE {n, ok | error}; the session ends
 
 The secondary ends the session (and reports the primary lost) when no frame
 came for the primary's heartbeat timeout, which the primary's hello gives.
@@ -148,6 +153,30 @@ def _digests_reply(session: Session, offset: int, length: int, piece: int, timeo
         raise FrameError(f"DIGESTS_REPLY: {e}") from None
 
 
+SWITCHOVER_TIMEOUT = 120.0     # the secondary's failover of an empty store: a switch and a merge of nothing
+
+
+def _ask(session: Session, ask: Kind, answer: Kind, n: int, timeout: float, silence: float | None) -> dict:
+    session.send(ask, {"n": n})
+    body = _answer(session, answer, lambda b: b.get("n") == n, timeout, f"{answer.name} for {n}", silence)
+    if not body.get("ok"):
+        raise PeerRefused(f"the secondary at {session.peer}: {body.get('error')}",
+                          body.get("hint") or "see the secondary's log")
+    return body
+
+
+def switchover_ready(session: Session, n: int, silence: float | None = None,
+                     timeout: float = CHECKPOINT_TIMEOUT) -> dict:
+    """Ask the secondary whether it can take over at checkpoint n; PeerRefused says why not."""
+    return _ask(session, Kind.SWITCHOVER, Kind.SWITCHOVER_READY, n, timeout, silence)
+
+
+def switchover_go(session: Session, n: int, silence: float | None = None,
+                  timeout: float = SWITCHOVER_TIMEOUT) -> dict:
+    """Tell the secondary to take over at n (this host's stack is gone); its answer once it has."""
+    return _ask(session, Kind.SWITCHOVER_GO, Kind.SWITCHOVER_DONE, n, timeout, silence)
+
+
 class _Hasher:
     """The secondary's digests, on a thread of its own, one request after the other: the session's
     loop answers heartbeats meanwhile (a link that goes down during a resync's comparison is then
@@ -186,15 +215,31 @@ def _answer_digests(session: Session, body: dict,
         session.send(Kind.DIGESTS_REPLY, {"offset": offset, "error": str(e)})
 
 
+class Switchover:
+    """The secondary's half of a planned switchover: `ready(n)` checks that it can take over at
+    checkpoint n and raises DmreplError if not (nothing changed); `go(n)` takes over and returns
+    what to tell the primary."""
+
+    def ready(self, n: int) -> None:
+        raise DmreplError("this host cannot take over by switchover")
+
+    def go(self, n: int) -> dict:
+        raise DmreplError("this host cannot take over by switchover")
+
+
+SWITCHED_OVER = "switched over: this host took over as primary"
+
+
 def serve(session: Session, mine: Hello | Callable[[Hello], Hello], take_checkpoint: Callable[[int], float],
           status: Callable[[], dict] = dict, hash_s: Callable[[list[tuple[int, int]], int], bytes] | None = None,
-          on_hello: Callable[[Hello], str | None] | None = None) -> str:
+          on_hello: Callable[[Hello], str | None] | None = None, switchover: Switchover | None = None) -> str:
     """The secondary's side of one authenticated session, until the peer goes or breaks the protocol.
 
     `mine` may be a function of the primary's Hello: the secondary echoes what only the primary
     decides (the era block size).  `on_hello(theirs)`, once the hellos agree and before the answer
     goes, returns the session's export name (its NBD gate admits the primary from then on).
-    Returns why the session ended."""
+    `switchover`: this host's half of a planned switchover (none: refused).  Returns why the
+    session ended (SWITCHED_OVER once this host took over)."""
     kind, body = session.recv(timeout=10.0)
     if kind != Kind.HELLO:
         log.warning("peer %s: expected HELLO, received %s: closing", session.peer, kind.name)
@@ -219,13 +264,15 @@ def serve(session: Session, mine: Hello | Callable[[Hello], Hello], take_checkpo
     log.info("peer %s: hello ok (common checkpoint %s)", session.peer, agreement.common_checkpoint)
     hasher = _Hasher(session, hash_s)
     try:
-        return _serve_loop(session, theirs.heartbeat_timeout_s or None, take_checkpoint, status, hasher)
+        return _serve_loop(session, theirs.heartbeat_timeout_s or None, take_checkpoint, status, hasher,
+                           switchover or Switchover())
     finally:
         hasher.close()
 
 
 def _serve_loop(session: Session, silence: float | None, take_checkpoint: Callable[[int], float],
-                status: Callable[[], dict], hasher: _Hasher) -> str:
+                status: Callable[[], dict], hasher: _Hasher, switchover: Switchover) -> str:
+    agreed = None           # the checkpoint of a switchover this host said it is ready for
     while True:
         try:
             kind, body = session.recv(timeout=silence)
@@ -251,5 +298,26 @@ def _serve_loop(session: Session, silence: float | None, take_checkpoint: Callab
             session.send(Kind.STATUS_REPLY, status())
         elif kind == Kind.DIGESTS:
             hasher.submit(body)
+        elif kind in (Kind.SWITCHOVER, Kind.SWITCHOVER_GO):
+            n = body.get("n")
+            answer = Kind.SWITCHOVER_READY if kind == Kind.SWITCHOVER else Kind.SWITCHOVER_DONE
+            try:
+                if not isinstance(n, int):
+                    raise DmreplError("no checkpoint number")
+                if kind == Kind.SWITCHOVER:
+                    switchover.ready(n)
+                    agreed = n
+                    session.send(answer, {"n": n, "ok": True})
+                    continue
+                if agreed != n:
+                    raise DmreplError(f"no switchover at checkpoint {n} was agreed in this session")
+                done = switchover.go(n)
+            except Exception as e:  # noqa: BLE001 -- the primary must hear why, whatever it was
+                log.error("switchover at checkpoint %s refused: %s", n, e)
+                session.send(answer, {"n": n, "ok": False, "error": str(e),
+                                      "hint": getattr(e, "hint", None)})
+                continue
+            session.send(answer, {"n": n, "ok": True, **done})
+            return SWITCHED_OVER
         else:
             log.warning("peer %s: unexpected %s: ignored", session.peer, kind.name)

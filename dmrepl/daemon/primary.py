@@ -30,7 +30,7 @@ from concurrent.futures import Future
 
 from dmrepl.config import PrimaryConfig
 from dmrepl.config.fencing import check_runnable
-from dmrepl.daemon import control, metrics, peer, primary_start, tunnel
+from dmrepl.daemon import control, handover, metrics, peer, primary_start, switchover, tunnel
 from dmrepl.daemon.events import EventLog
 from dmrepl.daemon.fencing import PeerFencing
 from dmrepl.daemon.machine import Event, Machine, State
@@ -79,6 +79,8 @@ class PrimaryDaemon:
         self.next_verify = self._verify_due()
         self.fencing = PeerFencing(cfg, log, self.eventlog.emit, host_netns_fd)
         self.checkpoint_in_doubt = False       # one failed since the last that succeeded: S may hold it
+        self.handover = False                  # a switchover made this host the other's secondary
+        self.exit_status = 0
         self.machine.on_move = self._moved
 
     def _moved(self, m: Machine, previous: State, event: Event) -> None:
@@ -283,8 +285,9 @@ class PrimaryDaemon:
             return {"stopping": True}
         if op == "tune":
             return self.tune(request)
-        if op not in ("checkpoint", "verify"):
-            raise DmreplError(f"unknown request {op!r}", "the daemon answers status, checkpoint, verify, tune, stop")
+        if op not in ("checkpoint", "verify", "switchover"):
+            raise DmreplError(f"unknown request {op!r}",
+                              "the daemon answers status, checkpoint, verify, switchover, tune, stop")
         self.machine.refuse_unless(op, self.cfg.name)
         fut: Future = Future()
         self.requests.put((request, fut))
@@ -301,6 +304,8 @@ class PrimaryDaemon:
                 self.machine.refuse_unless(request["op"], self.cfg.name)
                 if request["op"] == "checkpoint":
                     fut.set_result(self.checkpoint("on demand"))
+                elif request["op"] == "switchover":
+                    fut.set_result(switchover.switchover(self))
                 else:       # answered when the verify (this one, or one already running) ends
                     self.start_verify("on demand", request.get("rate_bytes_s"), bool(request.get("repair")), fut)
             except Exception as e:  # noqa: BLE001 -- handed to the caller, who reports it
@@ -490,12 +495,19 @@ def _serve(cfg: PrimaryConfig, pri: Primary, nl, events, assume_clean: bool, not
                  else "on demand only")
         log(f"replicating; checkpoints {every}; control socket {server.path}")
         d.run()
-        d.machine.fire(Event.STOP, "stop requested")     # STATUS= says so
-        notifier.stopping()
+        if d.machine.state != State.STOPPING:
+            d.machine.fire(Event.STOP, "stop requested")     # STATUS= says so
+        if d.handover:
+            notifier.handing_over(f"switchover: {cfg.name} becomes the secondary")
+        else:
+            notifier.stopping()
         log("stopping")
         d.teardown()
         d.eventlog.emit("stopped", pid=os.getpid())
-        return 0
+        if d.handover:
+            server.drain(timeout=10)        # the switchover's caller hears how it went
+            return handover.HANDOVER
+        return d.exit_status
     finally:
         d.fencing.close()
         if responder is not None:

@@ -223,6 +223,10 @@ class SecondaryLink:
         if self.session is not None:
             self.session.close()
             self.session = None
+        self.disconnect(drop_leg, lost=lost)
+
+    def disconnect(self, drop_leg=None, *, lost: bool = False) -> None:
+        """The NBD device disconnected (see drop); the control session stays (a switchover's)."""
         nbd, self.nbd = self.nbd, None
         if nbd is None:
             return

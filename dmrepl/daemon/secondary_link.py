@@ -27,6 +27,7 @@ from dmrepl import private
 from dmrepl.config import SecondaryConfig
 from dmrepl.daemon import peer
 from dmrepl.daemon.gate import Admission
+from dmrepl.errors import DmreplError
 from dmrepl.kernel import blockdev
 from dmrepl.link import auth
 from dmrepl.link.frames import FrameError, Kind
@@ -59,9 +60,50 @@ def _record_peer(cfg: SecondaryConfig, primary: str, peer: str, reason: str) -> 
     os.replace(tmp, peer_path(cfg))
 
 
+class _TakeOver(peer.Switchover):
+    """This host's half of a planned switchover (`dmrepl switchover` on the primary).
+
+    Ready at checkpoint n when: this host can run as primary (both roles' sections), its state is
+    the standby of checkpoint n (no resync under way, the store valid), and its standby consumer
+    has closed the active device (this host's stack goes down and comes back as the primary's).
+    Go: the primary has removed its stack and disconnected NBD by then; any NBD server left is
+    killed (the fence), then the failover at n -- of an empty store: the checkpoint that asked
+    for the switchover emptied it and no write came after -- and its merge, done at once."""
+
+    def __init__(self, cfg: SecondaryConfig, sec: Secondary, fence: Callable[[str], object]):
+        self.cfg, self.sec, self.fence = cfg, sec, fence
+
+    def ready(self, n: int) -> None:
+        name = self.cfg.name
+        if self.cfg.era_metadata is None:
+            raise DmreplError(f"{self.cfg.source} has no [primary] section: this host cannot become the primary",
+                              "add [primary] (and start_as) to its config, or fail over with the OCF agent")
+        st = self.sec.state()
+        if st is None or st.role != "secondary" or st.checkpoint != n:
+            raise DmreplError(f"this host is {st.role if st else 'new'} at checkpoint "
+                              f"{st.checkpoint if st else '-'}, not the secondary at checkpoint {n}")
+        if st.diverged is not None or st.checkpoint_lost:
+            raise DmreplError("this host's standby view is not a checkpoint (a resync has not ended, or the kernel "
+                              "invalidated the hidden store)", "let the primary resync it first")
+        openers = self.sec.active_openers()
+        if openers:
+            raise DmreplError(f"this host's standby consumer holds {self.sec.active_path} ({openers} opener(s))",
+                              f"stop it first: this host's stack goes down and comes back as {name}'s primary")
+
+    def go(self, n: int) -> dict:
+        self.ready(n)
+        st = self.sec.failover(fence=lambda: self.fence(f"switchover at checkpoint {n}"))
+        rolled_back = sum(length for _o, length in st.diverged["ranges"])
+        st = self.sec.wait_merge(timeout=60)
+        log.info("switchover: took over at checkpoint %d (%d bytes rolled back); the primary's role comes next",
+                 n, rolled_back)
+        return {"rolled_back_bytes": rolled_back, "role": st.role}
+
+
 class LinkServer:
     def __init__(self, cfg: SecondaryConfig, stopping: Callable[[], bool], admission: Admission | None = None,
-                 on_event: Callable[..., None] = lambda event, **fields: None):
+                 on_event: Callable[..., None] = lambda event, **fields: None,
+                 fence: Callable[[str], object] = lambda why: None):
         """`admission`: the NBD gate's, opened for the primary's address at each agreed hello and
         closed when the session ends.  Connections it admitted stay: they are the primary kernel's,
         and its consumer's writes must not stall because the primary's daemon died or restarts
@@ -70,6 +112,8 @@ class LinkServer:
         the primary's state ("primary"): systemd's STATUS=, the event log."""
         self.cfg = cfg
         self.on_event = on_event
+        self.fence = fence          # kills every NBD server (a switchover's, before it takes over)
+        self.switched_over = False  # this host took over by switchover: the daemon stops, `up` starts the primary
         self.stopping = stopping
         self.admission = admission
         self.listener = Listener(cfg.link_host, cfg.link_port, auth.load_key(cfg.key_file))
@@ -151,7 +195,7 @@ class LinkServer:
                     why = peer.serve(session, lambda theirs: self._hello(sec, theirs),
                                      lambda n: self._checkpoint(sec, n),
                                      hash_s=lambda spans, piece: digests.of_spans(origin, spans, piece),
-                                     on_hello=on_hello)
+                                     on_hello=on_hello, switchover=_TakeOver(self.cfg, sec, self.fence))
                 except (FrameError, OSError) as e:
                     why = f"the control link broke: {e}"
                 finally:
@@ -159,6 +203,11 @@ class LinkServer:
                     session.close()
                     if self.admission is not None:
                         self.admission.close()      # a new NBD connection needs a new session
+                if why == peer.SWITCHED_OVER:
+                    _record_peer(self.cfg, "switched over", connected[0], "this host took over (switchover)")
+                    self.on_event("switchover", peer=connected[0], checkpoint=sec.state().checkpoint)
+                    self.switched_over = True
+                    return
                 if connected and not self.stopping():
                     log.warning("PRIMARY LOST: %s (%s); the active view stays at the last checkpoint; "
                                 "`dmrepl failover %s` takes over there", connected[0], why, self.cfg.name)

@@ -21,7 +21,7 @@ import time
 
 from dmrepl import poll, private
 from dmrepl.config import SecondaryConfig, load_secondary
-from dmrepl.daemon import metrics, tunnel
+from dmrepl.daemon import handover, metrics, tunnel
 from dmrepl.daemon.events import EventLog
 from dmrepl.daemon.export import Export, ExportError
 from dmrepl.daemon.gate import Admission, NbdGate
@@ -163,6 +163,15 @@ def run_secondary(cfg: SecondaryConfig) -> int:
         notifier.close()
 
 
+def become_primary(cfg: SecondaryConfig) -> None:
+    """After a switchover took over here (run_secondary returned HANDOVER): the secondary's stack
+    down, then this process runs `dmrepl up` again, as the primary (never returns)."""
+    with Secondary.open(cfg) as sec:
+        for line in sec.down():
+            _log(f"switchover: removed {line}")
+    handover.reexec(cfg.name, cfg.source, _log)
+
+
 def _families(cfg: SecondaryConfig, pauses: metrics.PauseHistogram) -> list:
     """The secondary's metrics, read on the scraping thread with a device-mapper handle of its own."""
     with Secondary.open(cfg) as sec:
@@ -191,7 +200,7 @@ def _run_gated(cfg: SecondaryConfig, sec: Secondary, stopping, notifier: Notifie
         _write_export_pids(cfg, [])      # `up` waits for this file: the gate listens
         _log(f"NBD gate listening on {cfg.listen_host}:{cfg.listen_port}: only the authenticated primary's "
              "address, with its session's export name")
-        link = LinkServer(cfg, stopping, admission, on_event)
+        link = LinkServer(cfg, lambda: stopping() or link.switched_over, admission, on_event, fence=gate.drop_all)
         link.start()
         _log(f"control link listening on {cfg.link_host}:{cfg.link_port}")
         notifier.ready(status_line(cfg, sec))
@@ -206,12 +215,16 @@ def _run_gated(cfg: SecondaryConfig, sec: Secondary, stopping, notifier: Notifie
                      + ("; the primary was told" if told else ""))
             return True
 
-        return _supervise(sec, tend, stopping, link, eventlog)
+        status = _supervise(sec, tend, lambda: stopping() or link.switched_over, link, eventlog)
+        return handover.HANDOVER if link.switched_over else status
     except (OSError, DmreplError, ExportError) as e:
         _log(f"the NBD gate or the control link could not start: {e}")
         return 1
     finally:
-        notifier.stopping()
+        if link is not None and link.switched_over:
+            notifier.handing_over(f"switchover: {cfg.name} becomes the primary")
+        else:
+            notifier.stopping()
         if link is not None:
             link.close()
         gate.close()

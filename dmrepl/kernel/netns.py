@@ -18,15 +18,27 @@ from pyroute2 import netns
 
 from dmrepl.errors import DmreplError
 
+_home: int | None = None     # the namespace this process started in, once it entered another
+
 
 def enter(name: str) -> None:
     """Make this process's sockets in network namespace `name` from now on (one thread only:
     call it before starting any)."""
+    global _home
+    if _home is None:
+        _home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
         netns.setns(name, flags=0)
     except OSError as e:
         raise DmreplError(f"cannot enter network namespace {name!r}: {e.strerror or e}",
                           "check `ip netns list`, or remove 'netns' from the config") from None
+
+
+def leave() -> None:
+    """Back to the namespace this process started in (before it runs another program: a
+    switchover's primary needs the initial namespace's nbd netlink family)."""
+    if _home is not None:
+        netns.setns(_home, flags=0)
 
 
 @contextlib.contextmanager

@@ -43,6 +43,10 @@ class Kind(IntEnum):
     EXPORT_RESTARTED = 51  # secondary -> primary: nbdkit died and was restarted: its NBD connections are gone
     DIGESTS = 60         # primary -> secondary: digests of S's pieces in up to 1024 [offset, length] spans
     DIGESTS_REPLY = 61   # secondary -> primary: those digests (base64), or the reason it cannot
+    SWITCHOVER = 70      # primary -> secondary: checkpoint n was the last one, can you take over there?
+    SWITCHOVER_READY = 71  # secondary -> primary: yes (or why not)
+    SWITCHOVER_GO = 72   # primary -> secondary: this host's stack and NBD are gone: take over at n
+    SWITCHOVER_DONE = 73  # secondary -> primary: took over at n (or why it could not)
 
 
 HANDSHAKE_KINDS = {Kind.CHALLENGE, Kind.PROOF, Kind.PROOF_REPLY}
