@@ -95,6 +95,16 @@ def add_parsers(sub, run) -> None:
 
 
 def command(args) -> int:
+    from dmrepl.daemon import handover
+
+    status = _command(args)
+    while args.action == "up" and status == handover.HANDOVER:
+        args.assume_clean = False       # a role change: a resync decides what the disks hold
+        status = _command(args)         # the state file says the new role
+    return status
+
+
+def _command(args) -> int:
     cfg = load(args.name, args.config)
     if args.action == "resolve":
         return _resolve(args)
@@ -220,7 +230,7 @@ def _p_up(cfg: PrimaryConfig, args) -> int:
 
     status = primary.run(cfg, assume_clean=args.assume_clean)
     if status == handover.HANDOVER:
-        handover.reexec(cfg.name, cfg.source, log)
+        handover.again(cfg.name, log)
     return status
 
 

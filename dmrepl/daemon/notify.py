@@ -14,7 +14,7 @@ import socket
 import threading
 
 ENV = "NOTIFY_SOCKET"
-_taken: str | None = None       # this process's $NOTIFY_SOCKET, which from_environment took out
+_taken: str | None = None       # $NOTIFY_SOCKET, which from_environment took out (a switchover's next role needs it)
 
 
 class Notifier:
@@ -80,8 +80,3 @@ class Notifier:
         """More time to start (an initial sync that is making progress)."""
         self.last_status = status
         return self.send(f"EXTEND_TIMEOUT_USEC={int(seconds * 1e6)}", f"STATUS={status}")
-
-
-def reexec_environment() -> dict[str, str]:
-    """What the environment of this process's next program needs to speak for the service."""
-    return {ENV: _taken} if _taken else {}

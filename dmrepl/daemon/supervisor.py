@@ -165,11 +165,11 @@ def run_secondary(cfg: SecondaryConfig) -> int:
 
 def become_primary(cfg: SecondaryConfig) -> None:
     """After a switchover took over here (run_secondary returned HANDOVER): the secondary's stack
-    down, then this process runs `dmrepl up` again, as the primary (never returns)."""
+    down; `dmrepl up` then runs again in this process, as the primary (handover.py)."""
     with Secondary.open(cfg) as sec:
         for line in sec.down():
             _log(f"switchover: removed {line}")
-    handover.reexec(cfg.name, cfg.source, _log)
+    handover.again(cfg.name, _log)
 
 
 def _families(cfg: SecondaryConfig, pauses: metrics.PauseHistogram) -> list:
