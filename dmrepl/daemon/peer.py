@@ -47,7 +47,14 @@ CHECKPOINT_TIMEOUT = 30.0
 
 
 class PeerRefused(DmreplError):
-    """The peer refused this host at hello (or this host refused the peer)."""
+    """The peer refused this host at hello (or this host refused the peer), or a request of a
+    switchover; `unchanged`: the peer says it changed nothing."""
+
+    unchanged = True
+
+
+class NotTakenOver(DmreplError):
+    """The secondary's half of a switchover failed before it changed anything."""
 
 
 class PeerCheckpointFailed(DmreplError):
@@ -160,8 +167,10 @@ def _ask(session: Session, ask: Kind, answer: Kind, n: int, timeout: float, sile
     session.send(ask, {"n": n})
     body = _answer(session, answer, lambda b: b.get("n") == n, timeout, f"{answer.name} for {n}", silence)
     if not body.get("ok"):
-        raise PeerRefused(f"the secondary at {session.peer}: {body.get('error')}",
-                          body.get("hint") or "see the secondary's log")
+        e = PeerRefused(f"the secondary at {session.peer}: {body.get('error')}",
+                        body.get("hint") or "see the secondary's log")
+        e.unchanged = answer == Kind.SWITCHOVER_READY or bool(body.get("unchanged"))
+        raise e
     return body
 
 
@@ -173,7 +182,8 @@ def switchover_ready(session: Session, n: int, silence: float | None = None,
 
 def switchover_go(session: Session, n: int, silence: float | None = None,
                   timeout: float = SWITCHOVER_TIMEOUT) -> dict:
-    """Tell the secondary to take over at n (this host's stack is gone); its answer once it has."""
+    """Tell the secondary to take over at n (this host's stack is gone); its answer once it has.
+    PeerRefused: it did not, and says whether it changed nothing (`unchanged`)."""
     return _ask(session, Kind.SWITCHOVER_GO, Kind.SWITCHOVER_DONE, n, timeout, silence)
 
 
@@ -218,7 +228,8 @@ def _answer_digests(session: Session, body: dict,
 class Switchover:
     """The secondary's half of a planned switchover: `ready(n)` checks that it can take over at
     checkpoint n and raises DmreplError if not (nothing changed); `go(n)` takes over and returns
-    what to tell the primary."""
+    what to tell the primary, or raises NotTakenOver if it changed nothing (any other error: it
+    may have)."""
 
     def ready(self, n: int) -> None:
         raise DmreplError("this host cannot take over by switchover")
@@ -314,8 +325,8 @@ def _serve_loop(session: Session, silence: float | None, take_checkpoint: Callab
                 done = switchover.go(n)
             except Exception as e:  # noqa: BLE001 -- the primary must hear why, whatever it was
                 log.error("switchover at checkpoint %s refused: %s", n, e)
-                session.send(answer, {"n": n, "ok": False, "error": str(e),
-                                      "hint": getattr(e, "hint", None)})
+                session.send(answer, {"n": n, "ok": False, "error": str(e), "hint": getattr(e, "hint", None),
+                                      "unchanged": kind == Kind.SWITCHOVER or isinstance(e, NotTakenOver)})
                 continue
             session.send(answer, {"n": n, "ok": True, **done})
             return SWITCHED_OVER

@@ -91,8 +91,12 @@ class _TakeOver(peer.Switchover):
                               f"stop it first: this host's stack goes down and comes back as {name}'s primary")
 
     def go(self, n: int) -> dict:
-        self.ready(n)
-        st = self.sec.failover(fence=lambda: self.fence(f"switchover at checkpoint {n}"))
+        try:
+            self.ready(n)
+            # A failed failover rolls its switch back (roles/secondary/failover.py): nothing changed.
+            st = self.sec.failover(fence=lambda: self.fence(f"switchover at checkpoint {n}"))
+        except DmreplError as e:
+            raise peer.NotTakenOver(str(e), e.hint) from None
         rolled_back = sum(length for _o, length in st.diverged["ranges"])
         st = self.sec.wait_merge(timeout=60)
         log.info("switchover: took over at checkpoint %d (%d bytes rolled back); the primary's role comes next",

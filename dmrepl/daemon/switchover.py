@@ -85,13 +85,18 @@ def switchover(d: "PrimaryDaemon") -> dict:
     d.stopping = True
     try:
         done = peer.switchover_go(session, n, silence)
+    except peer.PeerRefused as e:
+        if not e.unchanged:
+            return _in_doubt(d, n, e)
+        d.handover = True           # `dmrepl up` again in this process: the state still says primary
+        log(f"switchover: the secondary refused to take over at checkpoint {n} ({e}); nothing changed there: "
+            "this host starts again as the primary")
+        raise DmreplError(f"switchover refused by the secondary at its last step: {e}",
+                          "nothing changed there; this host's daemon starts again as the primary in the same "
+                          "process (a resync of nothing, then replicating)") from None
     except (DmreplError, FrameError, OSError) as e:
-        d.exit_status = 1
-        log(f"SWITCHOVER IN DOUBT at checkpoint {n}: {e}; this host's stack is down, its role still primary")
-        raise DmreplError(f"switchover in doubt: the secondary did not confirm its takeover at checkpoint {n} ({e})",
-                          f"see `dmrepl status {name}` on the other host: if it took over, here run "
-                          f"`dmrepl resolve {name} --discard-my-data` (nothing is lost: checkpoint {n} held every "
-                          f"write) and `dmrepl up {name}`; if not, `dmrepl up {name}` here") from None
+        return _in_doubt(d, n, e)
+
     try:
         with dm.Control() as ctl:
             st = discard_my_data(sec_cfg, ctl)
@@ -110,3 +115,15 @@ def switchover(d: "PrimaryDaemon") -> dict:
         "as its secondary")
     d.eventlog.emit("switchover", **report)
     return report
+
+
+def _in_doubt(d: "PrimaryDaemon", n: int, e: Exception) -> dict:
+    """No DONE: the secondary may or may not have taken over.  This host keeps no device for a
+    consumer; its daemon ends (status 1) with the role primary at n."""
+    name = d.cfg.name
+    d.exit_status = 1
+    log(f"SWITCHOVER IN DOUBT at checkpoint {n}: {e}; this host's stack is down, its role still primary")
+    raise DmreplError(f"switchover in doubt: the secondary did not confirm its takeover at checkpoint {n} ({e})",
+                      f"see `dmrepl status {name}` on the other host: if it took over, here run "
+                      f"`dmrepl resolve {name} --discard-my-data` (nothing is lost: checkpoint {n} held every "
+                      f"write) and `dmrepl up {name}`; if not, `dmrepl up {name}` here") from None
