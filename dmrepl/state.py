@@ -42,6 +42,10 @@ class ResourceState:
     # merge rolled back or the consumer wrote ({"checkpoint", "era", "ranges"}); after `resolve
     # --discard-my-data`, every byte this host wrote as primary since then ({"checkpoint", "ranges"}).
     diverged: dict | None = None
+    # The replicated device's length, both roles' tables are built at it: recorded at the first start,
+    # changed by `dmrepl resize` only (a disk grown under a running stack must not change the tables
+    # by itself). None in states written before online grow: the disk's size.
+    size_bytes: int | None = None
 
     def evolve(self, **changes) -> "ResourceState":
         return replace(self, **changes)

@@ -31,6 +31,8 @@ HELPS = {"up": "start this host's role for NAME (foreground daemon; systemd runs
                  "running, until the daemon's next start",
          "switchover": "on the primary: move the primary's role to the secondary (no write lost, no resync); "
                        "this host becomes its secondary. The consumer stops first",
+         "resize": "on the primary, once both disks have grown to the same size: the replicated device grows "
+                   "online on both hosts (the new range is compared and copied by a resync)",
          "resolve": "give up this host's writes since the last shared checkpoint and follow the other host "
                     "as its secondary (failback, split brain); needs --discard-my-data"}
 
@@ -88,6 +90,11 @@ def add_parsers(sub, run) -> None:
                                 "to this one")
             a.add_argument("--timeout", type=float, default=300.0, metavar="S",
                            help="how long to wait for the new primary to replicate to this host (default 300)")
+        if action == "resize":
+            a.add_argument("--no-wait", action="store_true",
+                           help="return once both stacks have grown; do not wait for the resync of the new range")
+            a.add_argument("--timeout", type=float, default=None, metavar="S",
+                           help="give up waiting for the resync after S seconds (exit 1); default: no limit")
         if action == "resolve":
             a.add_argument("--discard-my-data", action="store_true",
                            help="this host's writes since the last shared checkpoint are overwritten by the peer's")
@@ -210,6 +217,9 @@ def _secondary(cfg, args) -> int:
         if status == handover.HANDOVER:
             supervisor.become_primary(cfg)
         return status
+    if args.action == "resize":
+        raise DmreplError(f"{cfg.name} is the secondary on this host: resize runs on the primary, which grows "
+                          "this host's stack over the control link", f"on the primary host: `dmrepl resize {cfg.name}`")
     if args.action == "switchover":
         raise DmreplError(f"{cfg.name} is the secondary on this host: switchover runs on the primary, which hands "
                           "its role over to this host", f"on the primary host: `dmrepl switchover {cfg.name}`")
@@ -496,10 +506,37 @@ def _p_switchover(cfg: PrimaryConfig, args) -> int:
     return 0
 
 
+def _p_resize(cfg: PrimaryConfig, args) -> int:
+    from dmrepl.daemon.progress import Bar
+
+    if args.timeout is not None and args.timeout <= 0:
+        raise DmreplError(f"--timeout must be more than 0 seconds, got {args.timeout:g}")
+    t0 = time.monotonic()
+    r = control.request(_sock(cfg), "resize")
+    r.pop("ok", None)
+    if not args.json:
+        print(f"{cfg.name}: {r['old_bytes'] >> 20} MiB -> {r['new_bytes'] >> 20} MiB on both hosts "
+              f"({r['new_bytes']} bytes); the resync compares the new range", flush=True)
+    if not args.no_wait:
+        bar = Bar() if sys.stderr.isatty() and not args.json else None
+        try:
+            st = _wait_replicating(cfg, args.timeout, t0, bar)
+        finally:
+            if bar is not None:
+                bar.end()
+        r["replicating_s"] = round(time.monotonic() - t0, 3)
+        r["last_resync"] = st.get("last_resync")
+        if not args.json:
+            print(f"{cfg.name}: replicating at {r['new_bytes'] >> 20} MiB ({r['replicating_s']:.1f} s in all)")
+    if args.json:
+        print_json({"name": cfg.name, **r})
+    return 0
+
+
 def _p_failover(cfg: PrimaryConfig, args) -> int:
     raise DmreplError(f"{cfg.name} is the primary on this host: failover runs on the secondary, which takes over",
                       f"on the secondary host: `dmrepl failover {cfg.name}`")
 
 
 PRIMARY = {"up": _p_up, "down": _p_down, "status": _p_status, "checkpoint": _p_checkpoint,
-           "failover": _p_failover, "switchover": _p_switchover, "verify": _p_verify, "wait": _p_wait, "tune": _p_tune}
+           "failover": _p_failover, "switchover": _p_switchover, "resize": _p_resize, "verify": _p_verify, "wait": _p_wait, "tune": _p_tune}

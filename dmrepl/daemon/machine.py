@@ -48,6 +48,7 @@ class Event(str, Enum):
     LINK_ERROR = "link-error"             # the control link broke (closed, bad frame)
     STOP = "stop"                         # SIGTERM or `dmrepl down`
     SWITCHOVER = "switchover"             # `dmrepl switchover`: the stack is gone, the secondary takes over
+    RESIZE = "resize"                     # `dmrepl resize`: the leg dropped while this host grows; a resync follows
     START_FAILED = "start-failed"         # an error before replication started
 
     def __str__(self) -> str:
@@ -74,6 +75,7 @@ TRANSITIONS: dict[tuple[State, Event], State] = {
     (State.REPLICATING, Event.CHECKPOINT_FAILED): State.REPLICATING,
     (State.REPLICATING, Event.STOP): State.STOPPING,
     (State.REPLICATING, Event.SWITCHOVER): State.STOPPING,
+    (State.REPLICATING, Event.RESIZE): State.DEGRADED,
     (State.DEGRADED, Event.STOP): State.STOPPING,
     **{(State.REPLICATING, e): State.DEGRADED for e in _LOST},
     **{(State.RESYNCING, e): State.DEGRADED for e in _LOST},
@@ -86,6 +88,7 @@ REQUIRES: dict[str, tuple[State, ...]] = {
     "checkpoint": (State.REPLICATING,),
     "verify": (State.REPLICATING,),
     "switchover": (State.REPLICATING,),
+    "resize": (State.REPLICATING,),
     "status": tuple(State),
     "stop": tuple(State),
 }

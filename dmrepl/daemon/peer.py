@@ -14,6 +14,8 @@
     (the primary removes its stack and disconnects NBD)
     SWITCHOVER_GO {n}              ->      (fails over at n, its store empty: nothing rolled back)
                                    <-      SWITCHOVER_DONE {n, ok | error}; the session ends
+    GROW {size_bytes}              ->      (its stack at the new size, the new range diverged)
+                                   <-      GROW_DONE {size_bytes, ok | error}
 
 The secondary ends the session (and reports the primary lost) when no frame
 came for the primary's heartbeat timeout, which the primary's hello gives.
@@ -174,6 +176,19 @@ def _ask(session: Session, ask: Kind, answer: Kind, n: int, timeout: float, sile
     return body
 
 
+def remote_grow(session: Session, size_bytes: int, silence: float | None = None,
+                timeout: float = CHECKPOINT_TIMEOUT) -> dict:
+    """Ask the secondary to grow its stack to `size_bytes`; PeerRefused says why it did not (then
+    it changed nothing)."""
+    session.send(Kind.GROW, {"size_bytes": size_bytes})
+    body = _answer(session, Kind.GROW_DONE, lambda b: b.get("size_bytes") == size_bytes, timeout,
+                   f"GROW_DONE for {size_bytes} bytes", silence)
+    if not body.get("ok"):
+        raise PeerRefused(f"the secondary at {session.peer}: {body.get('error')}",
+                          body.get("hint") or "see the secondary's log")
+    return body
+
+
 def switchover_ready(session: Session, n: int, silence: float | None = None,
                      timeout: float = CHECKPOINT_TIMEOUT) -> dict:
     """Ask the secondary whether it can take over at checkpoint n; PeerRefused says why not."""
@@ -243,13 +258,15 @@ SWITCHED_OVER = "switched over: this host took over as primary"
 
 def serve(session: Session, mine: Hello | Callable[[Hello], Hello], take_checkpoint: Callable[[int], float],
           status: Callable[[], dict] = dict, hash_s: Callable[[list[tuple[int, int]], int], bytes] | None = None,
-          on_hello: Callable[[Hello], str | None] | None = None, switchover: Switchover | None = None) -> str:
+          on_hello: Callable[[Hello], str | None] | None = None, switchover: Switchover | None = None,
+          grow: Callable[[int], dict] | None = None) -> str:
     """The secondary's side of one authenticated session, until the peer goes or breaks the protocol.
 
     `mine` may be a function of the primary's Hello: the secondary echoes what only the primary
     decides (the era block size).  `on_hello(theirs)`, once the hellos agree and before the answer
     goes, returns the session's export name (its NBD gate admits the primary from then on).
-    `switchover`: this host's half of a planned switchover (none: refused).  Returns why the
+    `switchover`: this host's half of a planned switchover (none: refused); `grow(size_bytes)`:
+    this host's stack at a new size (none: refused).  Returns why the
     session ended (SWITCHED_OVER once this host took over)."""
     kind, body = session.recv(timeout=10.0)
     if kind != Kind.HELLO:
@@ -276,13 +293,14 @@ def serve(session: Session, mine: Hello | Callable[[Hello], Hello], take_checkpo
     hasher = _Hasher(session, hash_s)
     try:
         return _serve_loop(session, theirs.heartbeat_timeout_s or None, take_checkpoint, status, hasher,
-                           switchover or Switchover())
+                           switchover or Switchover(), grow)
     finally:
         hasher.close()
 
 
 def _serve_loop(session: Session, silence: float | None, take_checkpoint: Callable[[int], float],
-                status: Callable[[], dict], hasher: _Hasher, switchover: Switchover) -> str:
+                status: Callable[[], dict], hasher: _Hasher, switchover: Switchover,
+                grow: Callable[[int], dict] | None = None) -> str:
     agreed = None           # the checkpoint of a switchover this host said it is ready for
     while True:
         try:
@@ -309,6 +327,20 @@ def _serve_loop(session: Session, silence: float | None, take_checkpoint: Callab
             session.send(Kind.STATUS_REPLY, status())
         elif kind == Kind.DIGESTS:
             hasher.submit(body)
+        elif kind == Kind.GROW:
+            size = body.get("size_bytes")
+            try:
+                if not isinstance(size, int) or size <= 0:
+                    raise DmreplError("no size")
+                if grow is None:
+                    raise DmreplError("this host does not grow on the primary's word")
+                done = grow(size)
+            except Exception as e:  # noqa: BLE001 -- the primary must hear why, whatever it was
+                log.error("grow to %s bytes refused: %s", size, e)
+                session.send(Kind.GROW_DONE, {"size_bytes": size, "ok": False, "error": str(e),
+                                              "hint": getattr(e, "hint", None)})
+                continue
+            session.send(Kind.GROW_DONE, {"size_bytes": size, "ok": True, **done})
         elif kind in (Kind.SWITCHOVER, Kind.SWITCHOVER_GO):
             n = body.get("n")
             answer = Kind.SWITCHOVER_READY if kind == Kind.SWITCHOVER else Kind.SWITCHOVER_DONE

@@ -30,7 +30,7 @@ from concurrent.futures import Future
 
 from dmrepl.config import PrimaryConfig
 from dmrepl.config.fencing import check_runnable
-from dmrepl.daemon import control, handover, metrics, peer, primary_start, switchover, tunnel
+from dmrepl.daemon import control, handover, metrics, peer, primary_start, resize, switchover, tunnel
 from dmrepl.daemon.events import EventLog
 from dmrepl.daemon.fencing import PeerFencing
 from dmrepl.daemon.machine import Event, Machine, State
@@ -201,8 +201,9 @@ class PrimaryDaemon:
         if self.machine.state != State.RESYNCING or self.resync is None:
             return
         try:
-            if not self.resync.poll(kernel):
-                return
+            with self.link.watchdog("the resync's switch of the mirror"):
+                if not self.resync.poll(kernel):
+                    return
         except DmreplError as e:
             self.lost(Event.RESYNC_FAILED, f"resync failed: {e}")
             return
@@ -240,8 +241,14 @@ class PrimaryDaemon:
 
     def _checkpoint(self, why: str) -> dict:
         session = self.link.session
+
+        def remote(n: int) -> float:
+            guard.disarm()          # the flush is done: from here the peer's answer has its own timeout
+            return peer.remote_checkpoint(session, n, self.link.silence_s)
+
         try:
-            st, pause, peer_pause = self.pri.checkpoint(lambda n: peer.remote_checkpoint(session, n, self.link.silence_s))
+            with self.link.watchdog(f"checkpoint ({why})'s flush") as guard:
+                st, pause, peer_pause = self.pri.checkpoint(remote)
         except (FrameError, OSError) as e:
             self.checkpoint_in_doubt = True
             if self.machine.state in (State.REPLICATING, State.RESYNCING):
@@ -285,14 +292,14 @@ class PrimaryDaemon:
             return {"stopping": True}
         if op == "tune":
             return self.tune(request)
-        if op not in ("checkpoint", "verify", "switchover"):
+        if op not in ("checkpoint", "verify", "switchover", "resize"):
             raise DmreplError(f"unknown request {op!r}",
-                              "the daemon answers status, checkpoint, verify, switchover, tune, stop")
+                              "the daemon answers status, checkpoint, verify, switchover, resize, tune, stop")
         self.machine.refuse_unless(op, self.cfg.name)
         fut: Future = Future()
         self.requests.put((request, fut))
         self.wake_w.send(b"x")
-        return fut.result(timeout=REQUEST_TIMEOUT if op == "checkpoint" else None)
+        return fut.result(timeout=REQUEST_TIMEOUT if op in ("checkpoint", "resize") else None)
 
     def serve_requests(self) -> None:
         while True:
@@ -306,6 +313,8 @@ class PrimaryDaemon:
                     fut.set_result(self.checkpoint("on demand"))
                 elif request["op"] == "switchover":
                     fut.set_result(switchover.switchover(self))
+                elif request["op"] == "resize":
+                    fut.set_result(resize.resize(self))
                 else:       # answered when the verify (this one, or one already running) ends
                     self.start_verify("on demand", request.get("rate_bytes_s"), bool(request.get("repair")), fut)
             except Exception as e:  # noqa: BLE001 -- handed to the caller, who reports it

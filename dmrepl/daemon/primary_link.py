@@ -108,6 +108,44 @@ def disconnect_left(cfg: PrimaryConfig, nl: netlink.NBDNetlink, index: int) -> s
     return said[0]
 
 
+class Watchdog:
+    """While armed, a timer that cuts the NBD sockets after `after_s`: around a suspend that waits
+    for the NBD leg's writes (a checkpoint's flush, a resync's switch of the mirror).  The loop
+    cannot notice a lost secondary meanwhile -- it is inside the ioctl -- and the kernel gives a
+    hung request up only after the NBD timeout, then may requeue it on the other connection for
+    another one (a write held 11 s in the fault campaign).  Cut, the requests fail at once, the
+    mirror completes them from P and marks the leg failed, the suspend returns, and the loop sees
+    the failed leg: degraded, a resync later.  A false alarm (a slow but live secondary) costs a
+    reconnection and a delta resync, never data."""
+
+    def __init__(self, nbd: Attached | None, after_s: float, what: str):
+        self.nbd, self.after_s, self.what = nbd, after_s, what
+        self.timer: threading.Timer | None = None
+        self.fired = False
+
+    def _fire(self) -> None:
+        self.fired = True
+        log(f"{self.what} waited {self.after_s:g} s for the NBD leg: the secondary is taken for lost, "
+            "its NBD connections are cut")
+        cut(self.nbd)
+
+    def __enter__(self) -> "Watchdog":
+        if self.nbd is not None:
+            self.timer = threading.Timer(self.after_s, self._fire)
+            self.timer.daemon = True
+            self.timer.start()
+        return self
+
+    def disarm(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer.join()
+            self.timer = None
+
+    def __exit__(self, *exc) -> None:
+        self.disarm()
+
+
 class Lost(Exception):
     """A sign that the secondary is lost: the event for the state machine and the reason."""
 
@@ -210,6 +248,11 @@ class SecondaryLink:
             except OSError:
                 return   # the loop notices the broken session itself
             time.sleep(self.cfg.heartbeat_interval_s)
+
+    def watchdog(self, what: str) -> Watchdog:
+        """A Watchdog over this link's NBD device (none attached: it does nothing), firing after the
+        time the secondary may stay silent."""
+        return Watchdog(self.nbd, self.silence_s, what)
 
     def drop(self, drop_leg, *, lost: bool = True) -> None:
         """Close the session, disconnect NBD, then `drop_leg()` (None: no stack built yet).

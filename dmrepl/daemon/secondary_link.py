@@ -156,8 +156,21 @@ class LinkServer:
         does not always notice a closed connection before its timeout (docs/kernel-notes.md)."""
         return self._tell(Kind.EXPORT_RESTARTED, why)
 
+    def _grow(self, sec: Secondary, size_bytes: int) -> dict:
+        st = sec.grow(size_bytes)
+        log.info("resize: the stack is %d bytes now (the new range is the primary's resync's to compare)", size_bytes)
+        self.on_event("resize", size_bytes=size_bytes, grown_from=(st.diverged or {}).get("grown_from"))
+        return {"grown_from": (st.diverged or {}).get("grown_from")}
+
     def _hello(self, sec: Secondary, theirs: Hello) -> Hello:
         st = sec.state()
+        if st is not None and (st.diverged or {}).get("grown_from") == theirs.size_bytes:
+            # The primary did not grow after this host did (it failed, or lost power, or the link
+            # broke): back to its size, which the disks held at the last checkpoint.
+            st = sec.shrink_back()
+            log.warning("resize: the primary is still %d bytes: this host's stack is back at that size",
+                        theirs.size_bytes)
+            self.on_event("resize", size_bytes=theirs.size_bytes, reverted=True)
         stores = sec.stack.backing().stores
         return Hello(resource_id=self.cfg.resource_id, role="secondary",
                      size_bytes=blockdev.size_bytes(sec.origin_device()), chunk_sectors=self.cfg.chunk_sectors,
@@ -199,7 +212,8 @@ class LinkServer:
                     why = peer.serve(session, lambda theirs: self._hello(sec, theirs),
                                      lambda n: self._checkpoint(sec, n),
                                      hash_s=lambda spans, piece: digests.of_spans(origin, spans, piece),
-                                     on_hello=on_hello, switchover=_TakeOver(self.cfg, sec, self.fence))
+                                     on_hello=on_hello, switchover=_TakeOver(self.cfg, sec, self.fence),
+                                     grow=lambda size: self._grow(sec, size))
                 except (FrameError, OSError) as e:
                     why = f"the control link broke: {e}"
                 finally:

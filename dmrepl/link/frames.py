@@ -47,6 +47,8 @@ class Kind(IntEnum):
     SWITCHOVER_READY = 71  # secondary -> primary: yes (or why not)
     SWITCHOVER_GO = 72   # primary -> secondary: this host's stack and NBD are gone: take over at n
     SWITCHOVER_DONE = 73  # secondary -> primary: took over at n (or why it could not)
+    GROW = 80            # primary -> secondary: your stack at this new size (`dmrepl resize`)
+    GROW_DONE = 81       # secondary -> primary: grown (or why not: then nothing changed)
 
 
 HANDSHAKE_KINDS = {Kind.CHALLENGE, Kind.PROOF, Kind.PROOF_REPLY}

@@ -6,6 +6,7 @@ import json
 import os
 import socket
 import struct
+import time
 import types
 
 import pytest
@@ -73,3 +74,35 @@ def test_an_unreadable_record_says_so_and_goes(tmp_path, text):
     endpoints, why = primary_link._left_endpoints(cfg, 3)
     assert endpoints == [] and why.startswith(f"its connections' record {path} is unreadable (")
     assert not os.path.exists(path)
+
+
+def _pair_attached():
+    a, b = socket.socketpair()
+    return primary_link.Attached(index=0, info=None, connections=1, sockets=(a,)), b
+
+
+def test_a_watchdog_cuts_the_nbd_sockets_when_a_suspend_outlasts_it():
+    nbd, peer_end = _pair_attached()
+    with peer_end:
+        with primary_link.Watchdog(nbd, 0.05, "a test's suspend") as dog:
+            time.sleep(0.3)                 # the ioctl that waits on the NBD leg
+        assert dog.fired
+        assert peer_end.recv(1) == b""      # the kernel's requests would fail now: the socket is shut down
+
+
+def test_a_watchdog_disarmed_in_time_cuts_nothing():
+    nbd, peer_end = _pair_attached()
+    with peer_end:
+        with primary_link.Watchdog(nbd, 0.2, "a test's suspend") as dog:
+            dog.disarm()                    # the flush ended; the peer's answer has its own timeout
+            time.sleep(0.3)
+        assert not dog.fired
+        nbd.sockets[0].send(b"x")
+        assert peer_end.recv(1) == b"x"
+        nbd.sockets[0].close()
+
+
+def test_a_watchdog_without_an_nbd_device_does_nothing():
+    with primary_link.Watchdog(None, 0.01, "degraded") as dog:
+        time.sleep(0.05)
+    assert not dog.fired

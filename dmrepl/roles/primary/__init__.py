@@ -25,6 +25,7 @@ from dmrepl.config import PrimaryConfig
 from dmrepl.errors import DmreplError
 from dmrepl.kernel import blockdev, dm, era, loop, mirrorlog
 from dmrepl.kernel.errors import KernelError
+from dmrepl.kernel.status import EraStatus
 from dmrepl.ranges import merge
 from dmrepl.roles.backing import check_unused, kind
 from dmrepl.roles.primary import resync
@@ -116,7 +117,9 @@ class Primary:
             return None
 
     def size_bytes(self) -> int:
-        return blockdev.size_bytes(self.cfg.disk)
+        """The replicated device's length: the state's (a resize records it), else the disk's."""
+        st = self.states.load()
+        return st.size_bytes if st is not None and st.size_bytes else blockdev.size_bytes(self.cfg.disk)
 
     # -- up / down --------------------------------------------------------------
 
@@ -200,11 +203,13 @@ class Primary:
             st = self.states.load()
             if st is None:
                 era.format_metadata(devs.era_metadata)
-                st = ResourceState(name=self.cfg.name, resource_id=self.cfg.resource_id, role=Role.PRIMARY.value)
+                st = ResourceState(name=self.cfg.name, resource_id=self.cfg.resource_id, role=Role.PRIMARY.value,
+                                   size_bytes=self.size_bytes())
             created: list[str] = []
             try:
                 self.stack.build(PrimaryLayout(disk=devs.disk, nbd=nbd_path, era_metadata=devs.era_metadata,
-                                               era_block_sectors=self.cfg.era_block_sectors), created)
+                                               era_block_sectors=self.cfg.era_block_sectors,
+                                               size_bytes=self.size_bytes()), created)
                 st = st.evolve(history=st.history + [{"checkpoint": st.checkpoint, "era": self.stack.era().current_era,
                                                       "event": "up", "time": time.time()}])
                 self.states.save(st)
@@ -291,11 +296,34 @@ class Primary:
 
     # -- losing the secondary, and resync ---------------------------------------------
 
+    def era_status(self) -> EraStatus:
+        return self.stack.era()
+
+    def grow(self, devs: Devices, size_bytes: int) -> ResourceState:
+        """The leg dropped: the stack at `size_bytes` (the consumer sees it at the resume), the
+        resync's log sized for its regions, the size recorded.  P must be that long already."""
+        if os.path.isfile(self.cfg.disk):
+            loop.set_capacity(devs.disk)
+        disk = blockdev.size_bytes(devs.disk)
+        if disk < size_bytes:
+            raise DmreplError(f"disk {self.cfg.disk} is {disk} bytes, less than {size_bytes}")
+        regions = resync.regions(size_bytes, resync.region_sectors(size_bytes))
+        if os.path.getsize(self.resync_log_path) < mirrorlog.device_bytes(regions):
+            with private.open_file(self.resync_log_path, "ab") as f:
+                f.truncate(mirrorlog.device_bytes(regions))
+            loop.set_capacity(devs.resync_log)
+        with self.states.locked():
+            st = self.states.load()
+            new = st.evolve(size_bytes=size_bytes)
+            self.stack.grow(devs.disk, devs.era_metadata, self.cfg.era_block_sectors, size_bytes,
+                            commit=lambda: self.states.save(new), revert=lambda: self.states.save(st))
+        return new
+
     def drop_leg(self, devs: Devices) -> None:
-        self.stack.drop_leg(devs.disk)
+        self.stack.drop_leg(devs.disk, self.size_bytes())
 
     def add_leg(self, devs: Devices, nbd_path: str) -> None:
-        self.stack.add_leg(devs.disk, nbd_path)
+        self.stack.add_leg(devs.disk, nbd_path, self.size_bytes())
 
     def resync_base(self, their_checkpoints: list[int], their_diverged: list[list[int]] | None = None
                     ) -> ResyncBase:
@@ -333,11 +361,12 @@ class Primary:
         """Let the kernel copy the differing regions; returns (event counter to wait on, regions)."""
         regions = resync.regions(self.size_bytes(), region)
         event_nr = self.stack.start_recovery(devs.disk, nbd_path, devs.resync_log,
-                                             mirrorlog.Bitmap.with_zeros(regions, differing), region)
+                                             mirrorlog.Bitmap.with_zeros(regions, differing), region,
+                                             self.size_bytes())
         return event_nr, regions
 
     def finish_recovery(self, devs: Devices, nbd_path: str, regions: int) -> frozenset[int]:
-        return self.stack.finish_recovery(devs.disk, nbd_path, devs.resync_log, regions)
+        return self.stack.finish_recovery(devs.disk, nbd_path, devs.resync_log, regions, self.size_bytes())
 
     # -- status -------------------------------------------------------------------
 

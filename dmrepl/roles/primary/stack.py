@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from dmrepl.errors import DmreplError
 from dmrepl.kernel import blockdev, dm, mirrorlog, switch
 from dmrepl.kernel.status import EraStatus, MirrorStatus
 from dmrepl.kernel.tables import Era, Linear, Mirror
@@ -44,6 +45,7 @@ class PrimaryLayout:
     era_metadata: str         # a small device for dm-era's metadata
     era_block_sectors: int    # change-tracking granularity
     region_sectors: int = REGION_SECTORS
+    size_bytes: int | None = None   # the replicated device's length (None: the disk's)
 
 
 class PrimaryStack:
@@ -62,7 +64,7 @@ class PrimaryStack:
         return self.names.mapper_path_top()
 
     def build(self, lay: PrimaryLayout, created: list[str]) -> None:
-        sectors = blockdev.size_bytes(lay.disk) // SECTOR
+        sectors = (lay.size_bytes or blockdev.size_bytes(lay.disk)) // SECTOR
         mirror, top = self.dm("mirror"), self.dm("top")
         self.ctl.create(mirror, self.names.uuid("mirror"))
         created.append(mirror)
@@ -102,36 +104,35 @@ class PrimaryStack:
             info = self.ctl.resume(name)
         return info
 
-    def drop_leg(self, disk: str) -> None:
+    def drop_leg(self, disk: str, size_bytes: int) -> None:
         """Writes to P only from now on (the suspend waits for the NBD leg's in-flight writes:
         at most the NBD timeout, after which the kernel fails them)."""
-        self._swap(Linear(0, blockdev.size_bytes(disk) // SECTOR, disk, 0))
+        self._swap(Linear(0, size_bytes // SECTOR, disk, 0))
 
     @staticmethod
-    def _replicating(disk: str, nbd: str) -> Mirror:
-        return Mirror(0, blockdev.size_bytes(disk) // SECTOR, "core", (str(REGION_SECTORS), "nosync"),
-                      ((disk, 0), (nbd, 0)))
+    def _replicating(disk: str, nbd: str, size_bytes: int) -> Mirror:
+        return Mirror(0, size_bytes // SECTOR, "core", (str(REGION_SECTORS), "nosync"), ((disk, 0), (nbd, 0)))
 
-    def add_leg(self, disk: str, nbd: str) -> None:
+    def add_leg(self, disk: str, nbd: str, size_bytes: int) -> None:
         """Every write on both legs again; what differs from before is the resync's to copy."""
-        self._swap(self._replicating(disk, nbd))
+        self._swap(self._replicating(disk, nbd, size_bytes))
 
     def start_recovery(self, disk: str, nbd: str, log_dev: str, bitmap: mirrorlog.Bitmap,
-                       region_sectors: int) -> int:
+                       region_sectors: int, size_bytes: int) -> int:
         """Load a disk-log mirror whose log marks the regions to copy; returns the event counter
         to wait on (the kernel raises one event when the last region is in sync)."""
         name = self.dm("mirror")
         self.ctl.suspend(name)
         try:
             mirrorlog.write(log_dev, bitmap)
-            self.ctl.load(name, [Mirror(0, blockdev.size_bytes(disk) // SECTOR, "disk",
+            self.ctl.load(name, [Mirror(0, size_bytes // SECTOR, "disk",
                                         (log_dev, str(region_sectors)), ((disk, 0), (nbd, 0)))])
             event_nr = self.ctl.info(name).event_nr
         finally:
             self.ctl.resume(name)
         return event_nr
 
-    def finish_recovery(self, disk: str, nbd: str, log_dev: str, regions: int) -> frozenset[int]:
+    def finish_recovery(self, disk: str, nbd: str, log_dev: str, regions: int, size_bytes: int) -> frozenset[int]:
         """Back to core nosync once the log says every region was copied.  Returns the regions the
         log still marks (empty: done).  The log is read after the suspend and again after the resume
         that destroyed the disk-log table (its last flush may come that late:
@@ -141,10 +142,23 @@ class PrimaryStack:
         try:
             zeros = mirrorlog.read(log_dev, regions).out_of_sync
             if not zeros:
-                self.ctl.load(name, [self._replicating(disk, nbd)])
+                self.ctl.load(name, [self._replicating(disk, nbd, size_bytes)])
         finally:
             self.ctl.resume(name)
         return zeros or mirrorlog.read(log_dev, regions).out_of_sync
+
+    def grow(self, disk: str, era_metadata: str, era_block_sectors: int, size_bytes: int, commit, revert) -> None:
+        """The leg dropped (mirror linear over P): mirror and era at `size_bytes`, `commit` between
+        load and resume.  Era is suspended before its new table is loaded (each era table opens the
+        metadata on its own) and checks no length below it: the mirror grows in the same switch
+        (docs/kernel-notes.md, "Growing the stacks in place")."""
+        top, mirror = self.dm("top"), self.dm("mirror")
+        sectors = size_bytes // SECTOR
+        switch.run(self.ctl, switch.SwitchPlan(
+            suspend=[top, mirror],
+            load={mirror: [Linear(0, sectors, disk, 0)],
+                  top: [Era(0, sectors, era_metadata, self.ctl.info(mirror).devno, era_block_sectors)]},
+            resume=[mirror, top], commit=commit, revert=revert))
 
     def frozen(self, fn) -> float:
         """Run `fn` with the top device suspended with flush (every acknowledged write on P and S,
@@ -159,6 +173,13 @@ class PrimaryStack:
         top = self.dm("top")
 
         def both():
+            # The suspend flushed every write; one the NBD leg failed meanwhile was completed from
+            # P alone (no handle_errors) and marked the leg: S lacks it, so S must not take a view.
+            m = self.mirror()
+            if m is not None and len(m.health) > 1 and m.health[1] != "A":
+                raise DmreplError(f"the NBD leg failed while the checkpoint flushed the writes (mirror health "
+                                  f"{m.health}): the secondary lacks some of them",
+                                  "no checkpoint was taken; the leg is dropped and a resync follows")
             peer_checkpoint()
             commit()
 

@@ -24,10 +24,11 @@ from typing import Callable, Iterator
 
 from dmrepl.config import SecondaryConfig
 from dmrepl.errors import DmreplError
-from dmrepl.kernel import dm
+from dmrepl.kernel import blockdev, dm
 from dmrepl.names import SECONDARY_PARTS
 from dmrepl.roles.secondary import checkpoint as _checkpoint
 from dmrepl.roles.secondary import failover as _failover
+from dmrepl.roles.secondary import grow as _grow
 from dmrepl.roles.secondary import inputs, watch
 from dmrepl.roles.secondary.failover import MergeProgress
 from dmrepl.roles.secondary.stack import Deferred, Stack
@@ -157,7 +158,8 @@ class Secondary:
                 # A first start: both stores begin empty, whatever they held.
                 for store in b.stores:
                     self.stack.zero_header(store)
-                st = ResourceState(name=self.cfg.name, resource_id=self.cfg.resource_id)
+                st = ResourceState(name=self.cfg.name, resource_id=self.cfg.resource_id,
+                                   size_bytes=blockdev.size_bytes(b.disk))
                 self.states.save(st)
             era_meta = None
             if st.role != Role.SECONDARY and (st.diverged or {}).get("era") is not None \
@@ -202,6 +204,16 @@ class Secondary:
     def failover(self, fence: Callable[[], None] | None = None) -> ResourceState:
         """Take over: fence the primary, merge the hidden store into S under the active device."""
         return _failover.failover(self.stack, self.states, self._require_up(), fence)
+
+    @_locked
+    def grow(self, size_bytes: int) -> ResourceState:
+        """The stack at the primary's new length (grow.py); the state as it is after."""
+        return _grow.grow(self.stack, self.states, self._require_up(), size_bytes)
+
+    @_locked
+    def shrink_back(self) -> ResourceState:
+        """Undo a grow the primary did not follow (grow.py)."""
+        return _grow.shrink_back(self.stack, self.states, self._require_up())
 
     def merge_progress(self) -> MergeProgress | None:
         return _failover.merge_progress(self.stack, self._require_state())

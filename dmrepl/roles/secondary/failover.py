@@ -54,7 +54,9 @@ def failover(stack: Stack, states: StateStore, st: ResourceState,
         return st  # already switched: the merge goes on
     # Given up, not yet replaced: a mix.  Nothing given up (a handover: the last checkpoint held
     # every write) leaves the view at that checkpoint.
-    if st.diverged is not None and st.diverged.get("ranges") and st.role == Role.SECONDARY:
+    # A grown range not yet compared is no mix: no checkpoint held it (the old range is the checkpoint's).
+    grown = (st.diverged or {}).get("grown_from") is not None
+    if st.diverged is not None and st.diverged.get("ranges") and st.role == Role.SECONDARY and not grown:
         raise DmreplError("this host gave its writes up (`resolve --discard-my-data`) and its resync from the "
                           "primary has not reached a checkpoint yet: its view is not a checkpoint, a failover "
                           "now would take over a mix of both hosts' data",
@@ -88,6 +90,8 @@ def failover(stack: Stack, states: StateStore, st: ResourceState,
         # Suspended: the store's table is complete on disk and the merge has not begun.
         table = cowstore.read(b.stores[st.current_store])
         ranges = [list(r) for r in table.extents_bytes()] if table is not None else []
+        if grown:       # the grown range holds this disk's own bytes: a failback compares it too
+            ranges += [list(r) for r in st.diverged["ranges"]]
         diverged = {"checkpoint": st.checkpoint, "ranges": ranges, **({"era": entry["era"]} if "era" in entry else {})}
         new_state.append(st.evolve(role=Role.MERGING.value, history=[*st.history, entry], diverged=diverged))
         states.save(new_state[-1])

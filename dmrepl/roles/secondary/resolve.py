@@ -60,7 +60,7 @@ def discard_my_data(cfg: SecondaryConfig, ctl: dm.Control) -> ResourceState:
         if st.role != Role.PRIMARY:
             raise DmreplError(f"resource {cfg.name} is {st.role} on this host: nothing to give up",
                               "resolve runs on a host that was (or took over as) primary")
-        size = blockdev.size_bytes(cfg.disk)
+        size = st.size_bytes or blockdev.size_bytes(cfg.disk)
         ranges = [(int(o), int(n)) for o, n in (st.diverged or {}).get("ranges") or []]
         since = _base_era(st)
         if since is None:

@@ -26,6 +26,7 @@ from dmrepl.kernel.tables import Era, Error, Linear, Snapshot, SnapshotMerge, Sn
 from dmrepl.names import SECONDARY_PARTS, StackNames
 from dmrepl.roles.secondary import inputs
 from dmrepl.roles.transitions import Role
+from dmrepl.state import StateStore
 
 SECTOR = 512
 HEADER_BYTES = 4096  # a persistent store's header lives in its first chunk (dm-snap-persistent.c)
@@ -110,19 +111,23 @@ class Stack:
         return Backing(found[0], (found[1], found[2]))
 
     def sectors(self, disk_dev: str) -> int:
+        """The replicated device's length: the state's (a resize records it), else the disk's."""
+        st = StateStore(self.cfg.resource_state_dir).load()
+        if st is not None and st.size_bytes:
+            return st.size_bytes // SECTOR
         return blockdev.size_bytes(disk_dev) // SECTOR
 
     # -- tables and stores ------------------------------------------------------
 
-    def hidden_table(self, b: Backing, store: int) -> list:
-        return [Snapshot(0, self.sectors(b.disk), b.disk, b.stores[store], "P", self.cfg.chunk_sectors)]
+    def hidden_table(self, b: Backing, store: int, sectors: int | None = None) -> list:
+        return [Snapshot(0, sectors or self.sectors(b.disk), b.disk, b.stores[store], "P", self.cfg.chunk_sectors)]
 
     def merge_table(self, b: Backing, store: int) -> list:
         return [SnapshotMerge(0, self.sectors(b.disk), b.disk, b.stores[store], "P", self.cfg.chunk_sectors)]
 
-    def over(self, lower_part: str, b: Backing) -> list:
+    def over(self, lower_part: str, b: Backing, sectors: int | None = None) -> list:
         """The active device's table: linear over origin, hidden or era, by number."""
-        return [Linear(0, self.sectors(b.disk), self.ctl.info(self.dm(lower_part)).devno, 0)]
+        return [Linear(0, sectors or self.sectors(b.disk), self.ctl.info(self.dm(lower_part)).devno, 0)]
 
     def era_metadata_device(self, attached: list[str]) -> str:
         """The era metadata's block device (a new loop device over a file, added to `attached`)."""
