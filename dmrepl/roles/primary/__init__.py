@@ -133,6 +133,10 @@ class Primary:
             kind(path, what)
             check_unused(what, path)
         size = self.size_bytes()
+        disk = blockdev.size_bytes(self.cfg.disk)
+        if disk < size:
+            raise DmreplError(f"disk {self.cfg.disk} is {disk} bytes, less than the {size} bytes {self.cfg.name} has "
+                              f"(recorded in {self.states.path})", "give the disk its size back; dmrepl never shrinks")
         era_block_bytes = self.cfg.era_block_sectors * 512
         if size < MiB or size % era_block_bytes:
             raise DmreplError(f"disk {self.cfg.disk} is {size} bytes: it must be at least 1 MiB and a multiple "
