@@ -46,6 +46,9 @@ class ResourceState:
     # changed by `dmrepl resize` only (a disk grown under a running stack must not change the tables
     # by itself). None in states written before online grow: the disk's size.
     size_bytes: int | None = None
+    # A switchover this host (the primary) asked its secondary to go through with, until it knows the
+    # outcome ({"checkpoint", "to", "time"}): while set, this host does not start as primary blindly.
+    handover: dict | None = None
 
     def evolve(self, **changes) -> "ResourceState":
         return replace(self, **changes)

@@ -512,7 +512,7 @@ def _p_resize(cfg: PrimaryConfig, args) -> int:
     if args.timeout is not None and args.timeout <= 0:
         raise DmreplError(f"--timeout must be more than 0 seconds, got {args.timeout:g}")
     t0 = time.monotonic()
-    r = control.request(_sock(cfg), "resize")
+    r = control.request(_sock(cfg), "resize", timeout=600)
     r.pop("ok", None)
     if not args.json:
         print(f"{cfg.name}: {r['old_bytes'] >> 20} MiB -> {r['new_bytes'] >> 20} MiB on both hosts "

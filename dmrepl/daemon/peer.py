@@ -360,7 +360,10 @@ def _serve_loop(session: Session, silence: float | None, take_checkpoint: Callab
                 session.send(answer, {"n": n, "ok": False, "error": str(e), "hint": getattr(e, "hint", None),
                                       "unchanged": kind == Kind.SWITCHOVER or isinstance(e, NotTakenOver)})
                 continue
-            session.send(answer, {"n": n, "ok": True, **done})
+            try:
+                session.send(answer, {"n": n, "ok": True, **done})
+            except OSError as e:        # taken over all the same: the primary finds it at its next hello
+                log.error("switchover at checkpoint %s: taken over, but the answer could not be sent: %s", n, e)
             return SWITCHED_OVER
         else:
             log.warning("peer %s: unexpected %s: ignored", session.peer, kind.name)

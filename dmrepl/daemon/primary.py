@@ -20,6 +20,7 @@ two threads ever read the same socket or ioctl handle.  Logs go to stderr
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import select
@@ -299,7 +300,7 @@ class PrimaryDaemon:
         fut: Future = Future()
         self.requests.put((request, fut))
         self.wake_w.send(b"x")
-        return fut.result(timeout=REQUEST_TIMEOUT if op in ("checkpoint", "resize") else None)
+        return fut.result(timeout=REQUEST_TIMEOUT if op == "checkpoint" else None)
 
     def serve_requests(self) -> None:
         while True:
@@ -483,10 +484,12 @@ def _serve(cfg: PrimaryConfig, pri: Primary, nl, events, assume_clean: bool, not
 
     def on_term(signum, frame):
         d.stopping = True
-        d.wake_w.send(b"x")
+        with contextlib.suppress(OSError):      # closed: the daemon has ended
+            d.wake_w.send(b"x")
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
+    d.stopping = handover.stop_requested()      # asked between a switchover's two roles
     server = control.ControlServer(control.socket_path(cfg.resource_state_dir), d.submit, log)
     d.eventlog.emit("started", pid=os.getpid())      # the state directory exists now
     responder = None
@@ -507,17 +510,17 @@ def _serve(cfg: PrimaryConfig, pri: Primary, nl, events, assume_clean: bool, not
         if d.machine.state != State.STOPPING:
             d.machine.fire(Event.STOP, "stop requested")     # STATUS= says so
         if d.handover:
-            notifier.handing_over(f"switchover: {cfg.name} becomes the secondary")
+            notifier.handing_over(f"switchover: `dmrepl up {cfg.name}` again, in the role the state says")
         else:
             notifier.stopping()
         log("stopping")
         d.teardown()
         d.eventlog.emit("stopped", pid=os.getpid())
-        if d.handover:
-            server.drain(timeout=10)        # the switchover's caller hears how it went
-            return handover.HANDOVER
-        return d.exit_status
+        server.drain(timeout=10)            # a switchover's caller hears how it went, failed or not
+        return handover.HANDOVER if d.handover else d.exit_status
     finally:
+        d.wake_r.close()
+        d.wake_w.close()
         d.fencing.close()
         if responder is not None:
             responder.close()

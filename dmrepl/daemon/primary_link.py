@@ -109,38 +109,62 @@ def disconnect_left(cfg: PrimaryConfig, nl: netlink.NBDNetlink, index: int) -> s
 
 
 class Watchdog:
-    """While armed, a timer that cuts the NBD sockets after `after_s`: around a suspend that waits
-    for the NBD leg's writes (a checkpoint's flush, a resync's switch of the mirror).  The loop
-    cannot notice a lost secondary meanwhile -- it is inside the ioctl -- and the kernel gives a
-    hung request up only after the NBD timeout, then may requeue it on the other connection for
-    another one (a write held 11 s in the fault campaign).  Cut, the requests fail at once, the
-    mirror completes them from P and marks the leg failed, the suspend returns, and the loop sees
-    the failed leg: degraded, a resync later.  A false alarm (a slow but live secondary) costs a
-    reconnection and a delta resync, never data."""
+    """While armed, a thread that cuts the NBD sockets when the NBD device makes no progress for
+    `after_s` with requests in flight: around a suspend that waits for the NBD leg's writes (a
+    checkpoint's flush, a resync's switch of the mirror).  The loop cannot notice a lost
+    secondary meanwhile -- it is inside the ioctl -- and the kernel gives a hung request up only
+    after the NBD timeout, then may requeue it on the other connection for another one (a write
+    held 11 s in the fault campaign).  Cut, the requests fail at once, the mirror completes them
+    from P and marks the leg failed, the suspend returns, and the loop sees the failed leg:
+    degraded, a resync later.  Progress, not time: a long flush of a live secondary (a frozen
+    file system's writeback) completes requests all along and is never cut."""
+
+    POLL_S = 0.1
 
     def __init__(self, nbd: Attached | None, after_s: float, what: str):
         self.nbd, self.after_s, self.what = nbd, after_s, what
-        self.timer: threading.Timer | None = None
+        self.thread: threading.Thread | None = None
+        self.done = threading.Event()
         self.fired = False
 
-    def _fire(self) -> None:
-        self.fired = True
-        log(f"{self.what} waited {self.after_s:g} s for the NBD leg: the secondary is taken for lost, "
-            "its NBD connections are cut")
-        cut(self.nbd)
+    def _counters(self) -> tuple[int, int]:
+        """(requests completed, requests in flight) of the NBD device (/sys/block/nbdN/stat)."""
+        with open(f"/sys/block/nbd{self.nbd.index}/stat") as f:
+            v = [int(x) for x in f.read().split()]
+        done = v[0] + v[4] + (v[11] if len(v) > 11 else 0) + (v[15] if len(v) > 15 else 0)
+        return done, v[8]
+
+    def _watch(self) -> None:
+        try:
+            last, _ = self._counters()
+        except (OSError, ValueError, IndexError):
+            return
+        since = time.monotonic()
+        while not self.done.wait(self.POLL_S):
+            try:
+                done, inflight = self._counters()
+            except (OSError, ValueError, IndexError):
+                return
+            if done != last or not inflight:
+                last, since = done, time.monotonic()
+            elif time.monotonic() - since >= self.after_s:
+                self.fired = True
+                log(f"{self.what}: the NBD device completed nothing for {self.after_s:g} s with {inflight} "
+                    "request(s) in flight: the secondary is taken for lost, its NBD connections are cut")
+                cut(self.nbd)
+                return
 
     def __enter__(self) -> "Watchdog":
         if self.nbd is not None:
-            self.timer = threading.Timer(self.after_s, self._fire)
-            self.timer.daemon = True
-            self.timer.start()
+            self.thread = threading.Thread(target=self._watch, name="nbd-watchdog", daemon=True)
+            self.thread.start()
         return self
 
     def disarm(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer.join()
-            self.timer = None
+        self.done.set()
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
 
     def __exit__(self, *exc) -> None:
         self.disarm()

@@ -39,6 +39,12 @@ def start(d: "PrimaryDaemon", assume_clean: bool) -> None:
     try:
         theirs = d.link.connect()
     except (DmreplError, AttachError, FrameError, OSError) as e:
+        if st is not None and st.handover:
+            raise DmreplError(f"a switchover to {st.handover['to']} at checkpoint {st.handover['checkpoint']} was "
+                              f"not confirmed, and that host cannot tell now whether it took over ({e})",
+                              f"start its daemon; if it took over, here `dmrepl resolve {d.cfg.name} "
+                              f"--discard-my-data` (nothing was written after that checkpoint) and `dmrepl up "
+                              f"{d.cfg.name}`") from None
         if st is None or isinstance(e, peer.PeerRefused) and d.link.split_brain is None:
             raise
         # A restart without the secondary: the consumer gets its disk now; the secondary a delta later.
@@ -50,6 +56,11 @@ def start(d: "PrimaryDaemon", assume_clean: bool) -> None:
             f"trying again every {d.cfg.reconnect_interval_s:g} s")
         d.notifier.ready(d.status_line())
         return
+    if st is not None and st.handover:
+        # The other host answered as the secondary: it did not take over.  This host is the primary.
+        log(f"the switchover to {st.handover['to']} at checkpoint {st.handover['checkpoint']} did not happen: "
+            "that host is still the secondary; going on as the primary")
+        d.pri.mark_handover(None)
     d.devs = d.pri.attach()
     if st is None and not assume_clean:
         d.machine.fire(Event.CONNECTED, "first start: S gets a full copy of P")

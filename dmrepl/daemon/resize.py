@@ -60,7 +60,7 @@ def resize(d: "PrimaryDaemon") -> dict:
     d.stop_verify("verify stopped: resize")
     t0 = time.monotonic()
     try:
-        theirs = peer.remote_grow(d.link.session, new, d.link.silence_s)
+        theirs = peer.remote_grow(d.link.session, new)      # no gap limit: it answers nothing while it grows
     except peer.PeerRefused as e:
         raise DmreplError(f"resize refused by the secondary: {e}", (e.hint or "") + "; nothing changed") from None
     except (FrameError, OSError) as e:
@@ -73,7 +73,7 @@ def resize(d: "PrimaryDaemon") -> dict:
     d.link.next_attempt = time.monotonic()      # the loop reconnects at its next turn
     try:
         d.pri.grow(d.devs, new)
-    except DmreplError as e:
+    except (DmreplError, OSError) as e:         # KernelError, SwitchError: OSErrors
         raise DmreplError(f"resize failed on this host: {e}", f"{name} stays {old} bytes on both hosts: the secondary "
                           "goes back to that size at the reconnect, now") from None
     report = {"old_bytes": old, "new_bytes": new, "seconds": round(time.monotonic() - t0, 3),

@@ -85,6 +85,11 @@ class _TakeOver(peer.Switchover):
         if st.diverged is not None or st.checkpoint_lost:
             raise DmreplError("this host's standby view is not a checkpoint (a resync has not ended, or the kernel "
                               "invalidated the hidden store)", "let the primary resync it first")
+        written = self.sec.store_data_bytes()
+        if written:
+            raise DmreplError(f"{written} bytes were written here after checkpoint {n} (the hidden store holds "
+                              "them): taking over now would drop them", "write nothing after the switchover's "
+                              "checkpoint: stop the consumers on both hosts, then switch over again")
         openers = self.sec.active_openers()
         if openers:
             raise DmreplError(f"this host's standby consumer holds {self.sec.active_path} ({openers} opener(s))",
@@ -97,11 +102,17 @@ class _TakeOver(peer.Switchover):
             st = self.sec.failover(fence=lambda: self.fence(f"switchover at checkpoint {n}"))
         except DmreplError as e:
             raise peer.NotTakenOver(str(e), e.hint) from None
+        # Failed over: from here this host is the primary whatever follows (the session ends with
+        # SWITCHED_OVER); a merge that does not end now is finished by `up`, as after any failover.
         rolled_back = sum(length for _o, length in st.diverged["ranges"])
-        st = self.sec.wait_merge(timeout=60)
-        log.info("switchover: took over at checkpoint %d (%d bytes rolled back); the primary's role comes next",
-                 n, rolled_back)
-        return {"rolled_back_bytes": rolled_back, "role": st.role}
+        note = None
+        try:
+            st = self.sec.wait_merge(timeout=60)
+        except (DmreplError, OSError) as e:
+            note = f"the merge goes on: {e}"
+        log.info("switchover: took over at checkpoint %d (%d bytes rolled back)%s; the primary's role comes next",
+                 n, rolled_back, f"; {note}" if note else "")
+        return {"rolled_back_bytes": rolled_back, "role": st.role, "note": note}
 
 
 class LinkServer:
@@ -172,7 +183,9 @@ class LinkServer:
                         theirs.size_bytes)
             self.on_event("resize", size_bytes=theirs.size_bytes, reverted=True)
         stores = sec.stack.backing().stores
-        return Hello(resource_id=self.cfg.resource_id, role="secondary",
+        # After a takeover (a switchover or failover whose daemon goes on) this host is no secondary.
+        role = "secondary" if st is None or st.role == "secondary" else "primary"
+        return Hello(resource_id=self.cfg.resource_id, role=role,
                      size_bytes=blockdev.size_bytes(sec.origin_device()), chunk_sectors=self.cfg.chunk_sectors,
                      era_block_sectors=theirs.era_block_sectors, checkpoints=[st.checkpoint] if st else [],
                      store_bytes=min(blockdev.size_bytes(d) for d in stores),

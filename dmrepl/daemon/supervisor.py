@@ -125,6 +125,7 @@ def run_secondary(cfg: SecondaryConfig) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
+    stopping = handover.stop_requested()        # asked between a switchover's two roles
     notifier = Notifier.from_environment()
     eventlog = EventLog(cfg.resource_state_dir, cfg.name, "secondary")
     pauses = metrics.PauseHistogram()

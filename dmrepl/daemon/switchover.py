@@ -83,11 +83,16 @@ def switchover(d: "PrimaryDaemon") -> dict:
     d.link.disconnect()
     stopped = time.monotonic()
     d.stopping = True
+    # Until the answer: if this process dies (power, kill), its next start must not be a primary
+    # beside the one the other host may have become (primary_start.start refuses then).
+    d.pri.mark_handover({"checkpoint": n, "to": to, "time": time.time()})
     try:
-        done = peer.switchover_go(session, n, silence)
+        # No gap limit: the secondary answers no heartbeat while it fails over (SWITCHOVER_TIMEOUT bounds it).
+        done = peer.switchover_go(session, n)
     except peer.PeerRefused as e:
         if not e.unchanged:
             return _in_doubt(d, n, e)
+        d.pri.mark_handover(None)
         d.handover = True           # `dmrepl up` again in this process: the state still says primary
         log(f"switchover: the secondary refused to take over at checkpoint {n} ({e}); nothing changed there: "
             "this host starts again as the primary")

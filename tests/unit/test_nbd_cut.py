@@ -81,28 +81,52 @@ def _pair_attached():
     return primary_link.Attached(index=0, info=None, connections=1, sockets=(a,)), b
 
 
-def test_a_watchdog_cuts_the_nbd_sockets_when_a_suspend_outlasts_it():
+class Dog(primary_link.Watchdog):
+    """The NBD device's counters scripted: `step` added to the completed requests at each read."""
+
+    POLL_S = 0.01
+
+    def __init__(self, nbd, after_s, step=0, inflight=1):
+        super().__init__(nbd, after_s, "a test's suspend")
+        self.completed, self.step, self.inflight = 0, step, inflight
+
+    def _counters(self):
+        self.completed += self.step
+        return self.completed, self.inflight
+
+
+def test_a_watchdog_cuts_the_nbd_sockets_when_requests_in_flight_make_no_progress():
     nbd, peer_end = _pair_attached()
     with peer_end:
-        with primary_link.Watchdog(nbd, 0.05, "a test's suspend") as dog:
+        with Dog(nbd, 0.05) as dog:
             time.sleep(0.3)                 # the ioctl that waits on the NBD leg
         assert dog.fired
         assert peer_end.recv(1) == b""      # the kernel's requests would fail now: the socket is shut down
 
 
-def test_a_watchdog_disarmed_in_time_cuts_nothing():
+@pytest.mark.parametrize("step, inflight", [(1, 1), (0, 0)], ids=["progress", "idle"])
+def test_a_watchdog_cuts_nothing_while_the_device_progresses_or_waits_for_nothing(step, inflight):
     nbd, peer_end = _pair_attached()
     with peer_end:
-        with primary_link.Watchdog(nbd, 0.2, "a test's suspend") as dog:
-            dog.disarm()                    # the flush ended; the peer's answer has its own timeout
-            time.sleep(0.3)
+        with Dog(nbd, 0.05, step=step, inflight=inflight) as dog:
+            time.sleep(0.3)                 # a long flush of a live secondary
         assert not dog.fired
         nbd.sockets[0].send(b"x")
         assert peer_end.recv(1) == b"x"
         nbd.sockets[0].close()
 
 
+def test_a_watchdog_disarmed_in_time_cuts_nothing():
+    nbd, peer_end = _pair_attached()
+    with peer_end:
+        with Dog(nbd, 0.2) as dog:
+            dog.disarm()                    # the flush ended; the peer's answer has its own timeout
+            time.sleep(0.3)
+        assert not dog.fired
+        nbd.sockets[0].close()
+
+
 def test_a_watchdog_without_an_nbd_device_does_nothing():
-    with primary_link.Watchdog(None, 0.01, "degraded") as dog:
+    with Dog(None, 0.01) as dog:
         time.sleep(0.05)
     assert not dog.fired

@@ -198,6 +198,9 @@ class Primary:
                                   f"stop the consumer, `dmrepl down {self.cfg.name}`, then `up` again")
             found.append(devs[0])
             loops.append(devs[0])
+        if not st.size_bytes:       # an older state: the live stack's length is the size
+            with self.states.locked():
+                self.states.save(self.states.load().evolve(size_bytes=blockdev.size_bytes(self.top_path)))
         return Devices(found[0], found[1], tuple(loops), found[2]), self.stack.nbd_index()
 
     def up(self, devs: Devices, nbd_path: str | None) -> ResourceState:
@@ -214,7 +217,9 @@ class Primary:
                 self.stack.build(PrimaryLayout(disk=devs.disk, nbd=nbd_path, era_metadata=devs.era_metadata,
                                                era_block_sectors=self.cfg.era_block_sectors,
                                                size_bytes=self.size_bytes()), created)
-                st = st.evolve(history=st.history + [{"checkpoint": st.checkpoint, "era": self.stack.era().current_era,
+                # The size the tables were built at, recorded now if an older state had none.
+                st = st.evolve(size_bytes=st.size_bytes or self.size_bytes(),
+                               history=st.history + [{"checkpoint": st.checkpoint, "era": self.stack.era().current_era,
                                                       "event": "up", "time": time.time()}])
                 self.states.save(st)
                 private.open_file(os.path.join(self.cfg.resource_state_dir, UP_MARK_FILE), "w").close()
@@ -299,6 +304,11 @@ class Primary:
         return self.stack.frozen(fn)
 
     # -- losing the secondary, and resync ---------------------------------------------
+
+    def mark_handover(self, handover: dict | None) -> None:
+        """Record (or clear, None) a switchover whose outcome this host does not know yet."""
+        with self.states.locked():
+            self.states.save(self.states.load().evolve(handover=handover))
 
     def era_status(self) -> EraStatus:
         return self.stack.era()

@@ -165,6 +165,9 @@ class Secondary:
             if st.role != Role.SECONDARY and (st.diverged or {}).get("era") is not None \
                     and self.cfg.era_metadata is not None:
                 era_meta = self.stack.era_metadata_device(attached)   # the failover's era goes on
+            if not st.size_bytes:       # an older state: record the size the tables are built at
+                st = st.evolve(size_bytes=self.stack.sectors(b.disk) * 512)
+                self.states.save(st)
             self.stack.build(b, Role(st.role), st.current_store, created, era_meta)
         except BaseException:
             self.stack.remove(created, attached)
@@ -238,6 +241,10 @@ class Secondary:
             if deadline is not None and time.monotonic() > deadline:
                 raise DmreplError("the merge did not finish in time", "it goes on in the kernel; wait again")
             self.ctl.wait_event(origin, self.ctl.info(origin).event_nr, timeout=0.2)
+
+    def store_data_bytes(self) -> int:
+        """Bytes the current hidden store holds beyond its header: written since the last checkpoint."""
+        return watch.store_data_bytes(self.stack)
 
     def store_health(self) -> StoreHealth | None:
         return watch.store_health(self.stack)

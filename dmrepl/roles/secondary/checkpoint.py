@@ -14,6 +14,7 @@ import time
 
 from dmrepl.errors import DmreplError
 from dmrepl.kernel import switch
+from dmrepl.kernel.tables import SnapshotOrigin
 from dmrepl.roles.secondary.stack import Stack
 from dmrepl.roles.transitions import Op, Role, check
 from dmrepl.state import ResourceState, StateStore
@@ -52,11 +53,11 @@ def checkpoint(stack: Stack, states: StateStore, st: ResourceState,
 
 
 def finish_interrupted(stack: Stack, st: ResourceState) -> list[str]:
-    """A process that died inside a checkpoint's switch -- between its first suspend and its last
-    resume -- leaves active, hidden or origin suspended (reading the view would hang), maybe with
-    hidden's next table loaded.  The state file is the switch's commit, so it decides: the store
-    it names goes live (the loaded table if that is the one, else loaded now), any other loaded
-    table is cleared, and the three are resumed in the switch's order.  Returns what was done."""
+    """A process that died inside a checkpoint's (or a resize's) switch -- between its first suspend
+    and its last resume -- leaves active, hidden or origin suspended (reading the view would hang),
+    maybe with next tables loaded.  The state file is the switch's commit, so it decides: the store
+    and the size it names go live (a loaded table if it is that one, else loaded now), any other
+    loaded table is cleared, and the three are resumed in the switch's order.  Returns what was done."""
     active, hidden, origin = stack.dm("active"), stack.dm("hidden"), stack.dm("origin")
     infos = {n: stack.ctl.info(n) for n in (active, hidden, origin)}
     if not any(i.suspended or i.inactive_table for i in infos.values()):
@@ -66,16 +67,36 @@ def finish_interrupted(stack: Stack, st: ResourceState) -> list[str]:
                           "suspended)", f"`dmrepl secondary down {stack.cfg.name} --force`, then `up` again")
     b = stack.backing()
     want = _devno(b.stores[st.current_store])
+    # The state's size (a resize's switch commits it as a checkpoint's its store); an older state
+    # without one: the origin's live length, which only a resize changes.
+    sectors = st.size_bytes // 512 if st.size_bytes else stack.ctl.table(origin)[0].length
     done = []
-    if _cow(stack.ctl.table(hidden)) != want:
-        if not (infos[hidden].inactive_table and _cow(stack.ctl.table(hidden, inactive=True)) == want):
+
+    def right(specs) -> bool:
+        return bool(specs) and specs[0].length == sectors
+
+    if _cow(stack.ctl.table(hidden)) != want or not right(stack.ctl.table(hidden)):
+        pending = stack.ctl.table(hidden, inactive=True) if infos[hidden].inactive_table else None
+        if not (pending and _cow(pending) == want and right(pending)):
             if infos[hidden].inactive_table:
                 stack.ctl.clear(hidden)
             stack.ctl.load(hidden, stack.hidden_table(b, st.current_store))
-        done.append(f"{hidden}: store {st.current_store} of checkpoint {st.checkpoint} goes live (committed)")
+        done.append(f"{hidden}: store {st.current_store} of checkpoint {st.checkpoint}, {sectors} sectors, goes live "
+                    "(committed)")
     elif infos[hidden].inactive_table:
         stack.ctl.clear(hidden)
-        done.append(f"{hidden}: the next store's table cleared (checkpoint {st.checkpoint} + 1 was not committed)")
+        done.append(f"{hidden}: the next table cleared (the switch was not committed)")
+    for name, table in ((origin, [SnapshotOrigin(0, sectors, b.disk)]), (active, stack.over("hidden", b))):
+        # A resize's switch loads these too: the length the state says goes live.
+        if right(stack.ctl.table(name)):
+            if stack.ctl.info(name).inactive_table:
+                stack.ctl.clear(name)
+                done.append(f"{name}: the next table cleared (the switch was not committed)")
+        elif not (infos[name].inactive_table and right(stack.ctl.table(name, inactive=True))):
+            if stack.ctl.info(name).inactive_table:
+                stack.ctl.clear(name)
+            stack.ctl.load(name, table)
+            done.append(f"{name}: {sectors} sectors (committed)")
     for name in (hidden, origin, active):       # the switch's resume order
         info = stack.ctl.info(name)
         if info.suspended or info.inactive_table:

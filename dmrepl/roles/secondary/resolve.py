@@ -74,7 +74,7 @@ def discard_my_data(cfg: SecondaryConfig, ctl: dm.Control) -> ResourceState:
             with _device(store) as dev:
                 stack.zero_header(dev)      # the secondary starts with empty stores
         diverged = {"checkpoint": st.checkpoint, "ranges": _merge(ranges)}
-        new = st.evolve(role=Role.SECONDARY.value, current_store=0, checkpoint_lost=False,
+        new = st.evolve(role=Role.SECONDARY.value, current_store=0, checkpoint_lost=False, handover=None,
                         early_checkpoint_requested=False, diverged=diverged,
                         history=[*st.history, {"event": "resolve --discard-my-data", "checkpoint": st.checkpoint,
                                                "diverged_bytes": sum(n for _o, n in diverged["ranges"])}])

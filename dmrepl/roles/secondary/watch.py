@@ -28,6 +28,18 @@ class StoreHealth:
         return self.state != "valid"
 
 
+def store_data_bytes(stack: Stack) -> int:
+    """The chunks the current store holds (the exceptions: allocated less the header's sectors)."""
+    name = stack.dm("hidden")
+    if not stack.ctl.exists(name) or not stack.ctl.info(name).live_table:
+        return 0
+    spec = stack.ctl.status(name)[0]
+    if spec.target_type != "snapshot":
+        return 0
+    status = SnapshotStatus.parse(spec.text)
+    return max(0, status.allocated_sectors - status.metadata_sectors) * SECTOR
+
+
 def store_health(stack: Stack) -> StoreHealth | None:
     name = stack.dm("hidden")
     if not stack.ctl.exists(name) or not stack.ctl.info(name).live_table:
