@@ -136,6 +136,73 @@ def test_a_checkpoint_switch_cut_between_suspend_and_resume_is_finished_by_the_s
     assert_bytes(sec.active_path, [(0, MiB, b"\x22"), (MiB, DISK - MiB, b"\x11")])
 
 
+def _grow_disk(sec, size: int, fill: bytes) -> None:
+    with open(sec.cfg.disk, "r+b") as f:
+        f.seek(DISK)
+        f.write(fill * (size - DISK))
+
+
+def test_a_grow_keeps_the_checkpoint_view_and_covers_the_new_range_then_shrinks_back(sec):
+    """resize's secondary half (roles/secondary/grow.py): the view keeps checkpoint 0's bytes in
+    the old range, a primary write into the new range is copied into the store first (the
+    standby view keeps the grown disk's bytes there), the state records the size and the new range;
+    shrink_back puts the old size back.  A disk not grown to the asked size is refused."""
+    sec.up()
+    blockdev.write_at(sec.origin_path, 0, b"\x22" * MiB)            # the primary's write after checkpoint 0
+    with pytest.raises(DmreplError, match="the primary's new size"):
+        sec.grow(DISK + 16 * MiB)
+    assert blockdev.size_bytes(sec.origin_path) == DISK and sec.state().size_bytes == DISK
+    _grow_disk(sec, DISK + 16 * MiB, b"\x33")
+    st = sec.grow(DISK + 16 * MiB)
+    assert st.size_bytes == DISK + 16 * MiB and sec.state().size_bytes == DISK + 16 * MiB
+    assert st.diverged == {"checkpoint": 0, "ranges": [[DISK, 16 * MiB]], "grown_from": DISK}
+    for path in (sec.origin_path, sec.active_path):
+        assert blockdev.size_bytes(path) == DISK + 16 * MiB
+    assert_bytes(sec.active_path, [(0, DISK, b"\x11"), (DISK, 16 * MiB, b"\x33")])
+    blockdev.write_at(sec.origin_path, DISK + MiB, b"\x44" * MiB)    # the primary writes into the new range
+    assert_bytes(sec.active_path, [(0, DISK, b"\x11"), (DISK, 16 * MiB, b"\x33")])
+    assert sec.grow(DISK + 16 * MiB) == sec.state()                  # asked again: nothing to do
+    with pytest.raises(DmreplError, match="shrinking"):
+        sec.grow(DISK)
+    st = sec.shrink_back()
+    assert (st.size_bytes, st.diverged) == (DISK, None)
+    assert blockdev.size_bytes(sec.origin_path) == DISK and blockdev.size_bytes(sec.active_path) == DISK
+    assert_bytes(sec.active_path, [(0, DISK, b"\x11")])
+    sec.down()
+    assert sec.up().size_bytes == DISK                                # the state's size, not the disk's
+    assert blockdev.size_bytes(sec.origin_path) == DISK
+
+
+@pytest.mark.parametrize("committed", [False, True])
+def test_a_grow_switch_cut_between_suspend_and_resume_is_finished_at_the_state_size(sec, committed):
+    """A daemon killed inside a resize's switch: the three tables loaded at the new size, all
+    suspended, the state saved or not.  finish_interrupted_switch makes the state's size live on
+    all three (never hidden shorter than origin)."""
+    st = sec.up()
+    new = DISK + 16 * MiB
+    _grow_disk(sec, new, b"\x33")
+    b = sec.stack.backing()
+    loop.set_capacity(b.disk)
+    names = {p: sec.stack.dm(p) for p in ("active", "hidden", "origin")}
+    for part in ("active", "hidden", "origin"):
+        sec.ctl.suspend(names[part])
+    from dmrepl.kernel.tables import SnapshotOrigin
+    sec.ctl.load(names["hidden"], sec.stack.hidden_table(b, st.current_store, new // 512))
+    sec.ctl.load(names["origin"], [SnapshotOrigin(0, new // 512, b.disk)])
+    sec.ctl.load(names["active"], sec.stack.over("hidden", b, new // 512))
+    if committed:
+        sec.states.save(st.evolve(size_bytes=new, diverged={"checkpoint": 0, "ranges": [[DISK, new - DISK]],
+                                                            "grown_from": DISK}))
+    done = sec.finish_interrupted_switch()
+    assert not any(sec.ctl.info(n).suspended or sec.ctl.info(n).inactive_table for n in names.values()), done
+    size = new if committed else DISK
+    for part in ("hidden", "origin", "active"):
+        assert sec.ctl.table(names[part])[0].length == size // 512, (part, done)
+    blockdev.write_at(sec.origin_path, 0, b"\x22" * MiB)
+    assert_bytes(sec.active_path, [(0, DISK, b"\x11")] + ([(DISK, new - DISK, b"\x33")] if committed else []))
+    assert sec.finish_interrupted_switch() == []
+
+
 def test_failover_rolls_back_primary_writes_and_keeps_consumer_writes(sec):
     sec.up()
     S = disk_of(sec)
