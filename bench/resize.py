@@ -72,8 +72,8 @@ def dmrepl_round() -> dict:
 
 
 def drbd_round() -> dict:
-    with tempfile.TemporaryDirectory(prefix="dmrepl-bench-") as wd, drbd_without_helpers(), \
-            drbd_pair(wd, OLD) as path:
+    with tempfile.TemporaryDirectory(prefix="dmrepl-bench-") as wd, drbd_pair(wd, OLD) as path, \
+            drbd_without_helpers():             # after the pair: it loads the module
         loops = [dev for dev, file in loop.list_attached().items() if file.startswith(wd)]
         with dl.Writer(BLOCKS, pause_s=0.005, path=path) as w:
             time.sleep(1)
