@@ -140,3 +140,44 @@ def test_the_primary_killed_after_the_secondary_grew_leaves_both_hosts_at_one_si
     assert blockdev.read_at(ACTIVE, 0, size) == blockdev.read_at(TOP, 0, size)
     assert blockdev.read_at(ACTIVE, 0, MiB) == b"\x22" * MiB
     print(f"\nprimary killed during resize: it had {'grown' if grew else 'not grown'}; both hosts at {size >> 20} MiB")
+
+
+def test_a_power_loss_of_the_secondary_during_the_grow_leaves_both_hosts_at_one_size(hosts):
+    """The secondary loses power (its daemon killed, its devices gone, its state file kept) right
+    after it grew: the primary grew too or not, depending on whether the answer reached it; when
+    the secondary is back, both hosts are at the primary's size and equal byte for byte."""
+    _start_both(hosts)
+    blockdev.write_at(TOP, 0, b"\x22" * MiB)
+    _ok(hosts.cli("p", "checkpoint"))
+    _grow_image(hosts.dir / "p.img", NEW, b"p-new-range.")
+    _grow_image(hosts.dir / "s.img", NEW, b"s-garbage!")
+    events = hosts.dir / "s-state" / NAME / "events.jsonl"
+    before = events.read_text().count('"resize"')
+    proc = subprocess.Popen([*hosts.command, "resize", NAME, "--config", hosts.config("p"), "--no-wait"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    poll.wait_for(lambda: events.read_text().count('"resize"') > before, "the secondary to grow",
+                  timeout=120, interval=0.002)
+    os.kill(hosts.procs["s"].pid, signal.SIGKILL)       # the secondary's power goes
+    hosts.procs["s"].wait(timeout=30)
+    assert hosts.cli("s", "down", "--force").returncode == 0
+    assert _state(hosts, "s").size_bytes == NEW         # its grow was committed
+    proc.wait(timeout=120)
+    st = poll.wait_for(hosts.status, "the primary to go on without the secondary",
+                       ok=lambda s: s and s["state"] == "degraded", timeout=60)
+    size = _state(hosts, "p").size_bytes
+    assert size in (DISK, NEW) and blockdev.size_bytes(TOP) == size, st
+    blockdev.write_at(TOP, 2 * MiB, b"\x55" * MiB)     # the consumer goes on meanwhile
+    hosts.start_secondary()
+    poll.wait_for(hosts.status, "the pair to replicate again", ok=lambda s: s and s["state"] == "replicating",
+                  timeout=START_TIMEOUT)
+    assert _state(hosts, "s").size_bytes == size and blockdev.size_bytes(ORIGIN) == size
+    if size == DISK:
+        assert "back at that size" in hosts.log("s"), hosts.log("s")[-2000:]
+    _ok(hosts.cli("p", "checkpoint"))
+    with open(hosts.dir / "p.img", "rb") as f:
+        p = f.read(size)
+    with open(hosts.dir / "s.img", "rb") as f:
+        assert f.read(size) == p
+    assert blockdev.read_at(ACTIVE, 0, size) == p and p[2 * MiB:3 * MiB] == b"\x55" * MiB
+    print(f"\nsecondary power loss during resize: the primary {'grew' if size == NEW else 'did not grow'}; "
+          f"both hosts at {size >> 20} MiB, equal")
