@@ -380,15 +380,8 @@ def _p_wait(cfg: PrimaryConfig, args) -> int:
     a line each 10 % and each new state otherwise (stderr); the final state on stdout."""
     if args.timeout is not None and args.timeout <= 0:
         raise DmreplError(f"--timeout must be more than 0 seconds, got {args.timeout:g}")
-    from dmrepl.daemon.progress import Bar
-
-    bar = Bar() if sys.stderr.isatty() and not args.json else None
     t0 = time.monotonic()
-    try:
-        st = _wait_replicating(cfg, args.timeout, t0, bar)
-    finally:
-        if bar is not None:
-            bar.end()
+    st = _wait_with_bar(cfg, args, t0)
     waited = time.monotonic() - t0
     if args.json:
         print_json({"name": cfg.name, "state": st["state"], "checkpoint": st.get("checkpoint"),
@@ -396,6 +389,18 @@ def _p_wait(cfg: PrimaryConfig, args) -> int:
     else:
         print(f"{cfg.name}: replicating at checkpoint {st.get('checkpoint')} (waited {waited:.1f} s)")
     return 0
+
+
+def _wait_with_bar(cfg: PrimaryConfig, args, t0: float) -> dict:
+    """_wait_replicating with a progress bar on a terminal (not for --json), until args.timeout."""
+    from dmrepl.daemon.progress import Bar
+
+    bar = Bar() if sys.stderr.isatty() and not args.json else None
+    try:
+        return _wait_replicating(cfg, args.timeout, t0, bar)
+    finally:
+        if bar is not None:
+            bar.end()
 
 
 def _wait_replicating(cfg: PrimaryConfig, timeout: float | None, t0: float, bar) -> dict:
@@ -507,8 +512,6 @@ def _p_switchover(cfg: PrimaryConfig, args) -> int:
 
 
 def _p_resize(cfg: PrimaryConfig, args) -> int:
-    from dmrepl.daemon.progress import Bar
-
     if args.timeout is not None and args.timeout <= 0:
         raise DmreplError(f"--timeout must be more than 0 seconds, got {args.timeout:g}")
     t0 = time.monotonic()
@@ -518,12 +521,7 @@ def _p_resize(cfg: PrimaryConfig, args) -> int:
         print(f"{cfg.name}: {r['old_bytes'] >> 20} MiB -> {r['new_bytes'] >> 20} MiB on both hosts "
               f"({r['new_bytes']} bytes); the resync compares the new range", flush=True)
     if not args.no_wait:
-        bar = Bar() if sys.stderr.isatty() and not args.json else None
-        try:
-            st = _wait_replicating(cfg, args.timeout, t0, bar)
-        finally:
-            if bar is not None:
-                bar.end()
+        st = _wait_with_bar(cfg, args, t0)
         r["replicating_s"] = round(time.monotonic() - t0, 3)
         r["last_resync"] = st.get("last_resync")
         if not args.json:
