@@ -54,6 +54,23 @@ def _start_both(hosts) -> None:
     hosts.start_primary("--assume-clean")
 
 
+def _resize_until_the_secondary_grew(hosts, *extra: str) -> subprocess.Popen:
+    """Both hosts up with 1 MiB of 0x22 in a checkpoint, both images grown (different bytes in the
+    new ranges), `dmrepl resize` started; returns once the secondary has grown (its event)."""
+    _start_both(hosts)
+    blockdev.write_at(TOP, 0, b"\x22" * MiB)
+    _ok(hosts.cli("p", "checkpoint"))
+    _grow_image(hosts.dir / "p.img", NEW, b"p-new-range.")
+    _grow_image(hosts.dir / "s.img", NEW, b"s-garbage!")
+    events = hosts.dir / "s-state" / NAME / "events.jsonl"
+    before = events.read_text().count('"resize"')
+    proc = subprocess.Popen([*hosts.command, "resize", NAME, "--config", hosts.config("p"), *extra],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    poll.wait_for(lambda: events.read_text().count('"resize"') > before, "the secondary to grow",
+                  timeout=120, interval=0.002)
+    return proc
+
+
 def test_resize_grows_both_hosts_under_a_writer_and_refusals_change_nothing(hosts):
     _start_both(hosts)
     r = hosts.cli("p", "resize")
@@ -112,17 +129,7 @@ def test_resize_grows_both_hosts_under_a_writer_and_refusals_change_nothing(host
 
 
 def test_the_primary_killed_after_the_secondary_grew_leaves_both_hosts_at_one_size(hosts):
-    _start_both(hosts)
-    blockdev.write_at(TOP, 0, b"\x22" * MiB)
-    _ok(hosts.cli("p", "checkpoint"))
-    _grow_image(hosts.dir / "p.img", NEW, b"p-new-range.")
-    _grow_image(hosts.dir / "s.img", NEW, b"s-garbage!")
-    events = hosts.dir / "s-state" / NAME / "events.jsonl"
-    before = events.read_text().count('"resize"')
-    proc = subprocess.Popen([*hosts.command, "resize", NAME, "--config", hosts.config("p")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    poll.wait_for(lambda: events.read_text().count('"resize"') > before, "the secondary to grow",
-                  timeout=120, interval=0.002)
+    proc = _resize_until_the_secondary_grew(hosts)
     os.kill(hosts.procs["p"].pid, signal.SIGSTOP)       # the primary's power goes ...
     os.kill(hosts.procs["p"].pid, signal.SIGKILL)       # ... before it could grow (or just after)
     hosts.procs["p"].wait(timeout=30)
@@ -146,17 +153,7 @@ def test_a_power_loss_of_the_secondary_during_the_grow_leaves_both_hosts_at_one_
     """The secondary loses power (its daemon killed, its devices gone, its state file kept) right
     after it grew: the primary grew too or not, depending on whether the answer reached it; when
     the secondary is back, both hosts are at the primary's size and equal byte for byte."""
-    _start_both(hosts)
-    blockdev.write_at(TOP, 0, b"\x22" * MiB)
-    _ok(hosts.cli("p", "checkpoint"))
-    _grow_image(hosts.dir / "p.img", NEW, b"p-new-range.")
-    _grow_image(hosts.dir / "s.img", NEW, b"s-garbage!")
-    events = hosts.dir / "s-state" / NAME / "events.jsonl"
-    before = events.read_text().count('"resize"')
-    proc = subprocess.Popen([*hosts.command, "resize", NAME, "--config", hosts.config("p"), "--no-wait"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    poll.wait_for(lambda: events.read_text().count('"resize"') > before, "the secondary to grow",
-                  timeout=120, interval=0.002)
+    proc = _resize_until_the_secondary_grew(hosts, "--no-wait")
     os.kill(hosts.procs["s"].pid, signal.SIGKILL)       # the secondary's power goes
     hosts.procs["s"].wait(timeout=30)
     assert hosts.cli("s", "down", "--force").returncode == 0
