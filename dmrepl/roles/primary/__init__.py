@@ -208,17 +208,17 @@ class Primary:
         formats the era metadata."""
         with self.states.locked():
             st = self.states.load()
+            size = self.size_bytes()        # the state's, else (a first start, an older state) the disk's
             if st is None:
                 era.format_metadata(devs.era_metadata)
-                st = ResourceState(name=self.cfg.name, resource_id=self.cfg.resource_id, role=Role.PRIMARY.value,
-                                   size_bytes=self.size_bytes())
+                st = ResourceState(name=self.cfg.name, resource_id=self.cfg.resource_id, role=Role.PRIMARY.value)
             created: list[str] = []
             try:
                 self.stack.build(PrimaryLayout(disk=devs.disk, nbd=nbd_path, era_metadata=devs.era_metadata,
-                                               era_block_sectors=self.cfg.era_block_sectors,
-                                               size_bytes=self.size_bytes()), created)
-                # The size the tables were built at, recorded now if an older state had none.
-                st = st.evolve(size_bytes=st.size_bytes or self.size_bytes(),
+                                               era_block_sectors=self.cfg.era_block_sectors, size_bytes=size),
+                                 created)
+                # The size the tables were built at, recorded now if the state had none.
+                st = st.evolve(size_bytes=size,
                                history=st.history + [{"checkpoint": st.checkpoint, "era": self.stack.era().current_era,
                                                       "event": "up", "time": time.time()}])
                 self.states.save(st)
