@@ -2,6 +2,7 @@
 
   tests/unit    -- host, no root, no real device       (marker: unit)
   tests/kernel  -- inside the test VM, real kernel      (marker: kernel)
+  tests/vagrant -- two real VMs, driven from the host   (marker: vagrant; `vagrant/lab test`)
 
 The marker follows the directory.  A kernel test run where device-mapper is
 absent fails (it does not skip): scripts/test runs that tier in the VM.
@@ -42,7 +43,7 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         rel = os.path.relpath(str(item.fspath), HERE)
         tier = rel.split(os.sep, 1)[0]
-        if tier in ("unit", "kernel"):
+        if tier in ("unit", "kernel", "vagrant"):
             item.add_marker(getattr(pytest.mark, tier))
         if tier == "kernel" and item.get_closest_marker("timeout") is None:
             item.add_marker(pytest.mark.timeout(KERNEL_TEST_TIMEOUT, method="signal"))
