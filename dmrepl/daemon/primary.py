@@ -461,6 +461,9 @@ def run(cfg: PrimaryConfig, *, assume_clean: bool = False) -> int:
     try:
         if exporter is not None:
             exporter.start()                # in this host's namespace, not the link's
+        # Before the NBD netlink socket: its family exists only once nbd is loaded, and nothing
+        # loads it on a host that booted without it (the lab's VMs; the test VM modprobes it).
+        primary_start.load_modules()
         with Primary.open(cfg) as pri, netlink.NBDNetlink() as nl, netlink.LinkEvents() as events:
             if cfg.netns is not None:
                 # [fencing]'s command talks to a cluster manager in this host's namespace.

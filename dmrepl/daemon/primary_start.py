@@ -31,8 +31,8 @@ if TYPE_CHECKING:
 
 
 def start(d: "PrimaryDaemon", assume_clean: bool) -> None:
-    """Bring the stack up with the secondary (sync, resync or --assume-clean), or degraded without it."""
-    load_modules()
+    """Bring the stack up with the secondary (sync, resync or --assume-clean), or degraded without it.
+    The modules are loaded (run, before anything opens the NBD netlink family)."""
     if d.pri.is_up():
         return adopt(d)     # no other daemon answers (the control socket said so)
     st = d.pri.check()
