@@ -2,8 +2,9 @@
 joined by the lab's private network.  Driven from the host, inside the lab's network namespace,
 by `vagrant/lab test` (ssh to the guests, virsh for the VMs, ip for the host side of the link).
 
-The tests share one lab and run in this file's order: replication with checkpoints, the link cut
-with the primary going on, the secondary hard-reset, the failover (last: it ends the primary).
+The tests share one lab and run in this file's order: the lab's isolation, replication with
+checkpoints, the link cut with the primary going on, the secondary hard-reset, the failover
+(last: it ends the primary).
 The host keeps a model of the disk: every byte the tests write is written there too, and each
 check compares a guest's device with the model, byte for byte (sha256 of the whole device).
 """
@@ -11,66 +12,30 @@ check compares a guest's device with the model, byte for byte (sha256 of the who
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import random
-import shlex
 import subprocess
 import time
 
 import pytest
+from guests import (
+    ACTIVE_DEV,
+    LINK_NETWORK,
+    NAME,
+    PRIMARY_DEV,
+    RAW_DISK,
+    Guest,
+    checkpoint,
+    lab_dir,
+    link_tap,
+    virsh,
+    wait_state,
+)
 
 pytestmark = pytest.mark.timeout(900, method="signal")
 
 MiB = 1 << 20
 DISK = 64 * MiB                     # vagrant/provision's partition dmrepl-disk
-NAME = "lab"
-PRIMARY_DEV = f"/dev/dmrepl/{NAME}/primary"
-ACTIVE_DEV = f"/dev/dmrepl/{NAME}/active"
-RAW_DISK = "/dev/disk/by-partlabel/dmrepl-disk"
-LINK_NETWORK = "dmrepl-lab-link"
-
-
-class Guest:
-    """One lab VM: commands as root over ssh (the config `vagrant ssh-config` wrote), its domain."""
-
-    def __init__(self, lab_dir: str, name: str):
-        self.lab_dir, self.name = lab_dir, name
-        self.domain = f"dmrepl-lab-{name}"
-
-    def run(self, script: str, *, data: bytes | None = None, timeout: float = 300, check: bool = True) -> str:
-        r = subprocess.run(["ssh", "-F", os.path.join(self.lab_dir, "ssh-config"), "-o", "LogLevel=ERROR",
-                            "-o", "ConnectTimeout=10", self.name, "sudo", "bash", "-c", shlex.quote(script)],
-                           input=data, capture_output=True, timeout=timeout)
-        if check and r.returncode != 0:
-            raise AssertionError(f"{self.name}: `{script}` exited {r.returncode}: "
-                                 f"{r.stderr.decode(errors='replace').strip()}")
-        return r.stdout.decode()
-
-    def write(self, device: str, offset: int, data: bytes) -> float:
-        """Write data at offset through the page cache's back door (O_DIRECT, then a flush);
-        return the seconds it took."""
-        t0 = time.monotonic()
-        self.run(f"dd of={device} bs=64K seek={offset} oflag=direct,seek_bytes conv=fsync status=none",
-                 data=data)
-        return time.monotonic() - t0
-
-    def sha256(self, device: str) -> str:
-        return self.run(f"dd if={device} bs=1M iflag=direct status=none | sha256sum").split()[0]
-
-    def status(self) -> dict:
-        return json.loads(self.run(f"dmrepl status {NAME} --json"))
-
-    def wait_ssh(self, timeout: float = 240) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                self.run("true", timeout=30)
-                return
-            except (AssertionError, subprocess.TimeoutExpired):
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(2)
 
 
 class Model:
@@ -93,46 +58,45 @@ class Model:
         return hashlib.sha256(self.disk).hexdigest()
 
 
-def virsh(*args: str) -> str:
-    return subprocess.run(["virsh", "-q", *args], check=True, capture_output=True, text=True).stdout
-
-
-def link_tap(guest: Guest) -> str:
-    """The host side of guest's interface on the lab's private network (a tap in the namespace)."""
-    for line in virsh("domiflist", guest.domain).splitlines():
-        fields = line.split()           # Interface Type Source Model MAC
-        if len(fields) >= 3 and fields[2] == LINK_NETWORK:
-            return fields[0]
-    raise AssertionError(f"{guest.domain} has no interface on {LINK_NETWORK}")
-
-
-def wait_state(guest: Guest, want: str, timeout: float) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        st = guest.status()
-        if st["state"] == want:
-            return st
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{guest.name} is {st['state']} ({st.get('reason')}), not {want}, "
-                                 f"after {timeout:g} s")
-        time.sleep(1)
-
-
-def checkpoint(primary: Guest) -> int:
-    out = json.loads(primary.run(f"dmrepl checkpoint {NAME} --json"))
-    return out["checkpoint"]
+def last_resync(primary: Guest, since: float) -> dict:
+    """The primary's last resync (printed): what it compared and copied."""
+    r = primary.status()["last_resync"]
+    print(f"replicating again {time.monotonic() - since:.1f} s after the link came back: resync compared "
+          f"{r['compared_bytes'] >> 10} KiB, {r['differing_bytes'] >> 10} KiB differed, copied "
+          f"{r['copied_bytes'] >> 10} KiB, sent {r['sent_bytes'] >> 10} KiB")
+    return r
 
 
 @pytest.fixture(scope="module")
 def lab():
-    lab_dir = os.environ.get("DMREPL_LAB_DIR")
-    if not lab_dir or not os.path.exists(os.path.join(lab_dir, "ssh-config")):
-        raise pytest.UsageError("the vagrant tier runs inside the lab: vagrant/lab test")
-    p, s = Guest(lab_dir, "primary"), Guest(lab_dir, "secondary")
+    try:
+        lab_dir()
+    except RuntimeError as e:
+        raise pytest.UsageError(str(e)) from None
+    p, s = Guest("primary"), Guest("secondary")
     t0 = time.monotonic()
     p.run(f"dmrepl wait {NAME} --timeout 600", timeout=660)
     print(f"\nprimary replicating {time.monotonic() - t0:.1f} s after the lab was up")
     return p, s, Model()
+
+
+def test_the_lab_is_isolated(lab):
+    """Both networks without NAT or forwarding, their bridges in the lab's namespace only."""
+    bridges = []
+    for net in ("dmrepl-lab-mgmt", LINK_NETWORK):
+        xml = virsh("net-dumpxml", net)
+        assert "<forward" not in xml, f"{net} forwards: {xml}"
+        bridges.append(xml.split("<bridge name='", 1)[1].split("'", 1)[0])
+    here = subprocess.run(["ip", "-o", "link", "show"], check=True, capture_output=True, text=True).stdout
+    host = subprocess.run(["nsenter", f"--net={os.environ['DMREPL_LAB_HOST_NETNS']}", "ip", "-o", "link", "show"],
+                          check=True, capture_output=True, text=True).stdout
+    for bridge in bridges:
+        assert f": {bridge}:" in here
+        assert f": {bridge}:" not in host
+    # No route out of the guests but their own two networks.
+    for guest in lab[:2]:
+        routes = guest.run("ip -4 route show").splitlines()
+        assert all(r.split()[0] != "default" for r in routes), routes
 
 
 def test_replication_with_checkpoints(lab):
@@ -174,8 +138,8 @@ def test_link_cut_and_the_primary_goes_on(lab):
         subprocess.run(["ip", "link", "set", tap, "up"], check=True)
     t0 = time.monotonic()
     p.run(f"dmrepl wait {NAME} --timeout 300", timeout=330)
-    resync = p.status()["last_resync"]
-    print(f"replicating again {time.monotonic() - t0:.1f} s after the link came back: {resync}")
+    # A delta: exactly what was written while the link was down, not the disk.
+    assert last_resync(p, t0)["copied_bytes"] == MiB + 3 * 256 * 1024
     checkpoint(p)
     assert s.sha256(ACTIVE_DEV) == model.sha256()
 
@@ -206,8 +170,9 @@ def test_secondary_hard_reset_keeps_its_last_checkpoint(lab):
         subprocess.run(["ip", "link", "set", tap, "up"], check=True)
     t0 = time.monotonic()
     p.run(f"dmrepl wait {NAME} --timeout 300", timeout=330)
-    print(f"replicating again {time.monotonic() - t0:.1f} s after the link came back: "
-          f"{p.status()['last_resync']}")
+    # What the primary wrote while the secondary was off; the write before the power cut had
+    # reached the secondary's disk (a write completes on both legs).
+    assert last_resync(p, t0)["copied_bytes"] == MiB
     checkpoint(p)
     assert s.sha256(ACTIVE_DEV) == model.sha256()
 
