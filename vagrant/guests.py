@@ -4,6 +4,7 @@ test` and `vagrant/lab bench` start it (DMREPL_LAB_DIR names the lab's directory
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -78,6 +79,17 @@ def link_tap(guest: Guest) -> str:
         if len(fields) >= 3 and fields[2] == LINK_NETWORK:
             return fields[0]
     raise AssertionError(f"{guest.domain} has no interface on {LINK_NETWORK}")
+
+
+@contextlib.contextmanager
+def link_down(guest: Guest):
+    """The host side of guest's link held down (its tap in the lab's namespace), up again after."""
+    tap = link_tap(guest)
+    subprocess.run(["ip", "link", "set", tap, "down"], check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["ip", "link", "set", tap, "up"], check=True)
 
 
 def wait_state(guest: Guest, want: str, timeout: float) -> dict:
